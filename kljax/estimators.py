@@ -1,0 +1,148 @@
+"""KL estimators: per-element estimates of KL(π_θ‖π_ref) from log-probabilities of samples y ~ π_θ.
+
+Notation: `logp = log π_θ(y)`, `ref_logp = log π_ref(y)`, `log δ = ref_logp − logp`, δ = π_ref/π_θ.
+
+Every function computes in float32 (float64 stays float64) whatever the input dtype, returns that
+float32 array, and checks shapes and dtypes at trace time. Log-ratios are clamped to [−clamp, clamp]
+*before* `exp`: a clamped element gets a finite value and a zero gradient from the clamped part
+(`jnp.clip`), never a NaN; `count_clamped` counts such elements so a trainer can log them.
+
+References:
+  J. Schulman, "Approximating KL Divergence" (2020), http://joschu.net/blog/kl-approx.html
+  Liu et al., "Rethinking KL Regularization in RLHF", arXiv:2510.01555 (2025), §3.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from kljax import _checks
+
+# exp(20) ≈ 4.9e8: far beyond any log-ratio a healthy run sees, far below float32 overflow (e^88.7).
+DEFAULT_LOG_RATIO_CLAMP = 20.0
+
+
+def _pair(logp: ArrayLike, ref_logp: ArrayLike) -> tuple[jax.Array, jax.Array]:
+  logp = _checks.as_float32(logp, "logp")
+  ref_logp = _checks.as_float32(ref_logp, "ref_logp")
+  _checks.same_shape(logp=logp, ref_logp=ref_logp)
+  dtype = jnp.promote_types(logp.dtype, ref_logp.dtype)
+  return logp.astype(dtype), ref_logp.astype(dtype)
+
+
+def clamp_log_ratio(log_ratio: jax.Array, clamp: float) -> jax.Array:
+  """Clips a log-ratio to [−clamp, clamp]; outside it the gradient is zero (and counted elsewhere)."""
+  return jnp.clip(log_ratio, -clamp, clamp)
+
+
+def count_clamped(
+    logp: ArrayLike,
+    ref_logp: ArrayLike,
+    *,
+    clamp: float = DEFAULT_LOG_RATIO_CLAMP,
+    mask: ArrayLike | None = None,
+) -> jax.Array:
+  """Number of elements whose log-ratio |ref_logp − logp| exceeds `clamp` (int32 scalar).
+
+  Use the same pair of arguments as the estimator or ratio being clamped (for an importance ratio
+  ρ = π_θ/π_old pass `(old_logp, logp)`). Elements where `mask` is False are not counted.
+  """
+  logp, ref_logp = _pair(logp, ref_logp)
+  _checks.positive(clamp, "clamp")
+  hit = jnp.abs(ref_logp - logp) > clamp
+  if mask is not None:
+    mask = jnp.asarray(mask)
+    _checks.same_shape(logp=logp, mask=mask)
+    hit = hit & mask.astype(bool)
+  return jnp.sum(hit, dtype=jnp.int32)
+
+
+def k1(logp: ArrayLike, ref_logp: ArrayLike) -> jax.Array:
+  """k1 = −log δ = logp − ref_logp. Unbiased for KL(π_θ‖π_ref), high variance, can be negative.
+
+  Args:
+    logp: log π_θ(y), any shape, e.g. `[B, T]`, floating.
+    ref_logp: log π_ref(y), same shape.
+  Returns:
+    float32 array of that shape.
+  """
+  logp, ref_logp = _pair(logp, ref_logp)
+  return logp - ref_logp
+
+
+def k2(logp: ArrayLike, ref_logp: ArrayLike) -> jax.Array:
+  """k2 = ½ (log δ)². Biased (E[k2] ≠ KL), low variance, non-negative.
+
+  Args and returns as for `k1`. ∂k2/∂logp = logp − ref_logp, so "k2 as loss" has the coefficient of
+  "k1 in reward" (Liu et al. 2025, Thm 5.1).
+  """
+  logp, ref_logp = _pair(logp, ref_logp)
+  return 0.5 * jnp.square(ref_logp - logp)
+
+
+def k3(logp: ArrayLike, ref_logp: ArrayLike, *, clamp: float = DEFAULT_LOG_RATIO_CLAMP) -> jax.Array:
+  """k3 = δ − 1 − log δ, with log δ clamped to [−clamp, clamp] before `exp`. Unbiased, non-negative.
+
+  Args and returns as for `k1`. Where |log δ| > clamp the value is that of the clamped log-ratio and
+  the gradient is zero; `count_clamped(logp, ref_logp, clamp=clamp)` counts those elements.
+  """
+  logp, ref_logp = _pair(logp, ref_logp)
+  log_delta = clamp_log_ratio(ref_logp - logp, clamp)
+  # expm1(x) − x keeps precision where δ ≈ 1 (the regime that matters near convergence).
+  return jnp.expm1(log_delta) - log_delta
+
+
+def exact_kl(
+    logits: ArrayLike,
+    ref_logits: ArrayLike,
+    *,
+    direction: Literal["reverse", "forward"] = "reverse",
+    mask: ArrayLike | None = None,
+) -> jax.Array:
+  """Exact KL between the softmax distributions of two logit arrays, over the last (vocabulary) axis.
+
+  reverse: KL(π_θ‖π_ref) = Σ_v π_θ(v) (log π_θ(v) − log π_ref(v))
+  forward: KL(π_ref‖π_θ) = Σ_v π_ref(v) (log π_ref(v) − log π_θ(v))
+  Terms with zero probability under the weighting distribution contribute 0 (so −inf logits, e.g. a
+  masked vocabulary entry, are allowed there).
+
+  Args:
+    logits: policy logits `[..., V]`, floating (any dtype; computed in float32).
+    ref_logits: reference logits, same shape.
+    direction: "reverse" or "forward".
+    mask: optional boolean `[...]` (logits.shape[:-1]); masked-out positions give 0.
+  Returns:
+    float32 `[...]`.
+  """
+  logits = _checks.as_float32(logits, "logits")
+  ref_logits = _checks.as_float32(ref_logits, "ref_logits")
+  _checks.same_shape(logits=logits, ref_logits=ref_logits)
+  if logits.ndim < 1:
+    raise ValueError(f"logits must have a vocabulary axis, got shape {list(logits.shape)}.")
+  if direction == "reverse":
+    p_logits, q_logits = logits, ref_logits
+  elif direction == "forward":
+    p_logits, q_logits = ref_logits, logits
+  else:
+    raise ValueError(f"direction must be 'reverse' or 'forward', got {direction!r}.")
+  log_p = jax.nn.log_softmax(p_logits, axis=-1)
+  log_q = jax.nn.log_softmax(q_logits, axis=-1)
+  p = jnp.exp(log_p)
+  # where() on both branches: 0·(−inf) would otherwise give NaN values and NaN gradients.
+  safe_diff = jnp.where(p > 0, log_p - log_q, 0.0)
+  kl = jnp.sum(jnp.where(p > 0, p * safe_diff, 0.0), axis=-1)
+  if mask is not None:
+    mask = jnp.asarray(mask)
+    if mask.shape != kl.shape:
+      raise ValueError(
+          f"mask must have shape logits.shape[:-1] = {list(kl.shape)}, got {list(mask.shape)}."
+      )
+    kl = jnp.where(mask.astype(bool), kl, 0.0)
+  return kl
+
+
+ESTIMATORS = {"k1": k1, "k2": k2, "k3": k3}

@@ -1,0 +1,305 @@
+"""The exact-gradient oracle: enumerable policies, exact expected gradients, closed-form optima.
+
+A *tabular policy* is a tuple of conditional-logit tables `(θ_0, …, θ_{T−1})` with
+θ_t of shape `(V,)*(t+1)`: π(y_t | y_<t) = softmax(θ_t[y_0, …, y_{t−1}, :]). A categorical policy is
+the case T = 1 (`categorical(logits)`). All V^T sequences are enumerated, so every expectation here
+is exact (no sampling): keep V^T small (e.g. V ≤ 8, T ≤ 4).
+
+The expected gradient of a `KLTerm` is what the term makes an optimizer follow *on average*:
+
+  g = Σ_y sg(P_s(y)) · ∇_θ Σ_t surrogate(log π_θ(y_t|y_<t), log π_ref(y_t|y_<t), log π_old(…))
+
+with P_s = π_θ (on-policy; the sampling weights are detached, as in any Monte-Carlo gradient) or a
+fixed π_old (off-policy). At level="sequence" the surrogate is applied once per sequence to the
+summed log-probabilities. It is compared with the *analytic* gradients of the divergences, which are
+computed here from their own definitions (the KL chain rule over prefixes), not through any surrogate.
+
+References:
+  Liu et al., "Rethinking KL Regularization in RLHF", arXiv:2510.01555 (2025), §4–§6.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Literal, Sequence
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from kljax import _checks
+from kljax.kl import KLTerm
+
+Policy = tuple[jax.Array, ...]
+
+
+# ---- Policies ----
+
+
+def categorical(logits: ArrayLike) -> Policy:
+  """A one-step policy from logits `[V]`."""
+  logits = _checks.as_float32(logits, "logits")
+  if logits.ndim != 1:
+    raise ValueError(f"logits must have shape [V], got {list(logits.shape)}.")
+  return (logits,)
+
+
+def categorical_from_probs(probs: ArrayLike, *, name: str = "probs") -> Policy:
+  """A one-step policy from a probability vector `[V]` (checked to be normalized)."""
+  probs = _checks.check_distribution(probs, name)
+  if probs.ndim != 1:
+    raise ValueError(f"{name} must have shape [V], got {list(probs.shape)}.")
+  return (jnp.log(probs.astype(jnp.float32)),)
+
+
+def random_tabular(key: jax.Array, *, vocab: int, length: int, scale: float = 1.0) -> Policy:
+  """A tabular policy with i.i.d. N(0, scale²) logits."""
+  if vocab < 2 or length < 1:
+    raise ValueError(f"need vocab >= 2 and length >= 1, got vocab={vocab}, length={length}.")
+  keys = jax.random.split(key, length)
+  return tuple(scale * jax.random.normal(keys[t], (vocab,) * (t + 1)) for t in range(length))
+
+
+def shape_of(policy: Sequence[ArrayLike], name: str = "policy") -> tuple[int, int]:
+  """(V, T) of a tabular policy; raises ValueError if the tables are not (V,)*(t+1)."""
+  if not isinstance(policy, (tuple, list)) or not policy:
+    raise TypeError(f"{name} must be a non-empty tuple of logit tables, got {type(policy).__name__}.")
+  vocab = np.shape(policy[0])[-1] if np.ndim(policy[0]) else 0
+  for t, table in enumerate(policy):
+    if np.shape(table) != (vocab,) * (t + 1):
+      raise ValueError(
+          f"{name}[{t}] must have shape {[vocab] * (t + 1)} (vocab {vocab}, position {t}), "
+          f"got {list(np.shape(table))}."
+      )
+  return vocab, len(policy)
+
+
+def _same_shape(policy, name, vocab, length):
+  if shape_of(policy, name) != (vocab, length):
+    raise ValueError(
+        f"{name} has (vocab, length) {shape_of(policy, name)}, expected {(vocab, length)}."
+    )
+
+
+def sequences(vocab: int, length: int) -> jax.Array:
+  """All vocab^length sequences, int32 `[N, T]`, in lexicographic order."""
+  return jnp.asarray(list(itertools.product(range(vocab), repeat=length)), jnp.int32).reshape(
+      -1, length
+  )
+
+
+def token_logprobs(policy: Policy) -> jax.Array:
+  """log π(y_t | y_<t) for every enumerated sequence: float32 `[N, T]`."""
+  vocab, length = shape_of(policy)
+  seqs = sequences(vocab, length)
+  cols = []
+  for t, table in enumerate(policy):
+    logp_table = jax.nn.log_softmax(_checks.as_float32(table, "policy"), axis=-1)
+    cols.append(logp_table[tuple(seqs[:, : t + 1].T)])
+  return jnp.stack(cols, axis=-1)
+
+
+def sequence_probs(policy: Policy) -> jax.Array:
+  """P(y) for every enumerated sequence: `[N]`, sums to 1."""
+  return jnp.exp(jnp.sum(token_logprobs(policy), axis=-1))
+
+
+# ---- Exact expectations of a KL term ----
+
+
+def expected_gradient(
+    term: KLTerm,
+    policy: Policy,
+    ref: Policy,
+    *,
+    old: Policy | None = None,
+    level: Literal["token", "sequence"] = "token",
+) -> Policy:
+  """Exact expected gradient (w.r.t. every logit table) of a KL term's surrogate.
+
+  Args:
+    term: the KL term, e.g. `kljax.kl_term("k2_as_loss")`.
+    policy: π_θ, the policy being differentiated.
+    ref: π_ref.
+    old: π_old that sampled the data (off-policy), or None (on-policy: samples from π_θ).
+    level: "token": the surrogate on per-token log-probs `[N, T]`, summed over t (for in-reward
+      terms with reward-to-go credit the coefficients run along t). "sequence": the surrogate on
+      the sequence log-probs `[N, 1]`.
+  Returns:
+    a tuple of gradient tables shaped like `policy`.
+  """
+  vocab, length = shape_of(policy)
+  _same_shape(ref, "ref", vocab, length)
+  if old is not None:
+    _same_shape(old, "old", vocab, length)
+  if level not in ("token", "sequence"):
+    raise ValueError(f"level must be 'token' or 'sequence', got {level!r}.")
+  ref_lp = token_logprobs(ref)
+  old_lp = None if old is None else token_logprobs(old)
+
+  def collapse(lp):
+    return lp if (lp is None or level == "token") else jnp.sum(lp, axis=-1, keepdims=True)
+
+  def objective(theta):
+    lp = token_logprobs(theta)
+    weights = jax.lax.stop_gradient(jnp.exp(jnp.sum(lp if old_lp is None else old_lp, axis=-1)))
+    per_seq = jnp.sum(term.surrogate(collapse(lp), collapse(ref_lp), collapse(old_lp)), axis=-1)
+    return jnp.sum(weights * per_seq)
+
+  return jax.grad(objective)(tuple(_checks.as_float32(t, "policy") for t in policy))
+
+
+def expected_value(term: KLTerm, policy: Policy, ref: Policy, *, level="token") -> jax.Array:
+  """E_{y~π_θ}[Σ_t term.value] (token level) or E[term.value(sequence log-probs)] (sequence)."""
+  lp, ref_lp = token_logprobs(policy), token_logprobs(ref)
+  if level == "sequence":
+    lp, ref_lp = jnp.sum(lp, -1, keepdims=True), jnp.sum(ref_lp, -1, keepdims=True)
+  return jnp.sum(jnp.exp(jnp.sum(token_logprobs(policy), -1)) * jnp.sum(term.value(lp, ref_lp), -1))
+
+
+# ---- Analytic divergences and their gradients (from the definitions, no surrogate) ----
+
+
+def _conditionals(policy: Policy) -> list[jax.Array]:
+  return [jax.nn.log_softmax(_checks.as_float32(t, "policy"), axis=-1) for t in policy]
+
+
+def _prefix_probs(policy: Policy) -> list[jax.Array]:
+  """P(y_<t) as tables of shape (V,)*t, t = 0..T−1."""
+  out, prob = [], jnp.ones(())
+  for logp_t in _conditionals(policy):
+    out.append(prob)
+    prob = prob[..., None] * jnp.exp(logp_t)
+  return out
+
+
+def per_prefix_kl(policy: Policy, ref: Policy) -> list[jax.Array]:
+  """KL(π(·|y_<t) ‖ π_ref(·|y_<t)) for every prefix: tables of shape (V,)*t."""
+  return [
+      jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)
+      for lp, lq in zip(_conditionals(policy), _conditionals(ref))
+  ]
+
+
+def reverse_kl(policy: Policy, ref: Policy) -> jax.Array:
+  """Sequence KL(P_θ‖P_ref) by the chain rule: Σ_t Σ_{y<t} P_θ(y_<t) KL_t(y_<t)."""
+  return sum(
+      jnp.sum(w * kl) for w, kl in zip(_prefix_probs(policy), per_prefix_kl(policy, ref))
+  )
+
+
+def forward_kl(policy: Policy, ref: Policy) -> jax.Array:
+  """Sequence KL(P_ref‖P_θ)."""
+  return reverse_kl(ref, policy)
+
+
+def rkl_grad(policy: Policy, ref: Policy) -> Policy:
+  """∇_θ KL(P_θ‖P_ref)."""
+  return jax.grad(reverse_kl)(tuple(_checks.as_float32(t, "policy") for t in policy), ref)
+
+
+def fkl_grad(policy: Policy, ref: Policy) -> Policy:
+  """∇_θ KL(P_ref‖P_θ)."""
+  return jax.grad(lambda p: forward_kl(p, ref))(tuple(_checks.as_float32(t, "policy") for t in policy))
+
+
+def frozen_prefix_rkl_grad(policy: Policy, ref: Policy) -> Policy:
+  """∇_θ Σ_t Σ_{y<t} sg(P_θ(y_<t)) KL_t(y_<t): each position's KL with its prefix law frozen.
+
+  This is what per-token "k2 as loss" (and per-token "k1 in reward" without reward-to-go) follows
+  on-policy; it misses the part of ∇ sequence-KL that flows through the prefix distribution.
+  """
+
+  def objective(theta):
+    weights = [jax.lax.stop_gradient(w) for w in _prefix_probs(theta)]
+    return sum(jnp.sum(w * kl) for w, kl in zip(weights, per_prefix_kl(theta, ref)))
+
+  return jax.grad(objective)(tuple(_checks.as_float32(t, "policy") for t in policy))
+
+
+def categorical_rkl_grad(logits: ArrayLike, ref_probs: ArrayLike) -> jax.Array:
+  """Closed form ∂KL(p‖q)/∂logits_j = p_j (log p_j − log q_j − KL(p‖q)), p = softmax(logits)."""
+  logits = _checks.as_float32(logits, "logits")
+  q = _checks.check_distribution(ref_probs, "ref_probs")
+  _checks.same_shape(logits=logits, ref_probs=q)
+  log_p = jax.nn.log_softmax(logits)
+  p = jnp.exp(log_p)
+  diff = log_p - jnp.log(q)
+  return p * (diff - jnp.sum(p * diff))
+
+
+def categorical_fkl_grad(logits: ArrayLike, ref_probs: ArrayLike) -> jax.Array:
+  """Closed form ∂KL(q‖p)/∂logits_j = p_j − q_j."""
+  logits = _checks.as_float32(logits, "logits")
+  q = _checks.check_distribution(ref_probs, "ref_probs")
+  _checks.same_shape(logits=logits, ref_probs=q)
+  return jax.nn.softmax(logits) - q
+
+
+def tree_distance(a: Policy, b: Policy) -> float:
+  """max |a − b| over all tables (for comparing gradients)."""
+  return float(max(jnp.max(jnp.abs(x - y)) for x, y in zip(a, b)))
+
+
+def tree_norm(a: Policy) -> float:
+  return float(jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in a)))
+
+
+# ---- Closed-form optima of  E_π[r] − β·D  for a categorical policy (NumPy, float64) ----
+
+
+def _optimum_inputs(ref_probs, rewards, beta):
+  q = np.asarray(_checks.check_distribution(ref_probs, "ref_probs"), np.float64)
+  r = np.asarray(rewards, np.float64)
+  if q.ndim != 1 or r.shape != q.shape:
+    raise ValueError(
+        f"ref_probs and rewards must both have shape [V], got {list(q.shape)} and {list(r.shape)}."
+    )
+  return q / q.sum(), r, _checks.positive(beta, "beta")
+
+
+def optimum_reverse(ref_probs: ArrayLike, rewards: ArrayLike, beta: float) -> np.ndarray:
+  """argmax_π E_π[r] − β KL(π‖π_ref) = π_ref·exp(r/β) / Z (Gibbs / Donsker–Varadhan)."""
+  q, r, beta = _optimum_inputs(ref_probs, rewards, beta)
+  z = np.log(np.maximum(q, 1e-300)) + r / beta
+  z = np.where(q > 0, z, -np.inf)
+  w = np.exp(z - z.max())
+  return w / w.sum()
+
+
+def optimum_forward(ref_probs: ArrayLike, rewards: ArrayLike, beta: float) -> np.ndarray:
+  """argmax_π E_π[r] − β KL(π_ref‖π), found from its stationarity condition.
+
+  Stationarity: r_i + β q_i/π_i = λ, so π_i = β q_i / (λ − r_i) with λ > max r chosen so that
+  Σ π_i = 1. Writing λ = max r + β s, s ∈ (0, 1] solves Σ q_i / (s + (max r − r_i)/β) = 1, whose
+  left side decreases in s; s is found by bisection on log s to float64 precision.
+  """
+  q, r, beta = _optimum_inputs(ref_probs, rewards, beta)
+  a = (r.max() - r) / beta
+
+  def total(log_s):
+    return np.sum(q / (np.exp(log_s) + a))
+
+  lo, hi = -700.0, 0.0  # total(lo) >= 1 unless q vanishes on every argmax arm
+  for _ in range(200):
+    mid = 0.5 * (lo + hi)
+    lo, hi = (mid, hi) if total(mid) > 1.0 else (lo, mid)
+  pi = q / (np.exp(0.5 * (lo + hi)) + a)
+  return pi / pi.sum()
+
+
+def optimum_unregularized(rewards: ArrayLike) -> np.ndarray:
+  """argmax_π E_π[r] (β = 0): uniform over the arms of maximal reward."""
+  r = np.asarray(rewards, np.float64)
+  best = np.isclose(r, r.max(), rtol=0, atol=1e-12)
+  return best / best.sum()
+
+
+def tv_distance(p: ArrayLike, q: ArrayLike) -> float:
+  """Total variation ½ Σ |p − q| between two probability vectors (both checked)."""
+  p = np.asarray(_checks.check_distribution(p, "p"), np.float64)
+  q = np.asarray(_checks.check_distribution(q, "q"), np.float64)
+  if p.shape != q.shape:
+    raise ValueError(f"p and q must have one shape, got {list(p.shape)} and {list(q.shape)}.")
+  return float(0.5 * np.abs(p - q).sum(axis=-1).max())

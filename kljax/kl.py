@@ -1,0 +1,321 @@
+"""KL-term transforms: where an estimator is placed decides which gradient is followed.
+
+A `KLTerm` bundles three pure functions of per-element log-probabilities:
+
+  surrogate(logp, ref_logp, old_logp=None, *, mask=None)
+      a per-element loss whose gradient w.r.t. `logp` is this choice's KL-gradient contribution
+      (before β and aggregation). `old_logp=None` means on-policy (samples from π_θ itself).
+  coefficient(logp, ref_logp, *, mask=None)
+      the equivalent in-reward coefficient c: the gradient is c·∇logp (on-policy).
+  value(logp, ref_logp)
+      the KL estimate reported as a metric.
+
+Every placement is "coefficient × score" (Liu et al. 2025, §4):
+  k_n in reward:  surrogate sg(k_n)·ρ            c = k_n
+  k_n as loss:    surrogate k_n(logp)             c = ∂k_n/∂logp
+with ρ = π_θ/π_old = exp(logp − sg(old_logp)) (equal to 1, with gradient ∇logp, on-policy).
+
+Off-policy corrections for as-loss terms (y ~ π_old):
+  "detached_ratio"  sg(ρ)·k_n                      (k2 → exact ∇RKL)
+  "ratio"           ρ·k_n, ρ live                  (k3 → exact ∇RKL: ∇E_old[ρ k3] = ∇E_θ[k3])
+  "clipped"         max(ρ·c', clip(ρ, 1−ε_low, 1+ε_high)·c'),  c' = sg(∂k_n/∂logp)
+                    (the paper's clipped head; inside the clip range it equals sg(ρ)·c'·logp in
+                    gradient, outside it the element's gradient is zero, as in PPO)
+In-reward terms are importance-weighted by ρ whenever `old_logp` is given.
+
+Stop-gradients: `ref_logp` and `old_logp` are always treated as data (`jax.lax.stop_gradient`), so a
+reference computed from shared parameters never leaks gradient.
+
+References:
+  Liu et al., "Rethinking KL Regularization in RLHF", arXiv:2510.01555 (2025), Table 1, Thm 5.1, §6.
+  Schulman et al., "Proximal Policy Optimization Algorithms", arXiv:1707.06347 (2017) (clipping).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Callable, Literal, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from kljax import _checks
+from kljax import estimators as est
+from kljax.advantages import reward_to_go
+
+Correction = Literal["detached_ratio", "ratio", "clipped"] | None
+CORRECTIONS = ("detached_ratio", "ratio", "clipped")
+CREDITS = ("token", "reward_to_go")
+
+
+class Estimator(Protocol):
+  """An elementwise KL estimator `(logp, ref_logp) -> per-element estimate`, like `kljax.k3`."""
+
+  def __call__(self, logp: ArrayLike, ref_logp: ArrayLike) -> jax.Array: ...
+
+
+class KLTerm(NamedTuple):
+  """A KL implementation choice as pure functions. See the module docstring for the contract."""
+
+  name: str
+  placement: Literal["loss", "reward"]
+  surrogate: Callable[..., jax.Array]
+  coefficient: Callable[..., jax.Array]
+  value: Callable[[ArrayLike, ArrayLike], jax.Array]
+
+
+def _inputs(logp, ref_logp, old_logp=None, mask=None):
+  """Float32 inputs with ref/old detached; `old_logp=None` becomes sg(logp) (on-policy)."""
+  logp = _checks.as_float32(logp, "logp")
+  ref_logp = _checks.as_float32(ref_logp, "ref_logp")
+  if old_logp is not None:
+    old_logp = _checks.as_float32(old_logp, "old_logp")
+  if mask is not None:
+    mask = jnp.asarray(mask)
+  _checks.same_shape(logp=logp, ref_logp=ref_logp, old_logp=old_logp, mask=mask)
+  ref_logp = jax.lax.stop_gradient(ref_logp)
+  old_logp = jax.lax.stop_gradient(logp if old_logp is None else old_logp)
+  return logp, ref_logp, old_logp, mask
+
+
+def _masked(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+  return x if mask is None else jnp.where(mask.astype(bool), x, 0.0)
+
+
+def importance_ratio(
+    logp: jax.Array, old_logp: jax.Array, *, clamp: float = est.DEFAULT_LOG_RATIO_CLAMP
+) -> jax.Array:
+  """ρ = π_θ/π_old = exp(clip(logp − old_logp)), differentiable through `logp`.
+
+  The log-ratio is clamped to [−clamp, clamp] before `exp` (zero gradient outside; count with
+  `kljax.count_clamped(old_logp, logp, clamp=clamp)`).
+  """
+  return jnp.exp(est.clamp_log_ratio(logp - old_logp, clamp))
+
+
+def score_coefficient(estimator: Estimator, logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
+  """∂k/∂logp per element, by forward-mode autodiff of the (elementwise) estimator."""
+  return jax.jvp(lambda lp: estimator(lp, ref_logp), (logp,), (jnp.ones_like(logp),))[1]
+
+
+def _estimator_name(estimator: Estimator) -> str:
+  base = estimator.func if isinstance(estimator, functools.partial) else estimator
+  return getattr(base, "__name__", "estimator")
+
+
+def as_loss(
+    estimator: Estimator,
+    *,
+    correction: Correction = None,
+    clip_eps_low: float = 0.2,
+    clip_eps_high: float = 0.2,
+    clamp: float = est.DEFAULT_LOG_RATIO_CLAMP,
+    name: str | None = None,
+) -> KLTerm:
+  """"k_n as loss": differentiate the estimator itself; gradient E[(∂k_n/∂logp)·∇logp].
+
+  On-policy: k1 → 0 (no regularization), k2 → ∇KL(π_θ‖π_ref), k3 → ∇KL(π_ref‖π_θ) (forward KL).
+
+  Args:
+    estimator: an elementwise estimator such as `kljax.k2`.
+    correction: None, "detached_ratio", "ratio" or "clipped" (see the module docstring); only
+      matters when `old_logp` is given (on-policy ρ ≡ 1).
+    clip_eps_low, clip_eps_high: ε of the clipped head, each in (0, 1).
+    clamp: bound on |log ρ| before `exp`.
+    name: the term's name (defaults to "<estimator>_as_loss[+correction]").
+  """
+  if correction is not None and correction not in CORRECTIONS:
+    raise ValueError(
+        f"correction must be None or one of {', '.join(CORRECTIONS)}; got {correction!r}."
+    )
+  _checks.open_unit(clip_eps_low, "clip_eps_low")
+  _checks.open_unit(clip_eps_high, "clip_eps_high")
+  _checks.positive(clamp, "clamp")
+  if name is None:
+    name = f"{_estimator_name(estimator)}_as_loss" + (f"+{correction}" if correction else "")
+
+  def value(logp, ref_logp):
+    logp, ref_logp, _, _ = _inputs(logp, ref_logp)
+    return estimator(logp, ref_logp)
+
+  def coefficient(logp, ref_logp, *, mask=None):
+    logp, ref_logp, _, mask = _inputs(logp, ref_logp, mask=mask)
+    return _masked(jax.lax.stop_gradient(score_coefficient(estimator, logp, ref_logp)), mask)
+
+  def surrogate(logp, ref_logp, old_logp=None, *, mask=None):
+    logp, ref_logp, old_logp, mask = _inputs(logp, ref_logp, old_logp, mask)
+    rho = importance_ratio(logp, old_logp, clamp=clamp)
+    if correction is None:
+      out = estimator(logp, ref_logp)
+    elif correction == "detached_ratio":
+      out = jax.lax.stop_gradient(rho) * estimator(logp, ref_logp)
+    elif correction == "ratio":
+      out = rho * estimator(logp, ref_logp)
+    else:  # "clipped": a PPO head with "advantage" −c'; max() because this is a loss.
+      c = jax.lax.stop_gradient(score_coefficient(estimator, logp, ref_logp))
+      clipped = jnp.clip(rho, 1.0 - clip_eps_low, 1.0 + clip_eps_high)
+      out = jnp.maximum(rho * c, clipped * c)
+    return _masked(out, mask)
+
+  return KLTerm(name, "loss", surrogate, coefficient, value)
+
+
+def in_reward(
+    estimator: Estimator,
+    *,
+    credit: Literal["token", "reward_to_go"] = "token",
+    clamp: float = est.DEFAULT_LOG_RATIO_CLAMP,
+    name: str | None = None,
+) -> KLTerm:
+  """"k_n in reward": a detached penalty times the score; gradient E[sg(c)·∇logp], c = k_n.
+
+  With credit="reward_to_go" the coefficient of token t is Σ_{s≥t} k_n,s over the valid tokens of
+  the last (time) axis, which for k1 makes the per-token surrogate follow the exact gradient of the
+  *sequence* reverse KL. With `old_logp` the score is importance-weighted: sg(c)·ρ.
+
+  Args:
+    estimator: an elementwise estimator such as `kljax.k1`.
+    credit: "token" (immediate) or "reward_to_go" (the last axis is time; `mask` marks valid tokens).
+    clamp: bound on |log ρ| before `exp`.
+    name: defaults to "<estimator>_in_reward" (+"_rtg" for reward-to-go credit).
+  """
+  if credit not in CREDITS:
+    raise ValueError(f"credit must be one of {', '.join(CREDITS)}; got {credit!r}.")
+  _checks.positive(clamp, "clamp")
+  if name is None:
+    name = f"{_estimator_name(estimator)}_in_reward" + ("_rtg" if credit == "reward_to_go" else "")
+
+  def value(logp, ref_logp):
+    logp, ref_logp, _, _ = _inputs(logp, ref_logp)
+    return estimator(logp, ref_logp)
+
+  def coefficient(logp, ref_logp, *, mask=None):
+    logp, ref_logp, _, mask = _inputs(logp, ref_logp, mask=mask)
+    c = jax.lax.stop_gradient(estimator(logp, ref_logp))
+    if credit == "reward_to_go":
+      if c.ndim < 1:
+        raise ValueError("reward-to-go credit needs a time axis (the last axis), got a scalar.")
+      return reward_to_go(c, mask)
+    return _masked(c, mask)
+
+  def surrogate(logp, ref_logp, old_logp=None, *, mask=None):
+    c = coefficient(logp, ref_logp, mask=mask)
+    logp, _, old_logp, mask = _inputs(logp, ref_logp, old_logp, mask)
+    return _masked(c * importance_ratio(logp, old_logp, clamp=clamp), mask)
+
+  return KLTerm(name, "reward", surrogate, coefficient, value)
+
+
+def straight_through(
+    *,
+    value: Estimator,
+    grad: Estimator,
+    correction: Correction = None,
+    clip_eps_low: float = 0.2,
+    clip_eps_high: float = 0.2,
+    clamp: float = est.DEFAULT_LOG_RATIO_CLAMP,
+    name: str | None = None,
+) -> KLTerm:
+  """"Value k_a, gradient k_b": an as-loss term whose forward value is k_a and gradient that of k_b.
+
+  Estimator used: k_b + sg(k_a − k_b). E.g. value=k3, grad=k2 reports the unbiased, non-negative k3
+  while following ∇KL(π_θ‖π_ref) like k2 as loss. Other arguments as for `as_loss`.
+  """
+  value_fn, grad_fn = value, grad
+
+  def st_estimator(logp, ref_logp):
+    g = grad_fn(logp, ref_logp)
+    return g + jax.lax.stop_gradient(value_fn(logp, ref_logp) - g)
+
+  if name is None:
+    name = f"{_estimator_name(value_fn)}_value_{_estimator_name(grad_fn)}_grad" + (
+        f"+{correction}" if correction else ""
+    )
+  return as_loss(
+      st_estimator,
+      correction=correction,
+      clip_eps_low=clip_eps_low,
+      clip_eps_high=clip_eps_high,
+      clamp=clamp,
+      name=name,
+  )
+
+
+# ---- The config boundary: the one place where names become functions. ----
+
+_EST = r"(k[123])"
+_PATTERNS = (
+    (re.compile(rf"^{_EST}_as_loss$"), "as_loss"),
+    (re.compile(rf"^{_EST}_in_reward$"), "in_reward"),
+    (re.compile(rf"^{_EST}_in_reward_rtg$"), "in_reward_rtg"),
+    (re.compile(rf"^{_EST}_value_{_EST}_grad$"), "straight_through"),
+)
+
+
+def kl_term_names() -> tuple[str, ...]:
+  """Every name `kl_term` accepts."""
+  names = []
+  for k in est.ESTIMATORS:
+    names += [f"{k}_as_loss", f"{k}_in_reward", f"{k}_in_reward_rtg"]
+  names += [f"{a}_value_{b}_grad" for a in est.ESTIMATORS for b in est.ESTIMATORS if a != b]
+  with_corrections = [n for n in names if "in_reward" not in n]
+  names += [f"{n}+{c}" for n in with_corrections for c in CORRECTIONS]
+  return tuple(names)
+
+
+def _unknown(name: str, why: str) -> ValueError:
+  bases = [n for n in kl_term_names() if "+" not in n]
+  return ValueError(
+      f"unknown KL term {name!r} ({why}). Valid names: {', '.join(bases)}; the as-loss and "
+      f"straight-through ones optionally followed by one of "
+      f"{', '.join('+' + c for c in CORRECTIONS)} (e.g. 'k2_as_loss+detached_ratio')."
+  )
+
+
+def kl_term(
+    name: str,
+    *,
+    clip_eps_low: float = 0.2,
+    clip_eps_high: float = 0.2,
+    clamp: float = est.DEFAULT_LOG_RATIO_CLAMP,
+) -> KLTerm:
+  """Resolves a config string such as "k2_as_loss+detached_ratio" into a `KLTerm`.
+
+  Args:
+    name: "<k>_as_loss", "<k>_in_reward", "<k>_in_reward_rtg" or "<ka>_value_<kb>_grad" with
+      k ∈ {k1, k2, k3}, the loss-placed ones optionally suffixed "+detached_ratio", "+ratio" or
+      "+clipped". `kl_term_names()` lists them all.
+    clip_eps_low, clip_eps_high: ε of the clipped head.
+    clamp: bound on |log-ratio| before `exp` (k3's δ and every importance ratio).
+  Raises:
+    ValueError naming the valid names for an unknown name.
+  """
+  if not isinstance(name, str):
+    raise TypeError(f"name must be a string such as 'k2_as_loss', got {type(name).__name__}.")
+  base, _, correction = name.strip().partition("+")
+  if correction and correction not in CORRECTIONS:
+    raise _unknown(name, f"unknown correction {correction!r}")
+  for pattern, kind in _PATTERNS:
+    m = pattern.match(base)
+    if m is None:
+      continue
+    fns = [est.ESTIMATORS[k] for k in m.groups()]
+    fns = [functools.partial(f, clamp=clamp) if f is est.k3 else f for f in fns]
+    clip = dict(clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high)
+    if kind.startswith("in_reward"):
+      if correction:
+        raise _unknown(
+            name, "in-reward terms take no correction: with old_logp they are importance-weighted"
+        )
+      credit = "reward_to_go" if kind == "in_reward_rtg" else "token"
+      return in_reward(fns[0], credit=credit, clamp=clamp, name=name)
+    if kind == "straight_through":
+      if m.group(1) == m.group(2):
+        raise _unknown(name, "value and gradient estimators must differ; use the as-loss name")
+      return straight_through(
+          value=fns[0], grad=fns[1], correction=correction or None, clamp=clamp, name=name, **clip
+      )
+    return as_loss(fns[0], correction=correction or None, clamp=clamp, name=name, **clip)
+  raise _unknown(name, "no such estimator placement")
