@@ -9,6 +9,7 @@ The public surface (see DESIGN.md §3):
 """
 
 from kljax import exact
+from kljax import montecarlo
 from kljax.advantages import reward_to_go
 from kljax.beta import (
     BetaController,
@@ -43,6 +44,7 @@ __all__ = [
     "count_clamped",
     "exact",
     "exact_kl",
+    "montecarlo",
     "importance_ratio",
     "in_reward",
     "k1",

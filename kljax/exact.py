@@ -50,7 +50,7 @@ def categorical_from_probs(probs: ArrayLike, *, name: str = "probs") -> Policy:
   probs = _checks.check_distribution(probs, name)
   if probs.ndim != 1:
     raise ValueError(f"{name} must have shape [V], got {list(probs.shape)}.")
-  return (jnp.log(probs.astype(jnp.float32)),)
+  return (jnp.log(_checks.as_float32(probs, name)),)
 
 
 def random_tabular(key: jax.Array, *, vocab: int, length: int, scale: float = 1.0) -> Policy:

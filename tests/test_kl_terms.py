@@ -1,0 +1,148 @@
+"""KL terms element by element against NumPy: coefficients, surrogate gradients, corrections, names."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kljax
+
+# The coefficient table of DESIGN.md §1, written in NumPy from the derivation (d = log δ = ref − logp).
+NP_COEFFICIENT = {
+    "k1_in_reward": lambda d: -d,
+    "k1_as_loss": lambda d: np.ones_like(d),
+    "k2_as_loss": lambda d: -d,
+    "k3_as_loss": lambda d: 1 - np.exp(d),
+    "k2_in_reward": lambda d: 0.5 * d**2,
+    "k3_in_reward": lambda d: np.exp(d) - 1 - d,
+    "k3_value_k2_grad": lambda d: -d,
+    "k2_value_k3_grad": lambda d: 1 - np.exp(d),
+    "k1_value_k3_grad": lambda d: 1 - np.exp(d),
+}
+NP_VALUE = {"k1": lambda d: -d, "k2": lambda d: 0.5 * d**2, "k3": lambda d: np.exp(d) - 1 - d}
+
+
+@pytest.fixture
+def pair(rng):
+  logp = rng.normal(-2.0, 1.0, (3, 5)).astype(np.float32)
+  ref = (logp + rng.normal(0.0, 0.7, (3, 5))).astype(np.float32)
+  return logp, ref, ref.astype(np.float64) - logp
+
+
+@pytest.mark.parametrize("name", sorted(NP_COEFFICIENT))
+def test_coefficient_matches_table(name, pair):
+  logp, ref, d = pair
+  term = kljax.kl_term(name)
+  np.testing.assert_allclose(term.coefficient(logp, ref), NP_COEFFICIENT[name](d), rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("name", sorted(NP_COEFFICIENT))
+def test_on_policy_surrogate_gradient_is_coefficient(name, pair):
+  # Per element, ∂ surrogate/∂logp = c on-policy: "every variant is coefficient × score".
+  logp, ref, d = pair
+  term = kljax.kl_term(name)
+  g = jax.grad(lambda lp: term.surrogate(lp, ref).sum())(jnp.asarray(logp))
+  np.testing.assert_allclose(g, NP_COEFFICIENT[name](d), rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("name", sorted(NP_COEFFICIENT))
+def test_value_is_the_named_estimate(name, pair):
+  logp, ref, d = pair
+  estimator = name.split("_")[0]  # the value of "k3_value_k2_grad" is k3
+  np.testing.assert_allclose(
+      kljax.kl_term(name).value(logp, ref), NP_VALUE[estimator](d), rtol=2e-5, atol=2e-6
+  )
+
+
+def test_straight_through_forward_value_and_gradient(pair):
+  logp, ref, d = pair
+  term = kljax.straight_through(value=kljax.k3, grad=kljax.k2)
+  np.testing.assert_allclose(term.surrogate(logp, ref), NP_VALUE["k3"](d), rtol=2e-5, atol=2e-6)
+  g = jax.grad(lambda lp: term.surrogate(lp, ref).sum())(jnp.asarray(logp))
+  np.testing.assert_allclose(g, -d, rtol=2e-5, atol=2e-6)
+
+
+def _np_rho(logp, old):
+  return np.exp(np.asarray(logp, np.float64) - old)
+
+
+def test_off_policy_corrections_elementwise(rng, pair):
+  logp, ref, d = pair
+  old = (logp + rng.normal(0.0, 0.3, logp.shape)).astype(np.float32)
+  rho = _np_rho(logp, old)
+  k2 = 0.5 * d**2
+  grad = lambda term: jax.grad(lambda lp: term.surrogate(lp, ref, old).sum())(jnp.asarray(logp))
+  # sg(ρ)·k2: gradient ρ·(logp − ref).
+  np.testing.assert_allclose(grad(kljax.kl_term("k2_as_loss+detached_ratio")), rho * -d, rtol=1e-4)
+  # ρ·k2 with ρ live: gradient ρ·k2 + ρ·(logp − ref).
+  np.testing.assert_allclose(grad(kljax.kl_term("k2_as_loss+ratio")), rho * (k2 - d), rtol=1e-4)
+  # no correction: plain ∂k2/∂logp.
+  np.testing.assert_allclose(grad(kljax.kl_term("k2_as_loss")), -d, rtol=1e-4, atol=1e-6)
+  # in reward: sg(k1)·ρ, gradient k1·ρ.
+  np.testing.assert_allclose(grad(kljax.kl_term("k1_in_reward")), -d * rho, rtol=1e-4)
+
+
+@pytest.mark.parametrize("eps", [(0.2, 0.2), (0.1, 0.3)])
+def test_clipped_head_matches_ppo_formula(eps):
+  lo, hi = eps
+  term = kljax.kl_term("k2_as_loss+clipped", clip_eps_low=lo, clip_eps_high=hi)
+  logp = np.log(np.array([0.5, 0.5, 0.5, 0.5, 0.5, 0.5], np.float32))
+  # ratios 0.5, 1.0, 1.5 with coefficient c = logp − ref of either sign
+  old = np.log(np.array([1.0, 0.5, 1 / 3, 1.0, 0.5, 1 / 3], np.float32))
+  ref = logp - np.array([1.0, 1.0, 1.0, -1.0, -1.0, -1.0], np.float32)
+  rho = _np_rho(logp, old)
+  c = logp.astype(np.float64) - ref
+  loss_np = np.maximum(rho * c, np.clip(rho, 1 - lo, 1 + hi) * c)
+  active = rho * c >= np.clip(rho, 1 - lo, 1 + hi) * c  # gradient flows through the unclipped arm
+  np.testing.assert_allclose(term.surrogate(logp, ref, old), loss_np, rtol=1e-5)
+  g = jax.grad(lambda lp: term.surrogate(lp, ref, old).sum())(jnp.asarray(logp))
+  np.testing.assert_allclose(g, np.where(active, rho * c, 0.0), rtol=1e-5, atol=1e-7)
+
+
+def test_reward_to_go_matches_loop(rng):
+  values = rng.normal(size=(3, 6)).astype(np.float32)
+  mask = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 0]], bool)
+  expected = np.zeros_like(values, dtype=np.float64)
+  for b in range(3):
+    for t in range(6):
+      if mask[b, t]:
+        expected[b, t] = sum(values[b, s] for s in range(t, 6) if mask[b, s])
+  np.testing.assert_allclose(kljax.reward_to_go(values, mask), expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      kljax.reward_to_go(values), np.cumsum(values[:, ::-1], -1)[:, ::-1], rtol=1e-5, atol=1e-6
+  )
+
+
+def test_rtg_in_reward_coefficient_and_mask(pair):
+  logp, ref, d = pair
+  mask = np.array([[1, 1, 1, 1, 0]] * 3, bool)
+  term = kljax.kl_term("k1_in_reward_rtg")
+  k1 = np.where(mask, -d, 0.0)
+  expected = np.where(mask, np.cumsum(k1[:, ::-1], -1)[:, ::-1], 0.0)
+  np.testing.assert_allclose(term.coefficient(logp, ref, mask=mask), expected, rtol=1e-5, atol=1e-6)
+  g = jax.grad(lambda lp: term.surrogate(lp, ref, mask=mask).sum())(jnp.asarray(logp))
+  np.testing.assert_allclose(g, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_kl_term_resolves_every_listed_name():
+  names = kljax.kl_term_names()
+  for required in [
+      "k1_in_reward", "k1_as_loss", "k2_as_loss", "k3_as_loss", "k2_in_reward", "k3_in_reward",
+      "k3_value_k2_grad", "k1_in_reward_rtg", "k2_as_loss+detached_ratio", "k3_as_loss+ratio",
+      "k2_as_loss+clipped", "k3_value_k2_grad+clipped",
+  ]:
+    assert required in names
+  for name in names:
+    term = kljax.kl_term(name)
+    assert term.name == name
+    assert term.placement == ("reward" if "in_reward" in name else "loss")
+
+
+@pytest.mark.parametrize("bad", ["k4_as_loss", "k2_as_loss+magic", "k1_in_reward+ratio",
+                                 "k2_value_k2_grad", "kl", ""])
+def test_kl_term_unknown_name_lists_valid_names(bad):
+  with pytest.raises(ValueError, match="Valid names: ") as err:
+    kljax.kl_term(bad)
+  for listed in ["k2_as_loss", "k1_in_reward_rtg", "k3_value_k2_grad", "+detached_ratio", "+clipped"]:
+    assert listed in str(err.value)
+  assert repr(bad) in str(err.value)
