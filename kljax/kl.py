@@ -67,17 +67,15 @@ class KLTerm(NamedTuple):
 
 
 def _inputs(logp, ref_logp, old_logp=None, mask=None):
-  """Float32 inputs with ref/old detached; `old_logp=None` becomes sg(logp) (on-policy)."""
+  """Float32 inputs with ref/old detached (`old_logp` stays None on-policy)."""
   logp = _checks.as_float32(logp, "logp")
   ref_logp = _checks.as_float32(ref_logp, "ref_logp")
   if old_logp is not None:
-    old_logp = _checks.as_float32(old_logp, "old_logp")
+    old_logp = jax.lax.stop_gradient(_checks.as_float32(old_logp, "old_logp"))
   if mask is not None:
     mask = jnp.asarray(mask)
   _checks.same_shape(logp=logp, ref_logp=ref_logp, old_logp=old_logp, mask=mask)
-  ref_logp = jax.lax.stop_gradient(ref_logp)
-  old_logp = jax.lax.stop_gradient(logp if old_logp is None else old_logp)
-  return logp, ref_logp, old_logp, mask
+  return logp, jax.lax.stop_gradient(ref_logp), old_logp, mask
 
 
 def _masked(x: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -85,14 +83,18 @@ def _masked(x: jax.Array, mask: jax.Array | None) -> jax.Array:
 
 
 def importance_ratio(
-    logp: jax.Array, old_logp: jax.Array, *, clamp: float = est.DEFAULT_LOG_RATIO_CLAMP
+    logp: jax.Array, old_logp: jax.Array | None, *, clamp: float = est.DEFAULT_LOG_RATIO_CLAMP
 ) -> jax.Array:
   """ρ = π_θ/π_old = exp(clip(logp − old_logp)), differentiable through `logp`.
 
   The log-ratio is clamped to [−clamp, clamp] before `exp` (zero gradient outside; count with
-  `kljax.count_clamped(old_logp, logp, clamp=clamp)`).
+  `kljax.count_clamped(old_logp, logp, clamp=clamp)`). On-policy (`old_logp=None`) ρ is
+  1 + logp − sg(logp): exactly 1 with gradient ∇logp, the first-order behaviour of
+  exp(logp − sg(logp)) without evaluating an `exp` per token.
   """
-  return jnp.exp(est.clamp_log_ratio(logp - old_logp, clamp))
+  if old_logp is None:
+    return 1.0 + (logp - jax.lax.stop_gradient(logp))
+  return jnp.exp(est.clamp_log_ratio(logp - jax.lax.stop_gradient(old_logp), clamp))
 
 
 def score_coefficient(estimator: Estimator, logp: jax.Array, ref_logp: jax.Array) -> jax.Array:

@@ -146,3 +146,14 @@ def test_kl_term_unknown_name_lists_valid_names(bad):
   for listed in ["k2_as_loss", "k1_in_reward_rtg", "k3_value_k2_grad", "+detached_ratio", "+clipped"]:
     assert listed in str(err.value)
   assert repr(bad) in str(err.value)
+
+
+@pytest.mark.parametrize("length", [129, 1000, 4096])
+def test_reward_to_go_long_sequences_blocked_path(rng, length):
+  # Long sequences take the blocked-matmul path (with padding when T is not a multiple of 64).
+  values = rng.normal(size=(2, length)).astype(np.float32)
+  mask = rng.random((2, length)) > 0.3
+  masked = np.where(mask, values, 0.0).astype(np.float64)
+  expected = np.where(mask, np.cumsum(masked[:, ::-1], -1)[:, ::-1], 0.0)
+  got = np.asarray(kljax.reward_to_go(values, mask))
+  assert np.abs(got - expected).max() <= 1e-6 * np.abs(expected).max()
