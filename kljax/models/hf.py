@@ -1,0 +1,309 @@
+"""Hugging Face checkpoint import and export (Llama / Qwen2 `config.json` + safetensors).
+
+`from_hf(path)` reads a local checkpoint directory: `config.json` and either `model.safetensors` or
+several shards listed in `model.safetensors.index.json`. `export_hf(model, path)` writes the same
+layout back, so a trained policy can be served by any HF-compatible engine. Nothing is downloaded.
+
+Both rope layouts in use are read: top-level `rope_theta` / `rope_scaling` (transformers < 5) and
+`rope_parameters` (newer). HF stores linear weights as [out, in]; kljax stores [in, out] per head.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from kljax.models.config import ModelConfig, RopeScaling
+from kljax.models.transformer import Decoder, create
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+_INDEX = "model.safetensors.index.json"
+_SINGLE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint directory that kljax cannot read: the message names the file, field or tensor."""
+
+
+# ---- config ----
+
+
+def _rope_from_hf(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+  params = cfg.get("rope_parameters")
+  if params is not None:  # newer layout: theta and scaling together
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10_000.0))
+    scaling = params
+  else:
+    theta = cfg.get("rope_theta", 10_000.0)
+    scaling = cfg.get("rope_scaling")
+  if not scaling:
+    return float(theta), None
+  rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+  if rope_type == "default":
+    return float(theta), None
+  if rope_type == "llama3":
+    return float(theta), RopeScaling(
+        "llama3",
+        factor=float(scaling["factor"]),
+        low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 8192)),
+    )
+  if rope_type == "linear":
+    return float(theta), RopeScaling("linear", factor=float(scaling["factor"]))
+  raise CheckpointError(
+      f"config.json: rope scaling type {rope_type!r} is not supported (supported: default, "
+      f"llama3, linear)."
+  )
+
+
+def config_from_hf(cfg: dict[str, Any], *, dtype: str = "float32",
+                   param_dtype: str | None = None) -> ModelConfig:
+  """A `ModelConfig` from a parsed HF `config.json` dict; unsupported features raise CheckpointError."""
+  model_type = cfg.get("model_type")
+  if model_type not in SUPPORTED_MODEL_TYPES:
+    raise CheckpointError(
+        f"config.json: model_type {model_type!r} is not supported (supported: "
+        f"{', '.join(SUPPORTED_MODEL_TYPES)})."
+    )
+  act = cfg.get("hidden_act", "silu")
+  if act != "silu":
+    raise CheckpointError(f"config.json: hidden_act {act!r} is not supported (only 'silu').")
+  if cfg.get("mlp_bias", False):
+    raise CheckpointError("config.json: mlp_bias=true is not supported.")
+  if model_type == "qwen2" and cfg.get("use_sliding_window", False):
+    raise CheckpointError("config.json: use_sliding_window=true is not supported.")
+  missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                         "num_attention_heads") if k not in cfg]
+  if missing:
+    raise CheckpointError(f"config.json: missing field(s) {', '.join(missing)}.")
+  theta, scaling = _rope_from_hf(cfg)
+  heads = int(cfg["num_attention_heads"])
+  return ModelConfig(
+      vocab_size=int(cfg["vocab_size"]),
+      d_model=int(cfg["hidden_size"]),
+      num_layers=int(cfg["num_hidden_layers"]),
+      num_heads=heads,
+      num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+      head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
+      mlp_dim=int(cfg["intermediate_size"]),
+      rope_theta=theta,
+      rope_scaling=scaling,
+      rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+      qkv_bias=True if model_type == "qwen2" else bool(cfg.get("attention_bias", False)),
+      tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+      param_dtype=param_dtype or dtype,
+      dtype=dtype,
+      model_type=model_type,
+  )
+
+
+def config_to_hf(config: ModelConfig) -> dict[str, Any]:
+  """The HF `config.json` dict for a `ModelConfig` (transformers-4 layout: top-level rope fields)."""
+  arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[config.model_type]
+  out = {
+      "architectures": [arch],
+      "model_type": config.model_type,
+      "vocab_size": config.vocab_size,
+      "hidden_size": config.d_model,
+      "intermediate_size": config.mlp_dim,
+      "num_hidden_layers": config.num_layers,
+      "num_attention_heads": config.num_heads,
+      "num_key_value_heads": config.num_kv_heads,
+      "head_dim": config.head_dim,
+      "hidden_act": "silu",
+      "rms_norm_eps": config.rms_eps,
+      "rope_theta": config.rope_theta,
+      "tie_word_embeddings": config.tie_embeddings,
+      "torch_dtype": config.param_dtype,
+  }
+  if config.model_type == "llama":
+    out["attention_bias"] = config.qkv_bias
+    out["mlp_bias"] = False
+  s = config.rope_scaling
+  if s is not None:
+    out["rope_scaling"] = (
+        {"rope_type": "linear", "factor": s.factor} if s.rope_type == "linear" else
+        {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+         "high_freq_factor": s.high_freq_factor,
+         "original_max_position_embeddings": s.original_max_position_embeddings})
+  return out
+
+
+# ---- tensors: one table maps HF names to kljax parameters ----
+
+
+def _layout(config: ModelConfig) -> dict[str, tuple[str, int | None, tuple[int, ...], str]]:
+  """HF name -> (kljax param, layer or None, HF shape, how to convert)."""
+  c = config
+  H, K, Hd, D, F, V = c.num_heads, c.num_kv_heads, c.head_dim, c.d_model, c.mlp_dim, c.vocab_size
+  table = {"model.embed_tokens.weight": ("embed", None, (V, D), "copy"),
+           "model.norm.weight": ("final_norm", None, (D,), "copy")}
+  if not c.tie_embeddings:
+    table["lm_head.weight"] = ("lm_head", None, (V, D), "transpose")
+  for i in range(c.num_layers):
+    p = f"model.layers.{i}."
+    table.update({
+        p + "input_layernorm.weight": ("attn_norm", i, (D,), "copy"),
+        p + "post_attention_layernorm.weight": ("mlp_norm", i, (D,), "copy"),
+        p + "self_attn.q_proj.weight": ("wq", i, (H * Hd, D), "in_heads"),
+        p + "self_attn.k_proj.weight": ("wk", i, (K * Hd, D), "in_heads"),
+        p + "self_attn.v_proj.weight": ("wv", i, (K * Hd, D), "in_heads"),
+        p + "self_attn.o_proj.weight": ("wo", i, (D, H * Hd), "heads_out"),
+        p + "mlp.gate_proj.weight": ("w_gate", i, (F, D), "transpose"),
+        p + "mlp.up_proj.weight": ("w_up", i, (F, D), "transpose"),
+        p + "mlp.down_proj.weight": ("w_down", i, (D, F), "transpose"),
+    })
+    if c.qkv_bias:
+      table.update({
+          p + "self_attn.q_proj.bias": ("bq", i, (H * Hd,), "heads"),
+          p + "self_attn.k_proj.bias": ("bk", i, (K * Hd,), "heads"),
+          p + "self_attn.v_proj.bias": ("bv", i, (K * Hd,), "heads"),
+      })
+  return table
+
+
+def _to_kljax(x: np.ndarray, how: str, target_shape: tuple[int, ...]) -> np.ndarray:
+  if how == "copy":
+    return x
+  if how == "transpose":
+    return x.T
+  if how == "in_heads":  # [N*Hd, D] -> [D, N, Hd]
+    return x.T.reshape(target_shape)
+  if how == "heads_out":  # [D, H*Hd] -> [H, Hd, D]
+    return x.T.reshape(target_shape)
+  if how == "heads":  # [N*Hd] -> [N, Hd]
+    return x.reshape(target_shape)
+  raise AssertionError(how)
+
+
+def _to_hf(x: np.ndarray, how: str) -> np.ndarray:
+  if how == "copy":
+    return x
+  if how == "transpose":
+    return x.T
+  if how == "in_heads":  # [D, N, Hd] -> [N*Hd, D]
+    return x.reshape(x.shape[0], -1).T
+  if how == "heads_out":  # [H, Hd, D] -> [D, H*Hd]
+    return x.reshape(-1, x.shape[-1]).T
+  if how == "heads":
+    return x.reshape(-1)
+  raise AssertionError(how)
+
+
+def _tensor_files(path: str) -> dict[str, str]:
+  """HF tensor name -> safetensors file holding it."""
+  index = os.path.join(path, _INDEX)
+  if os.path.exists(index):
+    with open(index) as f:
+      weight_map = json.load(f).get("weight_map")
+    if not weight_map:
+      raise CheckpointError(f"{index}: no 'weight_map'.")
+    files = {os.path.join(path, name) for name in weight_map.values()}
+    absent = sorted(f for f in files if not os.path.exists(f))
+    if absent:
+      raise CheckpointError(f"{index} lists shard(s) that do not exist: {', '.join(absent)}.")
+    return {k: os.path.join(path, v) for k, v in weight_map.items()}
+  single = os.path.join(path, _SINGLE)
+  if os.path.exists(single):
+    from safetensors import safe_open
+
+    with safe_open(single, framework="numpy") as f:
+      return {k: single for k in f.keys()}
+  raise CheckpointError(
+      f"{path}: neither {_SINGLE} nor {_INDEX} found (only safetensors checkpoints are read)."
+  )
+
+
+def from_hf(path: str, *, dtype: str = "float32", param_dtype: str | None = None) -> Decoder:
+  """Loads a local HF Llama/Qwen2 checkpoint directory into a `Decoder`.
+
+  Args:
+    path: directory with `config.json` and safetensors weights (one file, or shards + index).
+    dtype: compute dtype; param_dtype: storage dtype (defaults to `dtype`).
+  Raises:
+    CheckpointError naming the missing file, the unsupported config field, or the tensor whose
+    shape disagrees with the config.
+  """
+  from safetensors import safe_open
+
+  config_path = os.path.join(path, "config.json")
+  if not os.path.exists(config_path):
+    raise CheckpointError(f"{config_path} does not exist.")
+  with open(config_path) as f:
+    config = config_from_hf(json.load(f), dtype=dtype, param_dtype=param_dtype)
+  layout = _layout(config)
+  files = _tensor_files(path)
+  missing = [name for name in layout if name not in files]
+  if missing:
+    more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+    raise CheckpointError(f"{path}: missing tensor(s) {', '.join(missing[:5])}{more}.")
+
+  model = create(config)
+  targets = {target for target, _, _, _ in layout.values()}
+  arrays = {name: np.zeros(getattr(model, name)[...].shape, np.float32) for name in targets}
+  by_file: dict[str, list[str]] = {}
+  for name in layout:
+    by_file.setdefault(files[name], []).append(name)
+  for file, names in by_file.items():
+    with safe_open(file, framework="numpy") as f:
+      for name in names:
+        target, layer, hf_shape, how = layout[name]
+        x = f.get_tensor(name)
+        if tuple(x.shape) != hf_shape:
+          raise CheckpointError(
+              f"tensor {name} in {os.path.basename(file)} has shape {list(x.shape)}, but the config "
+              f"implies {list(hf_shape)}."
+          )
+        dest = arrays[target] if layer is None else arrays[target][layer]
+        dest[...] = _to_kljax(x.astype(np.float32), how, dest.shape)
+  pd = config.jnp_param_dtype
+  for name, value in arrays.items():
+    getattr(model, name)[...] = jnp.asarray(value, pd)
+  return model
+
+
+def export_hf(model: Decoder, path: str, *, max_shard_bytes: int = 4 << 30) -> None:
+  """Writes `config.json` and float32 safetensors (sharded, with an index, above `max_shard_bytes`)."""
+  from safetensors.numpy import save_file
+
+  config = model.config
+  os.makedirs(path, exist_ok=True)
+  tensors = {}
+  for name, (target, layer, _, how) in _layout(config).items():
+    value = np.asarray(getattr(model, target)[...].astype(jnp.float32))
+    value = value if layer is None else value[layer]
+    # float32 on disk whatever the parameter dtype: exact for bfloat16/float16 parameters, and
+    # readable without a bfloat16-aware numpy.
+    tensors[name] = np.ascontiguousarray(_to_hf(value, how))
+  hf_config = config_to_hf(config)
+  hf_config["torch_dtype"] = "float32"
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(hf_config, f, indent=2)
+
+  shards, current, size = [], {}, 0
+  for name, value in tensors.items():
+    if current and size + value.nbytes > max_shard_bytes:
+      shards.append(current)
+      current, size = {}, 0
+    current[name] = value
+    size += value.nbytes
+  shards.append(current)
+  for stale in (_SINGLE, _INDEX):
+    if os.path.exists(os.path.join(path, stale)):
+      os.remove(os.path.join(path, stale))
+  if len(shards) == 1:
+    save_file(shards[0], os.path.join(path, _SINGLE), metadata={"format": "pt"})
+    return
+  weight_map = {}
+  for i, shard in enumerate(shards):
+    fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    save_file(shard, os.path.join(path, fname), metadata={"format": "pt"})
+    weight_map.update({name: fname for name in shard})
+  total = sum(v.nbytes for v in tensors.values())
+  with open(os.path.join(path, _INDEX), "w") as f:
+    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)

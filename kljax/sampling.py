@@ -1,0 +1,147 @@
+"""jit-compiled autoregressive sampling with a KV cache, for rollouts.
+
+A batch of left-padded prompts is prefilled in one forward pass; then one token per step is drawn
+with temperature, top-k and top-p, each sequence stopping at its first EOS, for at most
+`max_new_tokens` steps (the loop exits early once every sequence has stopped). The result carries the
+sampler's own per-token log-probabilities: log-probabilities under the distribution the token was
+actually drawn from (after temperature, top-k and top-p; with temperature 1 and no filtering, the
+model's own). Deterministic for a given key. Shard the prompts along `data` (see
+`kljax.sharding.batch_sharding`) and the whole loop runs sharded.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.typing import ArrayLike
+
+from kljax import _checks
+
+
+class SampleOutput(NamedTuple):
+  tokens_bt: jax.Array  # int32 [B, P + N]: the prompts as given, then the completions (pad after EOS)
+  logprobs_bn: jax.Array  # float32 [B, N]: the sampler's log-prob of each generated token (0 if none)
+  completion_mask_bn: jax.Array  # bool [B, N]: generated tokens, up to and including the first EOS
+
+
+def filter_logits(logits_bv: jax.Array, *, temperature: float, top_k: int, top_p) -> jax.Array:
+  """Temperature, then top-k, then top-p (nucleus) filtering; filtered entries become −inf."""
+  logits = logits_bv.astype(jnp.float32) / temperature
+  if top_k > 0:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each sorted entry
+  keep = before < top_p  # always keeps the most likely token
+  threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def _choose(logits_bv, key, *, greedy, temperature, top_k, top_p):
+  if greedy:
+    token = jnp.argmax(logits_bv, axis=-1)
+    return token.astype(jnp.int32), jax.nn.log_softmax(logits_bv.astype(jnp.float32))[
+        jnp.arange(token.shape[0]), token]
+  logits = filter_logits(logits_bv, temperature=temperature, top_k=top_k, top_p=top_p)
+  token = jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+  logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
+  return token, logp
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "greedy"))
+def _sample(graphdef, state, prompt_bp, mask_bp, key, temperature, top_p, eos_id, pad_id, *,
+            max_new_tokens, top_k, greedy):
+  model = nnx.merge(graphdef, state)
+  b, p = prompt_bp.shape
+  cache = model.init_cache(b, p + max_new_tokens)
+  positions = jnp.maximum(jnp.cumsum(mask_bp, axis=1) - 1, 0)
+  logits, cache = model.logits_and_cache(prompt_bp, positions_bt=positions,
+                                         attention_mask_bt=mask_bp, cache=cache)
+  choose = functools.partial(_choose, greedy=greedy, temperature=temperature, top_k=top_k,
+                             top_p=top_p)
+
+  def cond(carry):
+    i, _, _, _, _, _, _, done, _ = carry
+    return (i < max_new_tokens) & ~jnp.all(done)
+
+  def body(carry):
+    i, cache, last_logits, key, tokens, logps, live, done, pos = carry
+    key, sub = jax.random.split(key)
+    token, logp = choose(last_logits, sub)
+    token = jnp.where(done, pad_id, token)
+    tokens = tokens.at[:, i].set(token)
+    logps = logps.at[:, i].set(jnp.where(done, 0.0, logp))
+    live = live.at[:, i].set(~done)
+    step_logits, cache = model.logits_and_cache(token[:, None], positions_bt=pos[:, None],
+                                                attention_mask_bt=~done[:, None], cache=cache)
+    done = done | (token == eos_id)
+    return i + 1, cache, step_logits[:, -1], key, tokens, logps, live, done, pos + 1
+
+  init = (
+      jnp.zeros((), jnp.int32), cache, logits[:, -1], key,
+      jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+      jnp.zeros((b, max_new_tokens), jnp.float32),
+      jnp.zeros((b, max_new_tokens), bool),
+      jnp.zeros((b,), bool),
+      jnp.sum(mask_bp, axis=1).astype(jnp.int32),
+  )
+  _, _, _, _, tokens, logps, live, _, _ = jax.lax.while_loop(cond, body, init)
+  return SampleOutput(jnp.concatenate([prompt_bp, tokens], axis=1), logps, live)
+
+
+def sample(
+    model: nnx.Module,
+    prompt_bp: ArrayLike,
+    prompt_mask_bp: ArrayLike,
+    key: jax.Array,
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int = 0,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> SampleOutput:
+  """Samples completions for left-padded prompts with a KV cache.
+
+  Args:
+    model: a `kljax.models.Decoder`.
+    prompt_bp: int [B, P] prompts, left-padded. prompt_mask_bp: [B, P], True for real tokens; every
+      row needs at least one.
+    key: a PRNG key; the same key gives the same output.
+    max_new_tokens: N ≥ 1. eos_id: stops a sequence (the EOS itself is part of the completion).
+    pad_id: written after a sequence stops.
+    temperature: > 0, or 0 for greedy decoding. top_k: 0 (off) or the number of tokens kept.
+    top_p: in (0, 1]; 1 is off.
+  """
+  prompt = jnp.asarray(prompt_bp)
+  mask = jnp.asarray(prompt_mask_bp).astype(bool)
+  if prompt.ndim != 2 or not jnp.issubdtype(prompt.dtype, jnp.integer):
+    raise ValueError(f"prompt_bp must be an integer array [B, P], got {prompt.dtype} "
+                     f"{list(prompt.shape)}.")
+  if mask.shape != prompt.shape:
+    raise ValueError(f"prompt_mask_bp must have shape {list(prompt.shape)}, got {list(mask.shape)}.")
+  if not isinstance(mask, jax.core.Tracer) and not bool(jnp.all(jnp.any(mask, axis=1))):
+    raise ValueError("every prompt needs at least one real token (a row of prompt_mask_bp is empty).")
+  if int(max_new_tokens) < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+  vocab = model.config.vocab_size
+  if not 0 <= int(top_k) <= vocab:
+    raise ValueError(f"top_k must be 0 (off) or in [1, {vocab}], got {top_k}.")
+  if not 0.0 < float(top_p) <= 1.0:
+    raise ValueError(f"top_p must lie in (0, 1], got {top_p}.")
+  _checks.positive(temperature, "temperature", allow_zero=True)
+  for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
+    if not 0 <= int(value) < vocab:
+      raise ValueError(f"{name} must be a token id in [0, {vocab}), got {value}.")
+  graphdef, state = nnx.split(model)
+  greedy = float(temperature) == 0.0
+  return _sample(graphdef, state, prompt.astype(jnp.int32), mask, key,
+                 jnp.float32(1.0 if greedy else temperature), jnp.float32(top_p),
+                 jnp.int32(eos_id), jnp.int32(pad_id), max_new_tokens=int(max_new_tokens),
+                 top_k=int(top_k), greedy=greedy)

@@ -1,0 +1,141 @@
+"""Meshes, logical-axis rules, and placement of parameters and batches.
+
+One code path from 1 CPU device to a TPU pod: a `jax.make_mesh` mesh with named axes
+(`data`, `fsdp`, `tensor`), parameters that carry logical axis names (see `kljax.models`), and a rules
+table mapping each logical name to mesh axes. A mesh axis is used for an array dimension only when
+it divides that dimension; otherwise the dimension is replicated over it (e.g. 2 KV heads on a
+tensor axis of 4), so any preset runs on any mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+# Logical axis -> mesh axes. Batch over data and fsdp (FSDP shards params *and* batch); model
+# dimensions in the Megatron pattern over tensor; the embedding dimension over fsdp (ZeRO-3).
+DEFAULT_RULES: Rules = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+    ("length", None),
+)
+
+
+def make_mesh(
+    *, data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+) -> jax.sharding.Mesh:
+  """A (data, fsdp, tensor) mesh; one axis may be -1 (all remaining devices).
+
+  Raises ValueError, before anything is compiled, when the sizes do not multiply to the device count.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+  free = [k for k, v in sizes.items() if v == -1]
+  if len(free) > 1 or any(v == 0 or v < -1 for v in sizes.values()):
+    raise ValueError(f"mesh sizes must be positive, with at most one -1; got {sizes}.")
+  known = math.prod(v for v in sizes.values() if v != -1)
+  if free:
+    if len(devices) % known:
+      raise ValueError(
+          f"mesh {sizes}: {len(devices)} devices are not divisible by the fixed axes' product {known}."
+      )
+    sizes[free[0]] = len(devices) // known
+  if math.prod(sizes.values()) != len(devices):
+    raise ValueError(
+        f"mesh data×fsdp×tensor = {sizes['data']}×{sizes['fsdp']}×{sizes['tensor']} = "
+        f"{math.prod(sizes.values())} does not match the {len(devices)} available devices; "
+        f"change the mesh sizes (or set one of them to -1)."
+    )
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def _rule_table(rules: Rules) -> dict[str, tuple[str, ...]]:
+  table = {}
+  for name, axes in rules:
+    table[name] = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+  return table
+
+
+def logical_to_spec(
+    logical: Sequence[str | None], shape: Sequence[int], mesh: jax.sharding.Mesh,
+    rules: Rules = DEFAULT_RULES,
+) -> PartitionSpec:
+  """PartitionSpec for an array whose dimensions carry `logical` names.
+
+  Mesh axes of size 1, axes already used by an earlier dimension, and axes that do not divide the
+  dimension are dropped (that dimension is replicated over them).
+  """
+  table = _rule_table(rules)
+  used: set[str] = set()
+  spec = []
+  for name, size in zip(logical, shape):
+    if name is not None and name not in table:
+      raise ValueError(f"logical axis {name!r} has no sharding rule; rules cover {sorted(table)}.")
+    chosen = []
+    for axis in table.get(name, ()) if name is not None else ():
+      n = mesh.shape[axis]
+      if n == 1 or axis in used or size % (math.prod(mesh.shape[a] for a in chosen) * n):
+        continue
+      chosen.append(axis)
+    used.update(chosen)
+    spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+  return PartitionSpec(*spec)
+
+
+def state_shardings(state: nnx.State, mesh: jax.sharding.Mesh, rules: Rules = DEFAULT_RULES):
+  """NamedShardings for every array of an NNX state, from its variables' logical axis names."""
+
+  def one(var):
+    names = getattr(var, "out_sharding", None) or (None,) * len(var.shape)
+    return NamedSharding(mesh, logical_to_spec(names, var.shape, mesh, rules))
+
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_module(module: nnx.Module, mesh: jax.sharding.Mesh, rules: Rules = DEFAULT_RULES):
+  """Places a module's arrays on the mesh by the rules (in place); returns the module."""
+  state = nnx.state(module)
+  shardings = state_shardings(state, mesh, rules)
+  values = jax.tree.map(lambda v: v[...], state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  nnx.update(module, jax.device_put(values, shardings))
+  return module
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2, rules: Rules = DEFAULT_RULES):
+  """Sharding of a [B, ...] batch: the leading axis over the batch rule's mesh axes."""
+  axes = tuple(a for a in _rule_table(rules)["batch"] if mesh.shape[a] > 1)
+  first = None if not axes else axes[0] if len(axes) == 1 else axes
+  return NamedSharding(mesh, PartitionSpec(first, *([None] * (ndim - 1))))
+
+
+def bytes_per_device(tree: Any) -> dict[jax.Device, int]:
+  """Bytes that each device holds of a pytree of arrays (addressable shards only)."""
+  out: dict[jax.Device, int] = {}
+  for x in jax.tree.leaves(tree):
+    for shard in x.addressable_shards:
+      out[shard.device] = out.get(shard.device, 0) + shard.data.size * shard.data.dtype.itemsize
+  return out
+
+
+def check_divisible(batch_size: int, mesh: jax.sharding.Mesh, rules: Rules = DEFAULT_RULES) -> None:
+  """Raises ValueError when the batch cannot be split over the mesh's batch axes."""
+  n = int(np.prod([mesh.shape[a] for a in _rule_table(rules)["batch"]]))
+  if batch_size % n:
+    raise ValueError(f"batch size {batch_size} must be divisible by the data×fsdp mesh size {n}.")
