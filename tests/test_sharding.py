@@ -1,0 +1,102 @@
+"""Sharded execution on 8 simulated CPU devices equals single-device execution."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from kljax import models, sharding
+from kljax.sampling import sample
+
+CFG = models.preset("tiny").replace(vocab_size=128, num_kv_heads=4)  # every dim divides the meshes
+
+
+def test_eight_devices_are_simulated():
+  assert jax.device_count() == 8
+
+
+def _loss(model, tokens, mask):
+  logits = model(tokens, attention_mask_bt=mask)
+  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+  picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+  return -jnp.sum(picked * mask[:, 1:]) / jnp.sum(mask[:, 1:])
+
+
+@pytest.fixture(scope="module")
+def batch():
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (8, 12), 1, CFG.vocab_size)
+  mask = jnp.arange(12)[None, :] >= jnp.array([0, 3, 0, 5, 1, 0, 2, 0])[:, None]
+  return jnp.where(mask, tokens, 0), mask
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 2, 4), (8, 1, 1), (1, 8, 1)])
+def test_sharded_forward_and_backward_equal_single_device(batch, shape):
+  tokens, mask = batch
+  single = models.create(CFG, seed=1)
+  ref_loss, ref_grads = nnx.value_and_grad(_loss)(single, tokens, mask)
+
+  mesh = sharding.make_mesh(data=shape[0], fsdp=shape[1], tensor=shape[2])
+  model = sharding.shard_module(models.create(CFG, seed=1), mesh)
+  placed = jax.device_put((tokens, mask), sharding.batch_sharding(mesh))
+  loss, grads = nnx.jit(nnx.value_and_grad(_loss))(model, *placed)
+  assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
+  for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(grads)),
+                               nnx.to_flat_state(nnx.state(ref_grads))):
+    a, b = np.asarray(a[...]), np.asarray(b[...])
+    assert np.abs(a - b).max() <= 1e-5 * max(np.abs(b).max(), 1e-3), path
+
+
+def test_parameters_are_really_partitioned():
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  model = sharding.shard_module(models.create(CFG), mesh)
+  assert model.wq[...].sharding.spec == P(None, "fsdp", "tensor", None)
+  assert model.w_down[...].sharding.spec == P(None, "tensor", "fsdp")
+  assert model.embed[...].sharding.spec == P("tensor", "fsdp")
+
+
+def test_per_device_parameter_bytes_are_an_eighth():
+  mesh = sharding.make_mesh(data=1, fsdp=2, tensor=4)
+  model = sharding.shard_module(models.create(CFG), mesh)
+  state = nnx.state(model)
+  total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+  per_device = sharding.bytes_per_device(state)
+  assert len(per_device) == 8
+  for b in per_device.values():
+    assert total / 8 <= b <= 1.05 * total / 8  # only the small norm vectors are replicated
+
+
+def test_indivisible_dimensions_are_replicated():
+  mesh = sharding.make_mesh(data=1, fsdp=2, tensor=4)
+  # 2 KV heads cannot be split 4 ways: that dimension stays whole, the embedding still splits.
+  spec = sharding.logical_to_spec(("layers", "embed", "kv_heads", "head_dim"), (2, 64, 2, 16), mesh)
+  assert spec == P(None, "fsdp", None, None)
+  with pytest.raises(ValueError, match="logical axis 'rows' has no sharding rule"):
+    sharding.logical_to_spec(("rows",), (4,), mesh)
+
+
+def test_mesh_errors_before_compilation():
+  with pytest.raises(ValueError, match=r"mesh data×fsdp×tensor = 2×2×3 = 12 does not match the 8"):
+    sharding.make_mesh(data=2, fsdp=2, tensor=3)
+  with pytest.raises(ValueError, match="not divisible by the fixed axes' product 3"):
+    sharding.make_mesh(data=-1, tensor=3)
+  assert sharding.make_mesh(data=-1, tensor=2).shape == {"data": 4, "fsdp": 1, "tensor": 2}
+  mesh = sharding.make_mesh(data=4, fsdp=2)
+  with pytest.raises(ValueError, match="batch size 12 must be divisible by the data×fsdp mesh size 8"):
+    sharding.check_divisible(12, mesh)
+
+
+def test_sampler_runs_sharded_along_data():
+  model = models.create(CFG, seed=2)
+  prompts = jax.random.randint(jax.random.PRNGKey(3), (8, 5), 1, CFG.vocab_size)
+  mask = jnp.ones_like(prompts, bool)
+  ref = sample(model, prompts, mask, jax.random.PRNGKey(4), max_new_tokens=6, eos_id=0,
+               temperature=0.0)
+  mesh = sharding.make_mesh(data=8)
+  sharded_model = sharding.shard_module(models.create(CFG, seed=2), mesh)
+  placed = jax.device_put((prompts, mask), sharding.batch_sharding(mesh))
+  out = sample(sharded_model, *placed, jax.random.PRNGKey(4), max_new_tokens=6, eos_id=0,
+               temperature=0.0)
+  np.testing.assert_array_equal(out.tokens_bt, ref.tokens_bt)
+  assert len(out.tokens_bt.sharding.device_set) == 8
