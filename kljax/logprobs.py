@@ -1,10 +1,10 @@
 """Per-token log-probabilities, entropy and exact KL from hidden states, without [B, T, V] logits.
 
 The tokens are cut into chunks of `chunk_size`; each chunk's logits [C, V] are computed in float32,
-reduced to per-token statistics and dropped. The chunk function is rematerialized
-(`jax.checkpoint` inside `jax.lax.map`), so the backward pass also holds one chunk's logits at a
-time: peak memory is O(C·V) instead of O(B·T·V), for the price of recomputing each chunk's forward
-matmul in the backward pass.
+reduced to per-token statistics and dropped. A custom VJP saves only per-token residuals and
+recomputes each chunk's logits in the backward pass, so the backward pass too holds one chunk's
+logits at a time: peak memory is O(C·V) instead of O(B·T·V), for the price of recomputing the
+chunk's logits matmul(s) once.
 
   log π(y_t)          = z_y − logsumexp(z)
   entropy             = −Σ_v π(v) log π(v)
@@ -88,6 +88,77 @@ def naive_token_stats(hidden_btd, unembed_dv, targets_bt, *, ref_hidden_btd=None
   return TokenStats(*(None if x is None else x.reshape(b, t) for x in out))
 
 
+def _chunk_forward(h_cd, w_dv, y_c, ref_h_cd, ref_w_dv):
+  """Per-token statistics of one chunk, and the per-token residuals the backward pass needs."""
+  z = jnp.dot(h_cd, w_dv.astype(h_cd.dtype), preferred_element_type=jnp.float32)
+  lse = jax.nn.logsumexp(z, axis=-1)
+  p = jnp.exp(z - lse[:, None])
+  pz = jnp.sum(p * z, axis=-1)
+  logp = jnp.take_along_axis(z, y_c[:, None], axis=-1)[:, 0] - lse
+  entropy = lse - pz  # −Σ p log p with log p = z − lse
+  if ref_h_cd is None:
+    return (logp, entropy, None, None), (lse, entropy, None, None)
+  rz = jnp.dot(ref_h_cd, ref_w_dv.astype(ref_h_cd.dtype), preferred_element_type=jnp.float32)
+  rlse = jax.nn.logsumexp(rz, axis=-1)
+  q = jnp.exp(rz - rlse[:, None])
+  reverse = pz - jnp.sum(p * rz, axis=-1) - lse + rlse  # Σ p (log p − log q)
+  forward = jnp.sum(q * rz, axis=-1) - jnp.sum(q * z, axis=-1) - rlse + lse  # Σ q (log q − log p)
+  return (logp, entropy, reverse, forward), (lse, entropy, rlse, reverse)
+
+
+def _chunk_dz(h_cd, w_dv, y_c, ref_h_cd, ref_w_dv, res, g):
+  """∂(Σ_k g_k·stat_k)/∂logits for one chunk, recomputing its logits once.
+
+  d logp_y = onehot − p;  dH = −p(log p + H);  dRKL = p(log p − log q − RKL);  dFKL = p − q.
+  """
+  lse, entropy, rlse, reverse = res
+  g_logp, g_ent, g_rkl, g_fkl = g
+  z = jnp.dot(h_cd, w_dv.astype(h_cd.dtype), preferred_element_type=jnp.float32)
+  log_p = z - lse[:, None]
+  p = jnp.exp(log_p)
+  inner = -g_logp[:, None] - g_ent[:, None] * (log_p + entropy[:, None])
+  dz = None
+  if ref_h_cd is not None:
+    rz = jnp.dot(ref_h_cd, ref_w_dv.astype(ref_h_cd.dtype), preferred_element_type=jnp.float32)
+    log_q = rz - rlse[:, None]
+    inner = inner + g_rkl[:, None] * (log_p - log_q - reverse[:, None]) + g_fkl[:, None]
+    dz = -g_fkl[:, None] * jnp.exp(log_q)
+  dz = p * inner if dz is None else dz + p * inner
+  onehot = jax.nn.one_hot(y_c, z.shape[-1], dtype=jnp.float32)
+  return dz + g_logp[:, None] * onehot
+
+
+@jax.custom_vjp
+def _chunked(h_ncd, w_dv, y_nc, ref_h_ncd, ref_w_dv):
+  return _chunked_fwd(h_ncd, w_dv, y_nc, ref_h_ncd, ref_w_dv)[0]
+
+
+def _chunked_fwd(h_ncd, w_dv, y_nc, ref_h_ncd, ref_w_dv):
+  outs, res = jax.lax.map(lambda xs: _chunk_forward(xs[0], w_dv, xs[1], xs[2], ref_w_dv),
+                          (h_ncd, y_nc, ref_h_ncd))
+  return outs, (h_ncd, w_dv, y_nc, ref_h_ncd, ref_w_dv, res)
+
+
+def _chunked_bwd(saved, g):
+  h_ncd, w_dv, y_nc, ref_h_ncd, ref_w_dv, res = saved
+  zeros = jnp.zeros(y_nc.shape, jnp.float32)
+  g = tuple(zeros if x is None else x.astype(jnp.float32) for x in g)
+
+  def body(dw, xs):
+    hc, yc, rhc, rc, gc = xs
+    dz = _chunk_dz(hc, w_dv, yc, rhc, ref_w_dv, rc, gc)
+    dh = jnp.dot(dz, w_dv.T.astype(jnp.float32)).astype(hc.dtype)
+    return dw + jnp.dot(hc.T.astype(jnp.float32), dz), dh
+
+  dw, dh = jax.lax.scan(body, jnp.zeros(w_dv.shape, jnp.float32),
+                        (h_ncd, y_nc, ref_h_ncd, res, g))
+  # the reference is data: no cotangent flows to it (its inputs were stop_gradient'ed too)
+  return dh, dw.astype(w_dv.dtype), None, None, None
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
 def token_stats(
     hidden_btd: ArrayLike,
     unembed_dv: ArrayLike,
@@ -98,6 +169,10 @@ def token_stats(
     chunk_size: int = 512,
 ) -> TokenStats:
   """log π(targets), entropy and (with a reference) exact reverse/forward KL per token, chunked.
+
+  A custom VJP keeps only per-token residuals (log-normalizers, entropy, reverse KL); the backward
+  pass recomputes each chunk's logits once and forms ∂/∂logits in one fused expression, so neither
+  pass holds more than one chunk's [C, V] logits.
 
   Args:
     hidden_btd: the policy's final hidden states [B, T, D] (any float dtype).
@@ -117,18 +192,12 @@ def token_stats(
   pad = (-n) % c
 
   def chunks(x):  # [B, T, ...] -> [n/c, c, ...], zero-padded
+    if x is None:
+      return None
     x = x.reshape(n, *x.shape[2:])
     return jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(-1, c, *x.shape[1:])
 
-  has_ref = rh is not None
-  xs = (chunks(h), chunks(y), chunks(rh) if has_ref else None)
-
-  @jax.checkpoint
-  def one(chunk):
-    hc, yc, rhc = chunk
-    return _stats(hc, w, yc, rhc, rw)
-
-  outs = jax.lax.map(one, xs)
+  outs = _chunked(chunks(h), w, chunks(y), chunks(rh), rw)
   unchunk = lambda x: None if x is None else x.reshape(-1)[:n].reshape(b, t)
   return TokenStats(*(unchunk(x) for x in outs))
 

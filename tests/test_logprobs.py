@@ -87,3 +87,15 @@ def test_bad_shapes(data):
     logprobs.token_stats(data["h"], data["w"], data["y"], ref_hidden_btd=data["rh"])
   with pytest.raises(ValueError, match="chunk_size must be >= 1, got 0"):
     logprobs.token_stats(data["h"], data["w"], data["y"], chunk_size=0)
+
+
+def test_gradients_without_a_reference(data):
+  def scalar(fn):
+    return lambda h, w: jnp.sum(fn(h, w).logp) - 0.5 * jnp.sum(fn(h, w).entropy)
+
+  g_chunked = jax.grad(scalar(lambda h, w: logprobs.token_stats(h, w, data["y"], chunk_size=5)),
+                       argnums=(0, 1))(data["h"], data["w"])
+  g_naive = jax.grad(scalar(lambda h, w: logprobs.naive_token_stats(h, w, data["y"])),
+                     argnums=(0, 1))(data["h"], data["w"])
+  for a, b in zip(g_chunked, g_naive):
+    np.testing.assert_allclose(a, b, atol=1e-5)

@@ -5,7 +5,8 @@ optional QKV bias, tied or untied embeddings, causal attention with left padding
 positions, and an optional KV cache for sampling.
 
 Layers are stored stacked (a leading `layers` axis on every block parameter) and run with
-`jax.lax.scan`, so compile time does not grow with depth. Every parameter carries logical axis names
+`jax.lax.scan`, so compile time does not grow with depth (or unrolled, `scan_layers=False`: ~10%
+faster steps on CPU, for shallow models). Every parameter carries logical axis names
 (`nnx.with_partitioning`); `kljax.sharding` maps them to mesh axes.
 
 References:
@@ -80,6 +81,17 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
   return (normed * scale.astype(jnp.float32)).astype(x.dtype)
 
 
+def dense(x, w):
+  """x [B, T, D_in] @ w [D_in, *out] -> [B, T, *out] as one 2-D matmul over the B·T tokens.
+
+  Equivalent to an einsum, but its backward (the weight gradient contracts over B and T) runs
+  ~2× faster on CPU as a plain [N, D_in]ᵀ[N, D_out] matmul.
+  """
+  b, t, d = x.shape
+  y = jnp.dot(x.reshape(b * t, d), w.reshape(d, -1))
+  return y.reshape(b, t, *w.shape[1:])
+
+
 def attention(q, k, v, allowed_bts, dtype):
   """Grouped-query attention. q [B,T,H,Hd], k/v [B,S,K,Hd], allowed [B,T,S] -> [B,T,H,Hd]."""
   b, t, h, hd = q.shape
@@ -140,9 +152,9 @@ class Decoder(nnx.Module):
     c = self.config
     dt = c.jnp_dtype
     h = rms_norm(x, p["attn_norm"], c.rms_eps)
-    q = jnp.einsum("btd,dhk->bthk", h, p["wq"].astype(dt))
-    k = jnp.einsum("btd,dhk->bthk", h, p["wk"].astype(dt))
-    v = jnp.einsum("btd,dhk->bthk", h, p["wv"].astype(dt))
+    q = dense(h, p["wq"].astype(dt))
+    k = dense(h, p["wk"].astype(dt))
+    v = dense(h, p["wv"].astype(dt))
     if c.qkv_bias:
       q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
     q, k = apply_rope(q, positions_bt, inv_freq), apply_rope(k, positions_bt, inv_freq)
@@ -152,11 +164,12 @@ class Decoder(nnx.Module):
       cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
       k, v, cache_kv = ck.astype(dt), cv.astype(dt), (ck, cv)
     attn = attention(q, k, v, allowed_bts, dt)
-    x = x + jnp.einsum("bthk,hkd->btd", attn, p["wo"].astype(dt))
+    b, t = attn.shape[:2]
+    x = x + dense(attn.reshape(b, t, -1), p["wo"].astype(dt).reshape(-1, c.d_model))
     h = rms_norm(x, p["mlp_norm"], c.rms_eps)
-    gate = jnp.einsum("btd,df->btf", h, p["w_gate"].astype(dt))
-    up = jnp.einsum("btd,df->btf", h, p["w_up"].astype(dt))
-    x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["w_down"].astype(dt))
+    gate = dense(h, p["w_gate"].astype(dt))
+    up = dense(h, p["w_up"].astype(dt))
+    x = x + dense(jax.nn.silu(gate) * up, p["w_down"].astype(dt))
     return x, cache_kv
 
   def hidden_states(
@@ -205,7 +218,7 @@ class Decoder(nnx.Module):
     if c.remat:
       body = jax.checkpoint(body, prevent_cse=False)
     kv_in = None if cache is None else (cache.k, cache.v)
-    x, kv_out = jax.lax.scan(body, x, (params, kv_in))
+    x, kv_out = jax.lax.scan(body, x, (params, kv_in), unroll=1 if c.scan_layers else True)
     x = rms_norm(x, self.final_norm[...], c.rms_eps)
     if cache is None:
       return x, None
@@ -227,16 +240,19 @@ class Decoder(nnx.Module):
     """
     h, _ = self.hidden_states(tokens_bt, positions_bt=positions_bt,
                               attention_mask_bt=attention_mask_bt)
-    return jnp.einsum("btd,dv->btv", h, self.unembedding().astype(h.dtype),
-                      preferred_element_type=jnp.float32)
+    return self._logits(h)
+
+  def _logits(self, h_btd):
+    b, t, d = h_btd.shape
+    logits = jnp.dot(h_btd.reshape(b * t, d), self.unembedding().astype(h_btd.dtype),
+                     preferred_element_type=jnp.float32)
+    return logits.reshape(b, t, -1)
 
   def logits_and_cache(self, tokens_bt, *, positions_bt, attention_mask_bt, cache: KVCache):
     """One cached step (prefill or decode): float32 logits [B, T, V] and the updated cache."""
     h, cache = self.hidden_states(tokens_bt, positions_bt=positions_bt,
                                   attention_mask_bt=attention_mask_bt, cache=cache)
-    logits = jnp.einsum("btd,dv->btv", h, self.unembedding().astype(h.dtype),
-                        preferred_element_type=jnp.float32)
-    return logits, cache
+    return self._logits(h), cache
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
     """An empty cache of `max_len` slots (dtype defaults to the compute dtype)."""

@@ -1,0 +1,27 @@
+"""Every benchmark runs end to end in its --quick mode (the figures themselves come from full runs)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "script,args,expect",
+    [
+        ("kl_terms.py", ["--terms", "k2_as_loss,k3_as_loss+clipped,k1_in_reward_rtg"], "(PPO+KL)/PPO"),
+        ("logprobs.py", [], "targets: memory ratio"),
+        ("sampler.py", [], "speed-up"),
+        ("train_step.py", [], "fraction"),
+    ],
+)
+def test_benchmark_quick(script, args, expect):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one plain CPU device
+  out = subprocess.run([sys.executable, os.path.join("benchmarks", script), "--quick", *args],
+                       cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert expect in out.stdout
