@@ -1,4 +1,4 @@
-"""Credit assignment along the time axis.
+"""Credit assignment: reward-to-go along the time axis, and group advantages for GRPO and relatives.
 
 References:
   R. J. Williams, "Simple statistical gradient-following algorithms for connectionist reinforcement
@@ -6,6 +6,8 @@ References:
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -59,3 +61,88 @@ def reward_to_go(values_bt: ArrayLike, mask_bt: ArrayLike | None = None) -> jax.
     values = jnp.where(mask.astype(bool), values, 0.0)
   rtg = _suffix_sum(values)
   return rtg if mask_bt is None else jnp.where(mask.astype(bool), rtg, 0.0)
+
+
+# ---- Group advantages (one group = the G completions of one prompt) ----
+
+
+class GroupAdvantages(NamedTuple):
+  advantages_pg: jax.Array  # float32 [P, G]
+  zero_variance_fraction: jax.Array  # float32 scalar: groups whose rewards are all equal
+
+
+def _group_inputs(rewards_pg: ArrayLike) -> jax.Array:
+  r = _checks.as_float32(rewards_pg, "rewards_pg")
+  if r.ndim != 2 or r.shape[1] < 2:
+    raise ValueError(
+        f"rewards_pg must be [num_prompts, group_size] with group_size >= 2, got {list(r.shape)}."
+    )
+  return r
+
+
+def _zero_variance(r: jax.Array) -> jax.Array:
+  return jnp.mean(jnp.all(r == r[:, :1], axis=1).astype(jnp.float32))
+
+
+def grpo_advantages(rewards_pg: ArrayLike, *, std_floor: float = 1e-6) -> GroupAdvantages:
+  """GRPO: A_i = (r_i − mean_g) / max(std_g, std_floor), std with Bessel's correction (as torch).
+
+  References: Shao et al., "DeepSeekMath", arXiv:2402.03300 (2024), §4.1.2.
+  """
+  r = _group_inputs(rewards_pg)
+  _checks.positive(std_floor, "std_floor")
+  centered = r - jnp.mean(r, axis=1, keepdims=True)
+  std = jnp.std(r, axis=1, keepdims=True, ddof=1)
+  return GroupAdvantages(centered / jnp.maximum(std, std_floor), _zero_variance(r))
+
+
+def dr_grpo_advantages(rewards_pg: ArrayLike) -> GroupAdvantages:
+  """Dr. GRPO: A_i = r_i − mean_g (no division by the group's std, which biases toward easy/hard
+  prompts).
+
+  References: Liu et al., "Understanding R1-Zero-Like Training", arXiv:2503.20783 (2025), §3.
+  """
+  r = _group_inputs(rewards_pg)
+  return GroupAdvantages(r - jnp.mean(r, axis=1, keepdims=True), _zero_variance(r))
+
+
+def rloo_advantages(rewards_pg: ArrayLike) -> GroupAdvantages:
+  """RLOO: A_i = r_i − mean_{j≠i} r_j = G/(G−1) · (r_i − mean_g) (leave-one-out, unbiased).
+
+  References: Ahmadian et al., "Back to Basics: Revisiting REINFORCE Style Optimization",
+  arXiv:2402.14740 (2024).
+  """
+  r = _group_inputs(rewards_pg)
+  g = r.shape[1]
+  loo_mean = (jnp.sum(r, axis=1, keepdims=True) - r) / (g - 1)
+  return GroupAdvantages(r - loo_mean, _zero_variance(r))
+
+
+def reinforce_pp_baseline_advantages(rewards_pg: ArrayLike, *, std_floor: float = 1e-6
+                                     ) -> GroupAdvantages:
+  """REINFORCE++-baseline: subtract the group mean, then divide by the std over the whole batch.
+
+  The batch statistics are global (under `jax.jit` with a sharded batch, over every device), so
+  the result does not depend on the number of devices.
+  References: Hu et al., "REINFORCE++", arXiv:2501.03262 (2025).
+  """
+  r = _group_inputs(rewards_pg)
+  _checks.positive(std_floor, "std_floor")
+  centered = r - jnp.mean(r, axis=1, keepdims=True)
+  return GroupAdvantages(centered / jnp.maximum(jnp.std(centered, ddof=1), std_floor),
+                         _zero_variance(r))
+
+
+ADVANTAGES = {
+    "grpo": grpo_advantages,
+    "dr_grpo": dr_grpo_advantages,
+    "rloo": rloo_advantages,
+    "reinforce_pp_baseline": reinforce_pp_baseline_advantages,
+}
+
+
+def group_advantages(name: str):
+  """The advantage estimator called `name` (the config boundary); ValueError lists the valid ones."""
+  if name not in ADVANTAGES:
+    raise ValueError(f"unknown advantage estimator {name!r}; choose one of {', '.join(ADVANTAGES)}.")
+  return ADVANTAGES[name]
