@@ -1,0 +1,6 @@
+"""Datasets: procedural tasks and GSM8K as TFDS array_record builders, read without TensorFlow."""
+
+from kljax.data import tasks
+from kljax.data.builders import Source, batch_indices, load
+
+__all__ = ["Source", "batch_indices", "load", "tasks"]

@@ -1,0 +1,177 @@
+"""TFDS builders for the tasks, stored as array_record and read without TensorFlow.
+
+  source = kljax.data.load("arithmetic/level2", "train", data_dir=DIR)   # prepares on first use
+  source[i] -> {"question": str, "answer": str, ...}
+
+`kljax_arithmetic` (configs level1..level5) and `kljax_countdown` (n3, n4) are generated
+procedurally from fixed seeds: the same version always holds the same examples, and train and
+test use different seeds. `kljax_gsm8k` reads the official GSM8K JSONL files (downloaded when the
+dataset is prepared, or taken from `manual_dir`), keeping the worked solution and the final answer
+extracted from its `#### N` line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from kljax.data import tasks
+from kljax.rewards import extract_answer, parse_number
+
+_TEXT = tfds.features.Text
+
+
+def _features(*names: str) -> tfds.features.FeaturesDict:
+  return tfds.features.FeaturesDict({n: _TEXT() for n in names})
+
+
+class TaskConfig(tfds.core.BuilderConfig):
+  def __init__(self, *, param: int, train_size: int, test_size: int, seed: int, **kwargs):
+    super().__init__(**kwargs)
+    self.param, self.train_size, self.test_size, self.seed = param, train_size, test_size, seed
+
+
+class KljaxArithmetic(tfds.core.GeneratorBasedBuilder):
+  """Multi-digit arithmetic, one config per difficulty level."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  BUILDER_CONFIGS = [
+      TaskConfig(name=f"level{lv}", param=lv, train_size=20_000, test_size=1_000, seed=1000 + lv,
+                 description=f"operands of up to {lv} digits")
+      for lv in tasks.ARITHMETIC_LEVELS
+  ]
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=_features("question", "answer", "level"))
+
+  def _split_generators(self, dl_manager):
+    c = self.builder_config
+    return {"train": self._generate_examples(c.seed, c.train_size),
+            "test": self._generate_examples(c.seed + 500_000, c.test_size)}
+
+  def _generate_examples(self, seed, count):
+    for i, ex in enumerate(tasks.arithmetic(seed, count, self.builder_config.param)):
+      yield i, ex
+
+
+class KljaxCountdown(tfds.core.GeneratorBasedBuilder):
+  """Countdown: reach the target with the given numbers, each used at most once."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  BUILDER_CONFIGS = [
+      TaskConfig(name=f"n{k}", param=k, train_size=20_000, test_size=1_000, seed=2000 + k,
+                 description=f"{k} numbers") for k in (3, 4)
+  ]
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self, features=_features("question", "answer", "numbers", "target"))
+
+  def _split_generators(self, dl_manager):
+    c = self.builder_config
+    return {"train": self._generate_examples(c.seed, c.train_size),
+            "test": self._generate_examples(c.seed + 500_000, c.test_size)}
+
+  def _generate_examples(self, seed, count):
+    for i, ex in enumerate(tasks.countdown(seed, count, self.builder_config.param)):
+      yield i, ex
+
+
+GSM8K_URLS = {
+    "train": "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/train.jsonl",
+    "test": "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/test.jsonl",
+}
+
+
+def gsm8k_final_answer(solution: str) -> str:
+  """The final answer of a GSM8K solution, normalized ("1,234" -> "1234", "3.50" -> "7/2")."""
+  value = parse_number(extract_answer(solution))
+  if value is None:
+    raise ValueError(f"no final answer in GSM8K solution {solution[-80:]!r}.")
+  return str(value.numerator) if value.denominator == 1 else str(value)
+
+
+class KljaxGsm8k(tfds.core.GeneratorBasedBuilder):
+  """GSM8K (Cobbe et al., arXiv:2110.14168): question, worked solution, final answer."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      "Optional: put train.jsonl and test.jsonl from github.com/openai/grade-school-math "
+      "(grade_school_math/data/) in the manual dir; otherwise they are downloaded.")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=_features("question", "solution", "answer"))
+
+  def _split_generators(self, dl_manager):
+    manual = dl_manager.manual_dir if dl_manager.manual_dir else None
+    if manual and all(os.path.exists(os.path.join(manual, f"{s}.jsonl")) for s in GSM8K_URLS):
+      paths = {s: os.path.join(manual, f"{s}.jsonl") for s in GSM8K_URLS}
+    else:
+      paths = dl_manager.download(GSM8K_URLS)
+    return {s: self._generate_examples(p) for s, p in paths.items()}
+
+  def _generate_examples(self, path):
+    with open(path) as f:
+      for i, line in enumerate(f):
+        if line.strip():
+          obj = json.loads(line)
+          yield i, {"question": obj["question"], "solution": obj["answer"],
+                    "answer": gsm8k_final_answer(obj["answer"])}
+
+
+DATASETS = {"arithmetic": "kljax_arithmetic", "countdown": "kljax_countdown", "gsm8k": "kljax_gsm8k"}
+
+
+class Source:
+  """Random access to a prepared split, with bytes decoded to str."""
+
+  def __init__(self, data_source):
+    self._source = data_source
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, str]:
+    ex = self._source[int(index)]
+    return {k: v.decode() if isinstance(v, bytes) else str(v) for k, v in ex.items()}
+
+
+def load(name: str, split: str, *, data_dir: str, manual_dir: str | None = None) -> Source:
+  """A prepared split of "arithmetic/levelN", "countdown/nK" or "gsm8k" (prepared on first use).
+
+  Raises ValueError naming the valid datasets, configs and splits for a bad request.
+  """
+  base, _, config = name.partition("/")
+  if base not in DATASETS:
+    raise ValueError(f"unknown dataset {name!r}; choose one of "
+                     f"arithmetic/level1..level5, countdown/n3, countdown/n4, gsm8k.")
+  cls = tfds.builder_cls(DATASETS[base])
+  configs = [c.name for c in getattr(cls, "BUILDER_CONFIGS", [])]
+  if configs and config not in configs:
+    raise ValueError(f"dataset {base!r} needs a config, one of {', '.join(configs)} "
+                     f"(e.g. '{base}/{configs[0]}'), got {config or 'none'!r}.")
+  kwargs: dict[str, Any] = {"data_dir": data_dir, "file_format": "array_record"}
+  if configs:
+    kwargs["config"] = config
+  builder = cls(**kwargs)
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  if split not in builder.info.splits:
+    raise ValueError(f"{name} has splits {', '.join(builder.info.splits)}, not {split!r}.")
+  return Source(builder.as_data_source(split=split))
+
+
+def batch_indices(size: int, batch_size: int, step: int, *, seed: int) -> np.ndarray:
+  """Indices of batch `step` of an endless stream of shuffled epochs (a new permutation per
+  epoch, drawn from `seed` and the epoch number). A function of the step alone, so a resumed run
+  continues exactly where it stopped."""
+  if batch_size > size:
+    raise ValueError(f"batch_size {batch_size} exceeds the dataset size {size}.")
+  per_epoch = size // batch_size
+  epoch, within = divmod(step, per_epoch)
+  order = np.random.default_rng([seed, epoch]).permutation(size)
+  return order[within * batch_size:(within + 1) * batch_size]
