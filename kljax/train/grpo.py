@@ -1,0 +1,365 @@
+"""The GRPO trainer: rollouts → rewards → group advantages → log-probs → PPO-clip + β·KL term.
+
+Reads top to bottom: setup (tokenizer, data, models, mesh, optimizer, KL), the jitted pieces
+(sequence statistics, the minibatch update), one step, and the loop with checkpoints and metrics.
+
+Randomness is a function of (seed, step) and the data order a function of the step, so a run
+restored from its checkpoint continues exactly as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from kljax import advantages as adv_lib
+from kljax import beta as beta_lib
+from kljax import data as data_lib
+from kljax import estimators as est
+from kljax import logprobs, losses, models, rewards, sharding, text
+from kljax.kl import KLTerm, kl_term, kl_term_names
+from kljax.sampling import sample
+from kljax.train.checkpoint import Checkpointer
+from kljax.train.metrics import MetricsWriter
+
+
+class ConfigError(ValueError):
+  """A configuration that cannot run; raised before anything is compiled."""
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Every check that needs no compilation: names, ranges, divisibility, the mesh."""
+  def bad(field, msg):
+    raise ConfigError(f"--config.{field}: {msg}")
+
+  if config.kl.term != "none" and config.kl.term not in kl_term_names():
+    try:
+      kl_term(config.kl.term)
+    except ValueError as err:
+      bad("kl.term", f"{err} Or 'none' for no KL term.")
+  if not config.kl.beta >= 0 or not math.isfinite(config.kl.beta):
+    bad("kl.beta", f"must be a finite number >= 0, got {config.kl.beta}.")
+  if config.kl.controller not in ("constant", "adaptive"):
+    bad("kl.controller", f"must be 'constant' or 'adaptive', got {config.kl.controller!r}.")
+  if config.advantage.estimator not in adv_lib.ADVANTAGES:
+    bad("advantage.estimator", f"must be one of {', '.join(adv_lib.ADVANTAGES)}, got "
+        f"{config.advantage.estimator!r}.")
+  if config.loss.aggregation not in losses.AGGREGATIONS:
+    bad("loss.aggregation", f"must be one of {', '.join(losses.AGGREGATIONS)}, got "
+        f"{config.loss.aggregation!r}.")
+  if config.rollout.group_size < 2:
+    bad("rollout.group_size", f"must be >= 2 (advantages compare completions of one prompt), got "
+        f"{config.rollout.group_size}.")
+  if config.batch_size % config.rollout.group_size:
+    bad("batch_size", f"{config.batch_size} completions a step must be a multiple of "
+        f"rollout.group_size ({config.rollout.group_size}); e.g. "
+        f"{config.rollout.group_size * max(1, config.batch_size // config.rollout.group_size)}.")
+  if config.batch_size % config.loss.minibatches:
+    bad("loss.minibatches", f"{config.loss.minibatches} does not divide batch_size "
+        f"{config.batch_size}.")
+  for field in ("num_steps", "checkpoint_every", "loss.epochs", "rollout.max_new_tokens"):
+    value = config
+    for part in field.split("."):
+      value = value[part]
+    if value < 1:
+      bad(field, f"must be >= 1, got {value}.")
+  try:
+    mesh = _mesh(config)
+  except ValueError as err:
+    bad("mesh", f"{err} ({jax.device_count()} devices are visible).")
+  per_minibatch = config.batch_size // config.loss.minibatches
+  try:
+    sharding.check_divisible(per_minibatch, mesh)
+    sharding.check_divisible(config.batch_size, mesh)
+  except ValueError as err:
+    bad("batch_size", f"{err} (minibatches of {per_minibatch}).")
+
+
+def _mesh(config) -> jax.sharding.Mesh:
+  n = config.mesh.devices or jax.device_count()
+  if n > jax.device_count():
+    raise ValueError(f"mesh.devices = {n} but only {jax.device_count()} devices exist.")
+  return sharding.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp, tensor=config.mesh.tensor,
+                            devices=jax.devices()[:n])
+
+
+# ---------------------------------------------------------------- setup
+
+
+@dataclasses.dataclass
+class Setup:
+  config: ml_collections.ConfigDict
+  tokenizer: text.CharTokenizer
+  source: data_lib.Source
+  graphdef: Any
+  mesh: jax.sharding.Mesh
+  optimizer: optax.GradientTransformation
+  beta: beta_lib.BetaController
+  term: KLTerm | None
+  reward_fns: list
+  reward_weights: list[float]
+
+
+class TrainState(NamedTuple):
+  params: Any  # nnx.State of the policy
+  ref_params: Any  # nnx.State of the reference
+  opt_state: Any
+  beta: beta_lib.BetaState
+  step: jax.Array
+
+
+def build(config: ml_collections.ConfigDict, init_params=None) -> tuple[Setup, TrainState]:
+  """Everything a run needs, and its initial state (policy = reference = `init_params` or random)."""
+  validate(config)
+  tokenizer = text.CharTokenizer()
+  source = data_lib.load(config.data.name, "train", data_dir=config.data.data_dir)
+  mesh = _mesh(config)
+  model_cfg = models.preset(config.model.preset, vocab_size=tokenizer.vocab_size)
+  model = models.create(model_cfg, seed=config.seed)
+  graphdef, params = nnx.split(model)
+  if init_params is not None:
+    params = init_params
+  params = jax.device_put(params, sharding.state_shardings(params, mesh))
+
+  updates_per_step = config.loss.epochs * config.loss.minibatches
+  total = config.num_steps * updates_per_step
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, config.optim.learning_rate, min(config.optim.warmup_steps, total - 1) or 1, total,
+      end_value=config.optim.learning_rate * config.optim.final_lr_fraction)
+  optimizer = optax.chain(
+      optax.clip_by_global_norm(config.optim.grad_clip),
+      optax.adamw(schedule, b1=config.optim.b1, b2=config.optim.b2,
+                  weight_decay=config.optim.weight_decay))
+  if config.kl.controller == "adaptive":
+    beta = beta_lib.adaptive_beta(max(config.kl.beta, 1e-8), target_kl=config.kl.target_kl,
+                                  horizon=config.kl.horizon)
+  else:
+    beta = beta_lib.constant_beta(config.kl.beta)
+  term = None if config.kl.term == "none" else kl_term(
+      config.kl.term, clip_eps_low=config.loss.clip_eps_low, clip_eps_high=config.loss.clip_eps_high)
+  fns = [rewards.load_reward_fn(s.strip()) for s in config.reward.fns.split(",")]
+  weights = [float(w) for w in str(config.reward.weights).split(",")]
+  if len(weights) != len(fns):
+    raise ConfigError(f"--config.reward.weights: {len(weights)} weights for {len(fns)} functions.")
+  state = TrainState(params, params, optimizer.init(params), beta.init(), jnp.zeros((), jnp.int32))
+  return Setup(config, tokenizer, source, graphdef, mesh, optimizer, beta, term, fns, weights), state
+
+
+# ---------------------------------------------------------------- jitted pieces
+
+
+def completion_stats(graphdef, params, ref_params, tokens, attn_mask, prompt_len, *, chunk_size,
+                     with_ref: bool):
+  """Per completion token: policy log-prob, entropy, and (with a reference) its log-prob and the
+  exact reverse/forward KL. Arrays [B, N]."""
+  policy = nnx.merge(graphdef, params)
+  h, _ = policy.hidden_states(tokens, attention_mask_bt=attn_mask)
+  sl = slice(prompt_len - 1, tokens.shape[1] - 1)  # positions that predict the completion
+  targets = tokens[:, prompt_len:]
+  if not with_ref:
+    s = logprobs.token_stats(h[:, sl], policy.unembedding(), targets, chunk_size=chunk_size)
+    return {"logp": s.logp, "entropy": s.entropy}
+  ref = nnx.merge(graphdef, ref_params)
+  rh, _ = ref.hidden_states(tokens, attention_mask_bt=attn_mask)
+  rh, rw = jax.lax.stop_gradient(rh[:, sl]), jax.lax.stop_gradient(ref.unembedding())
+  s = logprobs.token_stats(h[:, sl], policy.unembedding(), targets, ref_hidden_btd=rh,
+                           ref_unembed_dv=rw, chunk_size=chunk_size)
+  r = logprobs.token_stats(rh, rw, targets, chunk_size=chunk_size)
+  return {"logp": s.logp, "entropy": s.entropy, "ref_logp": r.logp, "rkl": s.reverse_kl,
+          "fkl": s.forward_kl}
+
+
+def _norm(tree) -> jax.Array:
+  return optax.tree.norm(tree)
+
+
+def update(setup: Setup, params, opt_state, beta, batch):
+  """One optimizer step on a minibatch: PPO-clip on the advantages + β · (loss-placed KL term)."""
+  c, term = setup.config, setup.term
+
+  def loss_fn(p):
+    stats = completion_stats(setup.graphdef, p, None, batch["tokens"], batch["attn_mask"],
+                             c.data.max_prompt_len, chunk_size=c.loss.chunk_size, with_ref=False)
+    logp, mask = stats["logp"], batch["mask"]
+    pg = losses.ppo_clip_loss(logp, batch["old_logp"], batch["advantages"], mask,
+                              clip_eps_low=c.loss.clip_eps_low, clip_eps_high=c.loss.clip_eps_high,
+                              dual_clip=c.loss.dual_clip or None)
+    agg = functools.partial(losses.aggregate, mask_bt=mask, mode=c.loss.aggregation)
+    loss = agg(pg.loss_bt)
+    if term is not None and term.placement == "loss":
+      loss = loss + beta * agg(term.surrogate(logp, batch["ref_logp"], batch["old_logp"], mask=mask))
+    n = jnp.maximum(jnp.sum(mask), 1)
+    aux = {"clip_fraction": jnp.sum(pg.clipped_bt) / n, "ppo_kl": jnp.sum(pg.ppo_kl_bt) / n}
+    return loss, aux
+
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  updates, opt_state = setup.optimizer.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  aux.update(loss=loss, grad_norm=_norm(grads), update_norm=_norm(updates))
+  return params, opt_state, aux
+
+
+# ---------------------------------------------------------------- one step
+
+
+def _prompts(setup: Setup, step: int):
+  c = setup.config
+  per_step = c.batch_size // c.rollout.group_size
+  idx = data_lib.batch_indices(len(setup.source), per_step, step, seed=c.seed)
+  examples = [setup.source[i] for i in idx]
+  tokens, mask = text.encode_batch(setup.tokenizer, [e["question"] for e in examples],
+                                   add_bos=True, length=c.data.max_prompt_len)
+  g = c.rollout.group_size
+  return examples, np.repeat(tokens, g, axis=0), np.repeat(mask, g, axis=0)
+
+
+def train_step(setup: Setup, state: TrainState, fns: dict) -> tuple[TrainState, dict]:
+  """Rollout, score, and `epochs × minibatches` updates. Returns the new state and metrics."""
+  c = setup.config
+  step = int(state.step)
+  t0 = time.perf_counter()
+  examples, prompt, prompt_mask = _prompts(setup, step)
+  key = jax.random.fold_in(jax.random.PRNGKey(c.seed), step)
+  placed = jax.device_put((prompt, prompt_mask), sharding.batch_sharding(setup.mesh))
+  policy = nnx.merge(setup.graphdef, state.params)
+  out = sample(policy, *placed, jax.random.fold_in(key, 0), max_new_tokens=c.rollout.max_new_tokens,
+               eos_id=setup.tokenizer.eos_id, pad_id=setup.tokenizer.pad_id,
+               temperature=c.rollout.temperature, top_k=c.rollout.top_k, top_p=c.rollout.top_p)
+  tokens = np.asarray(out.tokens_bt)
+  completion_mask = np.asarray(out.completion_mask_bn)
+  t_rollout = time.perf_counter()
+
+  g = c.rollout.group_size
+  completions = [setup.tokenizer.decode(row[m]) for row, m in
+                 zip(tokens[:, c.data.max_prompt_len:], completion_mask)]
+  fields = {k: [e[k] for e in examples for _ in range(g)] for k in examples[0] if k != "question"}
+  scores = rewards.score(setup.reward_fns, [e["question"] for e in examples for _ in range(g)],
+                         completions, weights=setup.reward_weights, on_error=c.reward.on_error,
+                         **fields)
+  r = scores.total.reshape(-1, g)
+  group = adv_lib.group_advantages(c.advantage.estimator)(r)
+  attn_mask = np.concatenate([prompt_mask, completion_mask], axis=1)
+  with_ref = setup.term is not None or c.metrics.exact_kl
+  stats = fns["stats"](state.params, state.ref_params, tokens, attn_mask, with_ref=with_ref)
+  t_logprobs = time.perf_counter()
+
+  mask = jnp.asarray(completion_mask)
+  beta = state.beta.beta
+  seq_adv = jnp.repeat(group.advantages_pg.reshape(-1, 1), mask.shape[1], axis=1)
+  old_logp = stats["logp"]
+  if setup.term is not None and setup.term.placement == "reward":
+    # In-reward KL: a per-token penalty fixed at rollout time enters the advantage.
+    coef = setup.term.coefficient(old_logp, stats["ref_logp"], mask=mask)
+    seq_adv = seq_adv - beta * coef
+  batch = {"tokens": tokens, "attn_mask": attn_mask, "mask": mask, "old_logp": old_logp, "advantages": seq_adv,
+           "ref_logp": stats.get("ref_logp", old_logp)}
+  params, opt_state = state.params, state.opt_state
+  n = c.batch_size
+  mb = n // c.loss.minibatches
+  auxes = []
+  for epoch in range(c.loss.epochs):
+    order = np.random.default_rng([c.seed, step, epoch]).permutation(n)
+    for i in range(c.loss.minibatches):
+      idx = np.sort(order[i * mb:(i + 1) * mb])
+      sub = {k: jax.device_put(np.asarray(v)[idx], sharding.batch_sharding(setup.mesh, np.ndim(v)))
+             for k, v in batch.items()}
+      params, opt_state, aux = fns["update"](params, opt_state, beta, sub)
+      auxes.append(aux)
+  t_update = time.perf_counter()
+
+  m = np.asarray(completion_mask, np.float32)
+  ntok = max(m.sum(), 1.0)
+  tmean = lambda x: float((np.asarray(x) * m).sum() / ntok)
+  lengths = m.sum(1)
+  lp, ref_lp = np.asarray(stats["logp"]), np.asarray(stats.get("ref_logp", stats["logp"]))
+  metrics = {
+      "reward_mean": float(scores.total.mean()), "reward_std": float(scores.total.std()),
+      # accuracy: completions the first reward function scores above 0
+      "accuracy": float(np.mean(list(scores.per_fn.values())[0] > 0)),
+      "length_mean": float(lengths.mean()), "length_std": float(lengths.std()),
+      "zero_variance_groups": float(group.zero_variance_fraction),
+      "entropy": tmean(stats["entropy"]),
+      "exact_rkl": tmean(stats["rkl"]) if "rkl" in stats else float("nan"),
+      "exact_fkl": tmean(stats["fkl"]) if "fkl" in stats else float("nan"),
+      "k1": tmean(est.k1(lp, ref_lp)), "k2": tmean(est.k2(lp, ref_lp)),
+      "k3": tmean(est.k3(lp, ref_lp)),
+      "clamped_tokens": float(est.count_clamped(lp, ref_lp, mask=completion_mask)),
+      "sampler_logprob_gap": tmean(np.abs(np.asarray(out.logprobs_bn) - lp)),
+      "beta": float(beta), "reward_failures": float(scores.failures),
+      "param_norm": float(_norm(params)),
+      "time_rollout": t_rollout - t0, "time_logprobs": t_logprobs - t_rollout,
+      "time_update": t_update - t_logprobs,
+      "tokens_per_second": float(m.sum()) / max(t_update - t0, 1e-9),
+  }
+  for k in auxes[0]:
+    metrics[k] = float(np.mean([float(a[k]) for a in auxes]))
+  beta_state = setup.beta.update(state.beta, jnp.float32(metrics["k1"]), n_steps=n)
+  ref_params = state.ref_params
+  if c.kl.reset_ref_every and (step + 1) % c.kl.reset_ref_every == 0:
+    ref_params = params
+  return TrainState(params, ref_params, opt_state, beta_state, state.step + 1), metrics
+
+
+def compile_fns(setup: Setup) -> dict:
+  """The jitted statistics pass and minibatch update of this setup (compiled on first call)."""
+  c = setup.config
+  stats = jax.jit(functools.partial(completion_stats, setup.graphdef,
+                                    prompt_len=c.data.max_prompt_len, chunk_size=c.loss.chunk_size),
+                  static_argnames=("with_ref",))
+  # No buffer donation: the policy and the reference share arrays until the first update.
+  return {"stats": stats, "update": jax.jit(functools.partial(update, setup))}
+
+
+# ---------------------------------------------------------------- the loop
+
+
+class NonFiniteError(FloatingPointError):
+  """A loss, gradient or metric became NaN or infinite; the last good checkpoint is kept."""
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, init_params=None,
+          progress: bool = True) -> list[dict]:
+  """Runs (or resumes) a GRPO run in `workdir`; returns the metrics of the steps it ran."""
+  from tqdm.auto import tqdm
+
+  setup, state = build(config, init_params)
+  ckpt = Checkpointer(workdir, every=config.checkpoint_every)
+  restored = ckpt.restore(state)
+  start = 0
+  if restored is not None:
+    start, state = restored
+    state = state._replace(params=jax.device_put(state.params, sharding.state_shardings(
+        state.params, setup.mesh)))
+  writer = MetricsWriter(workdir, resume_step=start - 1, tensorboard=config.metrics.tensorboard)
+  fns = compile_fns(setup)
+  history = []
+  bar = tqdm(range(start, config.num_steps), initial=start, total=config.num_steps, desc="grpo",
+             unit="step", disable=not progress)
+  try:
+    for step in bar:
+      state, metrics = train_step(setup, state, fns)
+      bad = [k for k, v in metrics.items() if not math.isfinite(v) and k not in ("exact_rkl",
+                                                                                   "exact_fkl")]
+      if bad:
+        raise NonFiniteError(
+            f"step {step}: non-finite {', '.join(bad)}; stopping. The last good checkpoint "
+            f"(step {ckpt.latest_step()}) in {ckpt.directory} is intact; lower the learning "
+            f"rate or β, or raise loss.dual_clip / grad_clip.")
+      writer.write(step, metrics)
+      history.append({"step": step, **metrics})
+      bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['exact_rkl']:.4f}")
+      ckpt.maybe_save(step + 1, state, force=step + 1 == config.num_steps)
+  finally:
+    writer.close()
+    ckpt.close()
+  return history
