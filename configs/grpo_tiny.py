@@ -27,10 +27,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.name = "arithmetic/level1"
   c.data.data_dir = "~/.cache/kljax/tfds"
   c.data.max_prompt_len = 8
+  c.data.prompt_template = "{question}"  # formatted with the example's fields
+  c.data.add_bos = True
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = "tiny"
   c.model.init = ""  # an HF checkpoint directory; empty: SFT warm start below
+  c.model.tokenizer = ""  # a tokenizer.json (or its directory); empty: the built-in CharTokenizer
+  c.model.dtype = "float32"  # compute dtype when loading model.init
+  c.model.param_dtype = "float32"
+  c.model.remat = False  # rematerialize blocks in the backward pass (large models)
 
   c.sft = ml_collections.ConfigDict()
   c.sft.steps = 200

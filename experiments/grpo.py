@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 
 from absl import app, flags, logging
-from flax import nnx
 from ml_collections import config_flags
 
 from kljax import models
@@ -20,10 +19,16 @@ from kljax.train.sft import train_sft
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/grpo_tiny.py", "GRPO config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (metrics, checkpoints).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() first (multi-host / multi-process).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator", None, "host:port of process 0; omit on TPU pods and SLURM (auto-detected).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator.")
 flags.mark_flag_as_required("workdir")
 
 
-def initial_params(config, workdir):
+def initial_model(config, workdir):
   """The reference policy: --config.model.init, else an SFT warm start cached in WORKDIR/sft."""
   path = config.model.init or os.path.join(workdir, "sft")
   if not config.model.init and not os.path.exists(os.path.join(path, "config.json")):
@@ -33,12 +38,23 @@ def initial_params(config, workdir):
                               learning_rate=config.sft.learning_rate, seed=config.seed)
     models.export_hf(model, path)
     print(f"SFT warm start: loss {losses[0]:.3f} -> {losses[-1]:.3f} ({path})")
-  return nnx.split(models.from_hf(path))[1]
+  model = models.from_hf(path, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+  model.config = model.config.replace(remat=config.model.remat)
+  return model
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  if _DISTRIBUTED.value:
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes only
+    explicit = {}
+    if _COORDINATOR.value:
+      explicit = dict(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                      process_id=_PROCESS_ID.value)
+    jax.distributed.initialize(**explicit)
   config = _CONFIG.value
   config.data.data_dir = os.path.expanduser(config.data.data_dir)
   try:
@@ -46,7 +62,7 @@ def main(argv):
   except grpo.ConfigError as err:
     raise app.UsageError(str(err)) from None
   os.makedirs(_WORKDIR.value, exist_ok=True)
-  history = grpo.train(config, _WORKDIR.value, init_params=initial_params(config, _WORKDIR.value))
+  history = grpo.train(config, _WORKDIR.value, init_model=initial_model(config, _WORKDIR.value))
   if history:
     first, last = history[0], history[-1]
     print(f"steps {first['step']}..{last['step']}: reward {first['reward_mean']:.3f} -> "

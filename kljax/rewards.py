@@ -76,7 +76,12 @@ def format_reward(prompts: Sequence[str], completions: Sequence[str], *,
   return [float(rx.search(c.strip()) is not None) for c in completions]
 
 
-BUILTIN = {"numeric_match": numeric_match, "format": format_reward}
+def boxed_format_reward(prompts: Sequence[str], completions: Sequence[str], **_) -> list[float]:
+  """1.0 where the completion puts a final answer in \\boxed{...}, else 0.0."""
+  return [float(_boxed(c) is not None) for c in completions]
+
+
+BUILTIN = {"numeric_match": numeric_match, "format": format_reward, "boxed_format": boxed_format_reward}
 
 
 def load_reward_fn(spec: str | RewardFn) -> RewardFn:

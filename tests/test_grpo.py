@@ -61,11 +61,9 @@ def sft_dir(data_dir, tmp_path_factory):
 
 
 def _init(path):
-  from flax import nnx
-
   from kljax import models
 
-  return nnx.split(models.from_hf(path))[1]
+  return models.from_hf(path)
 
 
 @pytest.mark.parametrize(
@@ -139,10 +137,10 @@ def test_corrupt_checkpoint_gives_a_clear_error(data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_sharded_step_equals_single_device(data_dir, sft_dir, tmp_path):
-  one = grpo.train(tiny_config(data_dir), str(tmp_path / "one"), init_params=_init(sft_dir),
+  one = grpo.train(tiny_config(data_dir), str(tmp_path / "one"), init_model=_init(sft_dir),
                    progress=False)
   eight = grpo.train(tiny_config(data_dir, **{"mesh.devices": 0, "mesh.data": 4, "mesh.fsdp": 2}),
-                     str(tmp_path / "eight"), init_params=_init(sft_dir), progress=False)
+                     str(tmp_path / "eight"), init_model=_init(sft_dir), progress=False)
   assert 0 < one[0]["reward_mean"] < 1  # a non-degenerate batch
   for a, b in zip(one, eight):
     for k in a:
@@ -186,3 +184,21 @@ def test_sigkill_and_restart_resumes_like_an_uninterrupted_run(data_dir, sft_dir
     for k in ra:
       if k not in TIMING:
         assert rb[k] == ra[k], (ra["step"], k)  # bit-identical on CPU with the same seeds
+
+
+def test_real_model_config_validates_and_plot_cli(data_dir, tmp_path):
+  spec = importlib.util.spec_from_file_location(
+      "grpo_qwen", os.path.join(REPO, "configs", "grpo_qwen_math_gsm8k.py"))
+  sys.path.insert(0, REPO)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  grpo.validate(config)  # names, divisibility and the fsdp mesh over all 8 devices
+  assert config.kl.beta == 0.5 and config.data.name == "gsm8k"
+  assert "{question}" in config.data.prompt_template
+
+  from experiments.plot import plot_runs
+
+  rows = [{"step": s, "reward_mean": s / 10, "exact_rkl": 0.01 * s, "loss": 1.0} for s in range(10)]
+  paths = plot_runs({"run": rows}, str(tmp_path), smooth=3)
+  assert all(os.path.getsize(p) > 0 for p in paths) and len(paths) == 4

@@ -99,7 +99,7 @@ def _mesh(config) -> jax.sharding.Mesh:
 @dataclasses.dataclass
 class Setup:
   config: ml_collections.ConfigDict
-  tokenizer: text.CharTokenizer
+  tokenizer: text.Tokenizer
   source: data_lib.Source
   graphdef: Any
   mesh: jax.sharding.Mesh
@@ -118,18 +118,27 @@ class TrainState(NamedTuple):
   step: jax.Array
 
 
-def build(config: ml_collections.ConfigDict, init_params=None) -> tuple[Setup, TrainState]:
-  """Everything a run needs, and its initial state (policy = reference = `init_params` or random)."""
+def make_tokenizer(config) -> text.Tokenizer:
+  """The built-in character tokenizer, or `config.model.tokenizer` (a tokenizer.json or its dir)."""
+  return text.HFTokenizer(config.model.tokenizer) if config.model.tokenizer else text.CharTokenizer()
+
+
+def build(config: ml_collections.ConfigDict, init_model: nnx.Module | None = None
+          ) -> tuple[Setup, TrainState]:
+  """Everything a run needs, and its initial state: policy = reference = `init_model`, or a random
+  `config.model.preset` sized to the tokenizer's vocabulary."""
   validate(config)
-  tokenizer = text.CharTokenizer()
+  tokenizer = make_tokenizer(config)
   source = data_lib.load(config.data.name, "train", data_dir=config.data.data_dir)
   mesh = _mesh(config)
-  model_cfg = models.preset(config.model.preset, vocab_size=tokenizer.vocab_size)
-  model = models.create(model_cfg, seed=config.seed)
-  graphdef, params = nnx.split(model)
-  if init_params is not None:
-    params = init_params
-  params = jax.device_put(params, sharding.state_shardings(params, mesh))
+  if init_model is None:
+    init_model = models.create(models.preset(config.model.preset, vocab_size=tokenizer.vocab_size),
+                               seed=config.seed)
+  if init_model.config.vocab_size < tokenizer.vocab_size:
+    raise ConfigError(f"--config.model: the model's vocabulary ({init_model.config.vocab_size}) is "
+                      f"smaller than the tokenizer's ({tokenizer.vocab_size}).")
+  graphdef, params = nnx.split(init_model)
+  params = tree_to_devices(params, sharding.state_shardings(params, mesh))
 
   updates_per_step = config.loss.epochs * config.loss.minibatches
   total = config.num_steps * updates_per_step
@@ -151,7 +160,8 @@ def build(config: ml_collections.ConfigDict, init_params=None) -> tuple[Setup, T
   weights = [float(w) for w in str(config.reward.weights).split(",")]
   if len(weights) != len(fns):
     raise ConfigError(f"--config.reward.weights: {len(weights)} weights for {len(fns)} functions.")
-  state = TrainState(params, params, optimizer.init(params), beta.init(), jnp.zeros((), jnp.int32))
+  state = TrainState(params, params, replicate(optimizer.init(params), mesh),
+                     replicate(beta.init(), mesh), replicate(jnp.zeros((), jnp.int32), mesh))
   return Setup(config, tokenizer, source, graphdef, mesh, optimizer, beta, term, fns, weights), state
 
 
@@ -209,6 +219,44 @@ def update(setup: Setup, params, opt_state, beta, batch):
   return params, opt_state, aux
 
 
+# ---------------------------------------------------------------- host <-> devices
+# Every process computes the same host-side batch (data order and keys are functions of the step),
+# so placing it is a slice per local device, and results come back to every host by allgather.
+
+
+def to_devices(x, sharding_):
+  """A global array with `sharding_` from a host value that every process holds in full."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding_, lambda index: x[index])
+
+
+def tree_to_devices(tree, shardings):
+  """`to_devices` over a pytree; `shardings` may be a prefix of it (one sharding per Variable)."""
+  return jax.tree.map(lambda s, sub: jax.tree.map(lambda x: to_devices(x, s), sub), shardings, tree)
+
+
+def replicate(tree, mesh):
+  """Every leaf not already spread over the whole mesh, replicated over it (optimizer counters,
+  β, the step): multi-process checkpoints need global arrays."""
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def one(x):
+    if isinstance(x, jax.Array) and len(x.sharding.device_set) == mesh.size:
+      return x
+    return to_devices(to_host(x), rep)
+
+  return jax.tree.map(one, tree)
+
+
+def to_host(x) -> np.ndarray:
+  """The full value of a (possibly multi-process) array on this host."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
 # ---------------------------------------------------------------- one step
 
 
@@ -217,8 +265,9 @@ def _prompts(setup: Setup, step: int):
   per_step = c.batch_size // c.rollout.group_size
   idx = data_lib.batch_indices(len(setup.source), per_step, step, seed=c.seed)
   examples = [setup.source[i] for i in idx]
-  tokens, mask = text.encode_batch(setup.tokenizer, [e["question"] for e in examples],
-                                   add_bos=True, length=c.data.max_prompt_len)
+  prompts = [c.data.prompt_template.format(**e) for e in examples]
+  tokens, mask = text.encode_batch(setup.tokenizer, prompts, add_bos=c.data.add_bos,
+                                   length=c.data.max_prompt_len)
   g = c.rollout.group_size
   return examples, np.repeat(tokens, g, axis=0), np.repeat(mask, g, axis=0)
 
@@ -230,13 +279,13 @@ def train_step(setup: Setup, state: TrainState, fns: dict) -> tuple[TrainState, 
   t0 = time.perf_counter()
   examples, prompt, prompt_mask = _prompts(setup, step)
   key = jax.random.fold_in(jax.random.PRNGKey(c.seed), step)
-  placed = jax.device_put((prompt, prompt_mask), sharding.batch_sharding(setup.mesh))
+  placed = [to_devices(x, sharding.batch_sharding(setup.mesh)) for x in (prompt, prompt_mask)]
   policy = nnx.merge(setup.graphdef, state.params)
   out = sample(policy, *placed, jax.random.fold_in(key, 0), max_new_tokens=c.rollout.max_new_tokens,
                eos_id=setup.tokenizer.eos_id, pad_id=setup.tokenizer.pad_id,
                temperature=c.rollout.temperature, top_k=c.rollout.top_k, top_p=c.rollout.top_p)
-  tokens = np.asarray(out.tokens_bt)
-  completion_mask = np.asarray(out.completion_mask_bn)
+  tokens = to_host(out.tokens_bt)
+  completion_mask = to_host(out.completion_mask_bn)
   t_rollout = time.perf_counter()
 
   g = c.rollout.group_size
@@ -250,17 +299,20 @@ def train_step(setup: Setup, state: TrainState, fns: dict) -> tuple[TrainState, 
   group = adv_lib.group_advantages(c.advantage.estimator)(r)
   attn_mask = np.concatenate([prompt_mask, completion_mask], axis=1)
   with_ref = setup.term is not None or c.metrics.exact_kl
-  stats = fns["stats"](state.params, state.ref_params, tokens, attn_mask, with_ref=with_ref)
+  batch_sh = sharding.batch_sharding(setup.mesh)
+  stats = fns["stats"](state.params, state.ref_params, to_devices(tokens, batch_sh),
+                       to_devices(attn_mask, batch_sh), with_ref=with_ref)
+  stats = {k: to_host(v) for k, v in stats.items()}
   t_logprobs = time.perf_counter()
 
-  mask = jnp.asarray(completion_mask)
+  mask = completion_mask
   beta = state.beta.beta
   seq_adv = jnp.repeat(group.advantages_pg.reshape(-1, 1), mask.shape[1], axis=1)
   old_logp = stats["logp"]
   if setup.term is not None and setup.term.placement == "reward":
     # In-reward KL: a per-token penalty fixed at rollout time enters the advantage.
     coef = setup.term.coefficient(old_logp, stats["ref_logp"], mask=mask)
-    seq_adv = seq_adv - beta * coef
+    seq_adv = seq_adv - to_host(beta) * to_host(coef)
   batch = {"tokens": tokens, "attn_mask": attn_mask, "mask": mask, "old_logp": old_logp, "advantages": seq_adv,
            "ref_logp": stats.get("ref_logp", old_logp)}
   params, opt_state = state.params, state.opt_state
@@ -271,7 +323,7 @@ def train_step(setup: Setup, state: TrainState, fns: dict) -> tuple[TrainState, 
     order = np.random.default_rng([c.seed, step, epoch]).permutation(n)
     for i in range(c.loss.minibatches):
       idx = np.sort(order[i * mb:(i + 1) * mb])
-      sub = {k: jax.device_put(np.asarray(v)[idx], sharding.batch_sharding(setup.mesh, np.ndim(v)))
+      sub = {k: to_devices(to_host(v)[idx], sharding.batch_sharding(setup.mesh, np.ndim(v)))
              for k, v in batch.items()}
       params, opt_state, aux = fns["update"](params, opt_state, beta, sub)
       auxes.append(aux)
@@ -279,9 +331,9 @@ def train_step(setup: Setup, state: TrainState, fns: dict) -> tuple[TrainState, 
 
   m = np.asarray(completion_mask, np.float32)
   ntok = max(m.sum(), 1.0)
-  tmean = lambda x: float((np.asarray(x) * m).sum() / ntok)
+  tmean = lambda x: float((to_host(x) * m).sum() / ntok)
   lengths = m.sum(1)
-  lp, ref_lp = np.asarray(stats["logp"]), np.asarray(stats.get("ref_logp", stats["logp"]))
+  lp, ref_lp = stats["logp"], stats.get("ref_logp", stats["logp"])
   metrics = {
       "reward_mean": float(scores.total.mean()), "reward_std": float(scores.total.std()),
       # accuracy: completions the first reward function scores above 0
@@ -294,7 +346,7 @@ def train_step(setup: Setup, state: TrainState, fns: dict) -> tuple[TrainState, 
       "k1": tmean(est.k1(lp, ref_lp)), "k2": tmean(est.k2(lp, ref_lp)),
       "k3": tmean(est.k3(lp, ref_lp)),
       "clamped_tokens": float(est.count_clamped(lp, ref_lp, mask=completion_mask)),
-      "sampler_logprob_gap": tmean(np.abs(np.asarray(out.logprobs_bn) - lp)),
+      "sampler_logprob_gap": tmean(np.abs(to_host(out.logprobs_bn) - lp)),
       "beta": float(beta), "reward_failures": float(scores.failures),
       "param_norm": float(_norm(params)),
       "time_rollout": t_rollout - t0, "time_logprobs": t_logprobs - t_rollout,
@@ -303,7 +355,8 @@ def train_step(setup: Setup, state: TrainState, fns: dict) -> tuple[TrainState, 
   }
   for k in auxes[0]:
     metrics[k] = float(np.mean([float(a[k]) for a in auxes]))
-  beta_state = setup.beta.update(state.beta, jnp.float32(metrics["k1"]), n_steps=n)
+  beta_state = replicate(setup.beta.update(state.beta, jnp.float32(metrics["k1"]), n_steps=n),
+                         setup.mesh)
   ref_params = state.ref_params
   if c.kl.reset_ref_every and (step + 1) % c.kl.reset_ref_every == 0:
     ref_params = params
@@ -327,24 +380,24 @@ class NonFiniteError(FloatingPointError):
   """A loss, gradient or metric became NaN or infinite; the last good checkpoint is kept."""
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, init_params=None,
+def train(config: ml_collections.ConfigDict, workdir: str, *, init_model=None,
           progress: bool = True) -> list[dict]:
   """Runs (or resumes) a GRPO run in `workdir`; returns the metrics of the steps it ran."""
   from tqdm.auto import tqdm
 
-  setup, state = build(config, init_params)
+  setup, state = build(config, init_model)
   ckpt = Checkpointer(workdir, every=config.checkpoint_every)
   restored = ckpt.restore(state)
   start = 0
   if restored is not None:
     start, state = restored
-    state = state._replace(params=jax.device_put(state.params, sharding.state_shardings(
-        state.params, setup.mesh)))
-  writer = MetricsWriter(workdir, resume_step=start - 1, tensorboard=config.metrics.tensorboard)
+  leader = jax.process_index() == 0
+  writer = MetricsWriter(workdir, resume_step=start - 1,
+                         tensorboard=config.metrics.tensorboard) if leader else None
   fns = compile_fns(setup)
   history = []
   bar = tqdm(range(start, config.num_steps), initial=start, total=config.num_steps, desc="grpo",
-             unit="step", disable=not progress)
+             unit="step", disable=not (progress and leader))
   try:
     for step in bar:
       state, metrics = train_step(setup, state, fns)
@@ -355,11 +408,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, init_params=None,
             f"step {step}: non-finite {', '.join(bad)}; stopping. The last good checkpoint "
             f"(step {ckpt.latest_step()}) in {ckpt.directory} is intact; lower the learning "
             f"rate or β, or raise loss.dual_clip / grad_clip.")
-      writer.write(step, metrics)
+      if writer is not None:
+        writer.write(step, metrics)
       history.append({"step": step, **metrics})
       bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['exact_rkl']:.4f}")
       ckpt.maybe_save(step + 1, state, force=step + 1 == config.num_steps)
   finally:
-    writer.close()
+    if writer is not None:
+      writer.close()
     ckpt.close()
   return history
