@@ -28,12 +28,18 @@ class SampleOutput(NamedTuple):
   completion_mask_bn: jax.Array  # bool [B, N]: generated tokens, up to and including the first EOS
 
 
-def filter_logits(logits_bv: jax.Array, *, temperature: float, top_k: int, top_p) -> jax.Array:
-  """Temperature, then top-k, then top-p (nucleus) filtering; filtered entries become −inf."""
+def filter_logits(logits_bv: jax.Array, *, temperature: float, top_k: int, top_p,
+                  nucleus: bool = True) -> jax.Array:
+  """Temperature, then top-k, then top-p (nucleus) filtering; filtered entries become −inf.
+
+  `nucleus=False` (static) skips the top-p sort when top_p is 1.
+  """
   logits = logits_bv.astype(jnp.float32) / temperature
   if top_k > 0:
     kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if not nucleus:
+    return logits
   sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
   probs = jax.nn.softmax(sorted_logits, axis=-1)
   before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each sorted entry
@@ -42,20 +48,22 @@ def filter_logits(logits_bv: jax.Array, *, temperature: float, top_k: int, top_p
   return jnp.where(logits < threshold, -jnp.inf, logits)
 
 
-def _choose(logits_bv, key, *, greedy, temperature, top_k, top_p):
+def _choose(logits_bv, key, *, greedy, temperature, top_k, top_p, nucleus):
   if greedy:
     token = jnp.argmax(logits_bv, axis=-1)
     return token.astype(jnp.int32), jax.nn.log_softmax(logits_bv.astype(jnp.float32))[
         jnp.arange(token.shape[0]), token]
-  logits = filter_logits(logits_bv, temperature=temperature, top_k=top_k, top_p=top_p)
+  logits = filter_logits(logits_bv, temperature=temperature, top_k=top_k, top_p=top_p,
+                         nucleus=nucleus)
   token = jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
   logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
   return token, logp
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "greedy"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "greedy",
+                                             "nucleus"))
 def _sample(graphdef, state, prompt_bp, mask_bp, key, temperature, top_p, eos_id, pad_id, *,
-            max_new_tokens, top_k, greedy):
+            max_new_tokens, top_k, greedy, nucleus):
   model = nnx.merge(graphdef, state)
   b, p = prompt_bp.shape
   cache = model.init_cache(b, p + max_new_tokens)
@@ -63,7 +71,7 @@ def _sample(graphdef, state, prompt_bp, mask_bp, key, temperature, top_p, eos_id
   logits, cache = model.logits_and_cache(prompt_bp, positions_bt=positions,
                                          attention_mask_bt=mask_bp, cache=cache)
   choose = functools.partial(_choose, greedy=greedy, temperature=temperature, top_k=top_k,
-                             top_p=top_p)
+                             top_p=top_p, nucleus=nucleus)
 
   def cond(carry):
     i, _, _, _, _, _, _, done, _ = carry
@@ -144,4 +152,4 @@ def sample(
   return _sample(graphdef, state, prompt.astype(jnp.int32), mask, key,
                  jnp.float32(1.0 if greedy else temperature), jnp.float32(top_p),
                  jnp.int32(eos_id), jnp.int32(pad_id), max_new_tokens=int(max_new_tokens),
-                 top_k=int(top_k), greedy=greedy)
+                 top_k=int(top_k), greedy=greedy, nucleus=float(top_p) < 1.0)

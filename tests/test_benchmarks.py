@@ -17,9 +17,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         ("logprobs.py", [], "targets: memory ratio"),
         ("sampler.py", [], "speed-up"),
         ("train_step.py", [], "fraction"),
+        ("grpo_step.py", ["--data_dir", "{tmp}"], "seconds per iteration"),
     ],
 )
-def test_benchmark_quick(script, args, expect):
+def test_benchmark_quick(script, args, expect, tmp_path):
+  args = [a.replace("{tmp}", str(tmp_path)) for a in args]
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one plain CPU device
   out = subprocess.run([sys.executable, os.path.join("benchmarks", script), "--quick", *args],
                        cwd=REPO, capture_output=True, text=True, timeout=600, env=env)

@@ -159,10 +159,15 @@ class Decoder(nnx.Module):
       q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
     q, k = apply_rope(q, positions_bt, inv_freq), apply_rope(k, positions_bt, inv_freq)
     if cache_kv is not None:
-      ck, cv = cache_kv
-      ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
-      cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
-      k, v, cache_kv = ck.astype(dt), cv.astype(dt), (ck, cv)
+      # The whole [L, B, S, K, Hd] cache rides in the layer loop's carry and this layer's slot is
+      # written in place: no per-step copy of the cache.
+      k_all, v_all, layer = cache_kv
+      at = (layer, 0, cache_index, 0, 0)
+      k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
+      v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
+      k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dt)
+      v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
+      cache_kv = (k_all, v_all, layer)
     attn = attention(q, k, v, allowed_bts, dt)
     b, t = attn.shape[:2]
     x = x + dense(attn.reshape(b, t, -1), p["wo"].astype(dt).reshape(-1, c.d_model))
@@ -211,18 +216,27 @@ class Decoder(nnx.Module):
     x = jnp.take(self.embed[...], tokens, axis=0).astype(c.jnp_dtype)
     params = self._layer_params()
 
-    def body(x, layer):
-      p, kv = layer
-      return self._block(x, p, positions_bt, allowed, inv_freq, kv, index)
-
-    if c.remat:
-      body = jax.checkpoint(body, prevent_cse=False)
-    kv_in = None if cache is None else (cache.k, cache.v)
-    x, kv_out = jax.lax.scan(body, x, (params, kv_in), unroll=1 if c.scan_layers else True)
-    x = rms_norm(x, self.final_norm[...], c.rms_eps)
+    unroll = 1 if c.scan_layers else True
     if cache is None:
-      return x, None
-    return x, KVCache(kv_out[0], kv_out[1], valid, index + t)
+      def body(x, p):
+        return self._block(x, p, positions_bt, allowed, inv_freq, None, None)[0], None
+
+      if c.remat:
+        body = jax.checkpoint(body, prevent_cse=False)
+      x, _ = jax.lax.scan(body, x, params, unroll=unroll)
+      return rms_norm(x, self.final_norm[...], c.rms_eps), None
+
+    def cached_body(carry, layer):
+      x, k_all, v_all = carry
+      p, i = layer
+      x, (k_all, v_all, _) = self._block(x, p, positions_bt, allowed, inv_freq, (k_all, v_all, i),
+                                         index)
+      return (x, k_all, v_all), None
+
+    (x, k_all, v_all), _ = jax.lax.scan(cached_body, (x, cache.k, cache.v),
+                                        (params, jnp.arange(c.num_layers)), unroll=unroll)
+    x = rms_norm(x, self.final_norm[...], c.rms_eps)
+    return x, KVCache(k_all, v_all, valid, index + t)
 
   def __call__(
       self,

@@ -193,23 +193,51 @@ def _norm(tree) -> jax.Array:
   return optax.tree.norm(tree)
 
 
-def update(setup: Setup, params, opt_state, beta, batch):
-  """One optimizer step on a minibatch: PPO-clip on the advantages + β · (loss-placed KL term)."""
+def update(setup: Setup, params, opt_state, beta, batch, ref_params=None, *, with_ref=False):
+  """One optimizer step on a minibatch: PPO-clip on the advantages + β · (loss-placed KL term).
+
+  Off-policy batches carry `old_logp` and `ref_logp` from the statistics pass. An on-policy batch
+  (one epoch, one minibatch) carries neither: the step computes the reference pass itself and
+  takes old_logp = sg(logp) from its own forward pass (ρ ≡ 1, the same gradient) — one policy
+  forward per iteration instead of two — and returns the per-token statistics for the metrics.
+  """
   c, term = setup.config, setup.term
+  fused = "old_logp" not in batch
+  tokens, attn, mask = batch["tokens"], batch["attn_mask"], batch["mask"]
+  sl = slice(c.data.max_prompt_len - 1, tokens.shape[1] - 1)
+  targets = tokens[:, c.data.max_prompt_len:]
+  rh = rw = None
+  ref_logp = batch.get("ref_logp")
+  if fused and with_ref:
+    ref = nnx.merge(setup.graphdef, ref_params)
+    rh = jax.lax.stop_gradient(ref.hidden_states(tokens, attention_mask_bt=attn)[0][:, sl])
+    rw = jax.lax.stop_gradient(ref.unembedding())
+    ref_logp = logprobs.token_stats(rh, rw, targets, chunk_size=c.loss.chunk_size).logp
 
   def loss_fn(p):
-    stats = completion_stats(setup.graphdef, p, None, batch["tokens"], batch["attn_mask"],
-                             c.data.max_prompt_len, chunk_size=c.loss.chunk_size, with_ref=False)
-    logp, mask = stats["logp"], batch["mask"]
-    pg = losses.ppo_clip_loss(logp, batch["old_logp"], batch["advantages"], mask,
+    policy = nnx.merge(setup.graphdef, p)
+    h = policy.hidden_states(tokens, attention_mask_bt=attn)[0][:, sl]
+    s = logprobs.token_stats(h, policy.unembedding(), targets, ref_hidden_btd=rh,
+                             ref_unembed_dv=rw, chunk_size=c.loss.chunk_size)
+    logp = s.logp
+    old = jax.lax.stop_gradient(logp) if fused else batch["old_logp"]
+    advantages = batch["advantages"]
+    if fused and term is not None and term.placement == "reward":
+      advantages = advantages - beta * term.coefficient(old, ref_logp, mask=mask)
+    pg = losses.ppo_clip_loss(logp, old, advantages, mask,
                               clip_eps_low=c.loss.clip_eps_low, clip_eps_high=c.loss.clip_eps_high,
                               dual_clip=c.loss.dual_clip or None)
     agg = functools.partial(losses.aggregate, mask_bt=mask, mode=c.loss.aggregation)
     loss = agg(pg.loss_bt)
     if term is not None and term.placement == "loss":
-      loss = loss + beta * agg(term.surrogate(logp, batch["ref_logp"], batch["old_logp"], mask=mask))
+      loss = loss + beta * agg(term.surrogate(logp, ref_logp, old, mask=mask))
     n = jnp.maximum(jnp.sum(mask), 1)
     aux = {"clip_fraction": jnp.sum(pg.clipped_bt) / n, "ppo_kl": jnp.sum(pg.ppo_kl_bt) / n}
+    if fused:
+      tok = {"logp": logp, "entropy": s.entropy}
+      if with_ref:
+        tok |= {"ref_logp": ref_logp, "rkl": s.reverse_kl, "fkl": s.forward_kl}
+      aux["tokens"] = jax.lax.stop_gradient(tok)
     return loss, aux
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -286,7 +314,7 @@ def train_step(setup: Setup, state: TrainState, fns: dict) -> tuple[TrainState, 
                temperature=c.rollout.temperature, top_k=c.rollout.top_k, top_p=c.rollout.top_p)
   tokens = to_host(out.tokens_bt)
   completion_mask = to_host(out.completion_mask_bn)
-  t_rollout = time.perf_counter()
+  t_rollout = time.perf_counter()  # to_host above waited for the sampler
 
   g = c.rollout.group_size
   completions = [setup.tokenizer.decode(row[m]) for row, m in
@@ -299,22 +327,23 @@ def train_step(setup: Setup, state: TrainState, fns: dict) -> tuple[TrainState, 
   group = adv_lib.group_advantages(c.advantage.estimator)(r)
   attn_mask = np.concatenate([prompt_mask, completion_mask], axis=1)
   with_ref = setup.term is not None or c.metrics.exact_kl
+  fused = c.loss.epochs == 1 and c.loss.minibatches == 1
   batch_sh = sharding.batch_sharding(setup.mesh)
-  stats = fns["stats"](state.params, state.ref_params, to_devices(tokens, batch_sh),
-                       to_devices(attn_mask, batch_sh), with_ref=with_ref)
-  stats = {k: to_host(v) for k, v in stats.items()}
-  t_logprobs = time.perf_counter()
-
   mask = completion_mask
   beta = state.beta.beta
-  seq_adv = jnp.repeat(group.advantages_pg.reshape(-1, 1), mask.shape[1], axis=1)
-  old_logp = stats["logp"]
-  if setup.term is not None and setup.term.placement == "reward":
-    # In-reward KL: a per-token penalty fixed at rollout time enters the advantage.
-    coef = setup.term.coefficient(old_logp, stats["ref_logp"], mask=mask)
-    seq_adv = seq_adv - to_host(beta) * to_host(coef)
-  batch = {"tokens": tokens, "attn_mask": attn_mask, "mask": mask, "old_logp": old_logp, "advantages": seq_adv,
-           "ref_logp": stats.get("ref_logp", old_logp)}
+  seq_adv = np.repeat(np.asarray(group.advantages_pg).reshape(-1, 1), mask.shape[1], axis=1)
+  batch = {"tokens": tokens, "attn_mask": attn_mask, "mask": mask, "advantages": seq_adv}
+  if not fused:  # the statistics of the rollout policy, shared by every update of this step
+    stats = fns["stats"](state.params, state.ref_params, to_devices(tokens, batch_sh),
+                         to_devices(attn_mask, batch_sh), with_ref=with_ref)
+    stats = {k: to_host(v) for k, v in stats.items()}
+    if setup.term is not None and setup.term.placement == "reward":
+      # In-reward KL: a per-token penalty fixed at rollout time enters the advantage.
+      coef = setup.term.coefficient(stats["logp"], stats["ref_logp"], mask=mask)
+      batch["advantages"] = seq_adv - to_host(beta) * to_host(coef)
+    batch |= {"old_logp": stats["logp"], "ref_logp": stats.get("ref_logp", stats["logp"])}
+  t_logprobs = time.perf_counter()
+
   params, opt_state = state.params, state.opt_state
   n = c.batch_size
   mb = n // c.loss.minibatches
@@ -325,9 +354,13 @@ def train_step(setup: Setup, state: TrainState, fns: dict) -> tuple[TrainState, 
       idx = np.sort(order[i * mb:(i + 1) * mb])
       sub = {k: to_devices(to_host(v)[idx], sharding.batch_sharding(setup.mesh, np.ndim(v)))
              for k, v in batch.items()}
-      params, opt_state, aux = fns["update"](params, opt_state, beta, sub)
+      params, opt_state, aux = fns["update"](params, opt_state, beta, sub, state.ref_params,
+                                             with_ref=with_ref)
       auxes.append(aux)
+  jax.block_until_ready((params, auxes))  # dispatch is asynchronous: wait before reading the clock
   t_update = time.perf_counter()
+  if fused:
+    stats = {k: to_host(v) for k, v in auxes[0].pop("tokens").items()}
 
   m = np.asarray(completion_mask, np.float32)
   ntok = max(m.sum(), 1.0)
@@ -349,6 +382,8 @@ def train_step(setup: Setup, state: TrainState, fns: dict) -> tuple[TrainState, 
       "sampler_logprob_gap": tmean(np.abs(to_host(out.logprobs_bn) - lp)),
       "beta": float(beta), "reward_failures": float(scores.failures),
       "param_norm": float(_norm(params)),
+      # time_logprobs: rewards, advantages and (off-policy) the statistics pass; on-policy the
+      # log-prob passes run inside the update
       "time_rollout": t_rollout - t0, "time_logprobs": t_logprobs - t_rollout,
       "time_update": t_update - t_logprobs,
       "tokens_per_second": float(m.sum()) / max(t_update - t0, 1e-9),
@@ -370,7 +405,8 @@ def compile_fns(setup: Setup) -> dict:
                                     prompt_len=c.data.max_prompt_len, chunk_size=c.loss.chunk_size),
                   static_argnames=("with_ref",))
   # No buffer donation: the policy and the reference share arrays until the first update.
-  return {"stats": stats, "update": jax.jit(functools.partial(update, setup))}
+  return {"stats": stats,
+          "update": jax.jit(functools.partial(update, setup), static_argnames=("with_ref",))}
 
 
 # ---------------------------------------------------------------- the loop
