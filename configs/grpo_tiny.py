@@ -70,7 +70,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.kl = ml_collections.ConfigDict()
   c.kl.term = "k2_as_loss"  # any kljax.kl_term_names(), or "none"
   c.kl.beta = 0.05
-  c.kl.controller = "constant"  # or "adaptive" (Ziegler et al.)
+  c.kl.controller = "constant"  # "linear_warmup" (0 -> beta over kl.warmup_steps), or "adaptive"
+  c.kl.warmup_steps = 0
   c.kl.target_kl = 0.05
   c.kl.horizon = 10_000.0
   c.kl.reset_ref_every = 0  # > 0: the reference becomes the current policy every N steps

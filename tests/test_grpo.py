@@ -92,6 +92,7 @@ def test_bad_configs_fail_before_compilation(data_dir, changes, match):
     {"kl.term": "k2_as_loss+detached_ratio", "loss.epochs": 2, "loss.minibatches": 2,
      "loss.aggregation": "seq-mean-token-sum-norm", "advantage.estimator": "rloo"},
     {"kl.term": "none", "kl.controller": "adaptive", "kl.reset_ref_every": 1},
+    {"kl.controller": "linear_warmup", "kl.warmup_steps": 2, "kl.beta": 0.1},
 ])
 def test_short_runs_write_every_metric(data_dir, tmp_path, changes):
   history = grpo.train(tiny_config(data_dir, **changes), str(tmp_path), progress=False)
@@ -103,6 +104,8 @@ def test_short_runs_write_every_metric(data_dir, tmp_path, changes):
     assert 0.0 <= r["accuracy"] <= 1.0 and r["exact_rkl"] >= -1e-6 and r["entropy"] >= 0
   assert rows[0]["exact_rkl"] == pytest.approx(0.0, abs=1e-6)  # step 0: policy == reference
   assert Checkpointer(str(tmp_path), every=1).latest_step() == 2
+  if changes.get("kl.controller") == "linear_warmup":  # β follows the optax schedule per step
+    assert [r["beta"] for r in rows] == pytest.approx([0.0, 0.05])
 
 
 @pytest.mark.slow

@@ -49,8 +49,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       bad("kl.term", f"{err} Or 'none' for no KL term.")
   if not config.kl.beta >= 0 or not math.isfinite(config.kl.beta):
     bad("kl.beta", f"must be a finite number >= 0, got {config.kl.beta}.")
-  if config.kl.controller not in ("constant", "adaptive"):
-    bad("kl.controller", f"must be 'constant' or 'adaptive', got {config.kl.controller!r}.")
+  if config.kl.controller not in ("constant", "linear_warmup", "adaptive"):
+    bad("kl.controller", f"must be 'constant', 'linear_warmup' or 'adaptive', got "
+        f"{config.kl.controller!r}.")
   if config.advantage.estimator not in adv_lib.ADVANTAGES:
     bad("advantage.estimator", f"must be one of {', '.join(adv_lib.ADVANTAGES)}, got "
         f"{config.advantage.estimator!r}.")
@@ -152,6 +153,9 @@ def build(config: ml_collections.ConfigDict, init_model: nnx.Module | None = Non
   if config.kl.controller == "adaptive":
     beta = beta_lib.adaptive_beta(max(config.kl.beta, 1e-8), target_kl=config.kl.target_kl,
                                   horizon=config.kl.horizon)
+  elif config.kl.controller == "linear_warmup":  # an optax schedule over optimizer steps
+    beta = beta_lib.scheduled_beta(optax.linear_schedule(0.0, config.kl.beta,
+                                                         max(config.kl.warmup_steps, 1)))
   else:
     beta = beta_lib.constant_beta(config.kl.beta)
   term = None if config.kl.term == "none" else kl_term(
@@ -390,8 +394,10 @@ def train_step(setup: Setup, state: TrainState, fns: dict) -> tuple[TrainState, 
   }
   for k in auxes[0]:
     metrics[k] = float(np.mean([float(a[k]) for a in auxes]))
-  beta_state = replicate(setup.beta.update(state.beta, jnp.float32(metrics["k1"]), n_steps=n),
-                         setup.mesh)
+  # adaptive: n_steps counts samples (Ziegler et al.); a schedule counts GRPO steps
+  per_update = n if c.kl.controller == "adaptive" else 1
+  beta_state = replicate(setup.beta.update(state.beta, jnp.float32(metrics["k1"]),
+                                           n_steps=per_update), setup.mesh)
   ref_params = state.ref_params
   if c.kl.reset_ref_every and (step + 1) % c.kl.reset_ref_every == 0:
     ref_params = params
