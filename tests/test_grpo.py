@@ -1,7 +1,6 @@
 """The GRPO trainer end to end on CPU: config errors, metrics, variants, faults, sharding, resume."""
 
 import importlib.util
-import json
 import os
 import signal
 import subprocess
