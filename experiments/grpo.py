@@ -13,9 +13,8 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from kljax import models
 from kljax.train import grpo
-from kljax.train.sft import train_sft
+from kljax.train.sft import initial_model
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/grpo_tiny.py", "GRPO config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (metrics, checkpoints).")
@@ -26,21 +25,6 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator.")
 flags.mark_flag_as_required("workdir")
-
-
-def initial_model(config, workdir):
-  """The reference policy: --config.model.init, else an SFT warm start cached in WORKDIR/sft."""
-  path = config.model.init or os.path.join(workdir, "sft")
-  if not config.model.init and not os.path.exists(os.path.join(path, "config.json")):
-    model, losses = train_sft(preset=config.model.preset, dataset=config.data.name,
-                              data_dir=config.data.data_dir, steps=config.sft.steps,
-                              batch_size=config.sft.batch_size,
-                              learning_rate=config.sft.learning_rate, seed=config.seed)
-    models.export_hf(model, path)
-    print(f"SFT warm start: loss {losses[0]:.3f} -> {losses[-1]:.3f} ({path})")
-  model = models.from_hf(path, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
-  model.config = model.config.replace(remat=config.model.remat)
-  return model
 
 
 def main(argv):
@@ -62,7 +46,8 @@ def main(argv):
   except grpo.ConfigError as err:
     raise app.UsageError(str(err)) from None
   os.makedirs(_WORKDIR.value, exist_ok=True)
-  history = grpo.train(config, _WORKDIR.value, init_model=initial_model(config, _WORKDIR.value))
+  init_model = initial_model(config, os.path.join(_WORKDIR.value, "sft"))
+  history = grpo.train(config, _WORKDIR.value, init_model=init_model)
   if history:
     first, last = history[0], history[-1]
     print(f"steps {first['step']}..{last['step']}: reward {first['reward_mean']:.3f} -> "

@@ -204,15 +204,21 @@ def fkl_grad(policy: Policy, ref: Policy) -> Policy:
   return jax.grad(lambda p: forward_kl(p, ref))(tuple(_checks.as_float32(t, "policy") for t in policy))
 
 
-def frozen_prefix_rkl_grad(policy: Policy, ref: Policy) -> Policy:
-  """∇_θ Σ_t Σ_{y<t} sg(P_θ(y_<t)) KL_t(y_<t): each position's KL with its prefix law frozen.
+def frozen_prefix_rkl_grad(policy: Policy, ref: Policy, *, prefixes: Policy | None = None) -> Policy:
+  """∇_θ Σ_t Σ_{y<t} sg(P(y_<t)) KL_t(y_<t): each position's KL with its prefix law frozen.
 
   This is what per-token "k2 as loss" (and per-token "k1 in reward" without reward-to-go) follows
   on-policy; it misses the part of ∇ sequence-KL that flows through the prefix distribution.
+  `prefixes`: the policy whose prefix law weighs the positions (default P = P_θ). Off-policy with
+  per-token importance ratios, the corrected terms follow this with `prefixes=π_old`: a token's
+  ratio fixes the law of that token, not of the prefix that led to it.
   """
+  if prefixes is not None:
+    _same_shape(prefixes, "prefixes", *shape_of(policy))
 
   def objective(theta):
-    weights = [jax.lax.stop_gradient(w) for w in _prefix_probs(theta)]
+    weights = [jax.lax.stop_gradient(w) for w in _prefix_probs(theta if prefixes is None
+                                                                 else prefixes)]
     return sum(jnp.sum(w * kl) for w, kl in zip(weights, per_prefix_kl(theta, ref)))
 
   return jax.grad(objective)(tuple(_checks.as_float32(t, "policy") for t in policy))

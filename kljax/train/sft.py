@@ -62,3 +62,21 @@ def train_sft(*, preset: str, dataset: str, data_dir: str, steps: int, batch_siz
     params, opt_state, loss = step_fn(params, opt_state, *batch)
     losses.append(float(loss))
   return nnx.merge(graphdef, params), losses
+
+
+def initial_model(config, directory: str):
+  """The reference policy of a GRPO config: `config.model.init` if set, else a supervised warm start
+  on `config.data.name` trained once and cached as an HF checkpoint in `directory`."""
+  import os
+
+  path = config.model.init or directory
+  if not config.model.init and not os.path.exists(os.path.join(path, "config.json")):
+    model, losses = train_sft(preset=config.model.preset, dataset=config.data.name,
+                              data_dir=config.data.data_dir, steps=config.sft.steps,
+                              batch_size=config.sft.batch_size,
+                              learning_rate=config.sft.learning_rate, seed=config.seed)
+    models.export_hf(model, path)
+    print(f"SFT warm start: loss {losses[0]:.3f} -> {losses[-1]:.3f} ({path})")
+  model = models.from_hf(path, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+  model.config = model.config.replace(remat=config.model.remat)
+  return model
