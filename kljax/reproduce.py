@@ -100,32 +100,34 @@ def grpo_config(settings: Settings, term: str, seed: int, *, off_policy: bool):
 # ---------------------------------------------------------------- running
 
 
-def _run_grpo(settings: Settings, workdir: str, progress: bool) -> dict[str, dict[str, list]]:
-  """Every (variant, seed) run, resumed or skipped when already done; returns the histories as
-  {block: {variant: [history per seed]}} with block "on_policy" or "off_policy"."""
+def run_variants(settings: Settings, workdir: str, variants, *, off_policy: bool = False,
+                 progress: bool = True) -> dict[str, list[list[dict]]]:
+  """GRPO for every (variant, seed) from one shared SFT warm start; returns {variant: [history per
+  seed]}. A run lives in WORKDIR/grpo/<on_policy|off_policy>/<variant>/seed<k>: an interrupted one
+  resumes from its last checkpoint, a finished one is read back, not rerun."""
   from tqdm.auto import tqdm
 
   from kljax.train import grpo
   from kljax.train.metrics import read_jsonl
   from kljax.train.sft import initial_model
 
-  jobs = [("on_policy", v, s) for v in ON_POLICY for s in range(settings.seeds)]
-  jobs += [("off_policy", v, s) for v in OFF_POLICY for s in range(settings.seeds)]
-  for block, variant, seed in jobs:  # every config validates before any work
-    grpo.validate(grpo_config(settings, variant, seed, off_policy=block == "off_policy"))
-  base = grpo_config(settings, "none", 0, off_policy=False)
-  init_model = initial_model(base, os.path.join(workdir, "sft"))
-  out: dict[str, dict[str, list]] = {"on_policy": {}, "off_policy": {}}
-  bar = tqdm(jobs, desc="grpo runs", unit="run", disable=not progress)
-  for block, variant, seed in bar:
-    bar.set_postfix_str(f"{block} {variant} seed {seed}")
+  jobs = [(v, s) for v in variants for s in range(settings.seeds)]
+  for variant, seed in jobs:  # every config validates before any work
+    grpo.validate(grpo_config(settings, variant, seed, off_policy=off_policy))
+  init_model = initial_model(grpo_config(settings, "none", 0, off_policy=False),
+                             os.path.join(workdir, "sft"))
+  block = "off_policy" if off_policy else "on_policy"
+  out: dict[str, list[list[dict]]] = {}
+  bar = tqdm(jobs, desc=f"grpo {block.replace('_', '-')} runs", unit="run",
+             disable=not progress)
+  for variant, seed in bar:
+    bar.set_postfix_str(f"{variant} seed {seed}")
     run_dir = os.path.join(workdir, "grpo", block, variant, f"seed{seed}")
     path = os.path.join(run_dir, "metrics.jsonl")
-    done = os.path.exists(path) and len(read_jsonl(path)) >= settings.steps
-    if not done:
-      config = grpo_config(settings, variant, seed, off_policy=block == "off_policy")
-      grpo.train(config, run_dir, init_model=init_model, progress=False)
-    out[block].setdefault(variant, []).append(read_jsonl(path)[:settings.steps])
+    if not (os.path.exists(path) and len(read_jsonl(path)) >= settings.steps):
+      grpo.train(grpo_config(settings, variant, seed, off_policy=off_policy), run_dir,
+                 init_model=init_model, progress=False)
+    out.setdefault(variant, []).append(read_jsonl(path)[:settings.steps])
   return out
 
 
@@ -366,7 +368,8 @@ def plot_trajectory(gaps: list[dict], path: str) -> None:
   plt.close(fig)
 
 
-def _grpo_table(summary: dict) -> str:
+def grpo_table(summary: dict) -> str:
+  """A markdown table of `summarize` output: final metrics, mean ± std over seeds."""
   lines = ["| variant | reward | exact KL(π‖π_ref) | exact KL(π_ref‖π) | entropy | reward std "
            "| length std | seeds |", "|---|---|---|---|---|---|---|---|"]
   for v, row in summary.items():
@@ -409,10 +412,10 @@ def write_report(path: str, settings: Settings, results: dict, oracle_md: str, e
   ]
   for key, claim in claims.items():
     text += [f"**{key[0]}. {claim}: {v[key]['verdict']}.** {v[key]['evidence']}", ""]
-  text += ["## GRPO, on-policy", "", _grpo_table(results["grpo"]),
+  text += ["## GRPO, on-policy", "", grpo_table(results["grpo"]),
            "![on-policy curves](grpo_on_policy.png)", "",
            "## GRPO, off-policy (k2 as loss, with and without corrections)", "",
-           _grpo_table(results["grpo_off_policy"]), "![off-policy curves](grpo_off_policy.png)", "",
+           grpo_table(results["grpo_off_policy"]), "![off-policy curves](grpo_off_policy.png)", "",
            "## k2 as loss vs k1 in reward, identical seeds", "",
            "Per seed: the step at which the two runs first sampled a different batch, the "
            "largest relative gap of their gradient norms before it, and the relative distance "
@@ -445,6 +448,11 @@ def run(settings: Settings, workdir: str, *, progress: bool = True) -> dict:
 
   from kljax import bandit, oracle
 
+  from kljax.train import grpo
+
+  for variants, off in ((ON_POLICY, False), (OFF_POLICY, True)):  # bad settings fail first
+    for v in variants:
+      grpo.validate(grpo_config(settings, v, 0, off_policy=off))
   os.makedirs(workdir, exist_ok=True)
   start = time.time()
   rows = oracle.table(settings.oracle_terms)
@@ -459,7 +467,9 @@ def run(settings: Settings, workdir: str, *, progress: bool = True) -> dict:
   bandit.plot_final(bandit_runs, problem, os.path.join(workdir, "bandit_final_distances.png"))
   exact_bandit = {k.split(" @ ")[0]: d for k, d in bandit_summary.items() if k.endswith("exact")}
 
-  runs = _run_grpo(settings, workdir, progress)
+  runs = {"on_policy": run_variants(settings, workdir, ON_POLICY, progress=progress),
+          "off_policy": run_variants(settings, workdir, OFF_POLICY, off_policy=True,
+                                     progress=progress)}
   grpo_summary = summarize(runs["on_policy"], settings.final_window)
   off_summary = summarize(runs["off_policy"], settings.final_window)
   gaps = trajectory_gap(runs["on_policy"]["k2_as_loss"], runs["on_policy"]["k1_in_reward"])

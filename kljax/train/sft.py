@@ -40,7 +40,9 @@ def train_sft(*, preset: str, dataset: str, data_dir: str, steps: int, batch_siz
   source = data_lib.load(dataset, "train", data_dir=data_dir)
   model = models.create(models.preset(preset, vocab_size=tokenizer.vocab_size), seed=seed)
   graphdef, params = nnx.split(model)
-  opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(50, steps), steps))
+  warmup = min(50, max(steps // 4, 1))
+  opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup,
+                                                       max(steps, warmup + 1)))
   opt_state = opt.init(params)
 
   def loss_fn(p, tokens, attn, target):

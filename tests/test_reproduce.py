@@ -1,0 +1,106 @@
+"""The oracle table and the end-to-end reproduction (small settings)."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from kljax import exact, oracle, reproduce
+
+
+@pytest.mark.parametrize("name, label", [
+    ("k1_as_loss", "1"),                          # ∂(logp − ref)/∂logp
+    ("k2_as_loss", "log π − log π_ref"),          # ∂½(ref − logp)²/∂logp
+    ("k3_as_loss", "1 − δ"),                      # ∂(δ − 1 − log δ)/∂logp, δ = e^{ref − logp}
+    ("k1_in_reward", "log π − log π_ref"),
+    ("k1_in_reward_rtg", "log π − log π_ref"),    # one token: reward-to-go = the token's own
+    ("k2_in_reward", "½(log δ)²"),
+    ("k3_in_reward", "δ − 1 − log δ"),
+    ("k3_value_k2_grad", "log π − log π_ref"),
+    ("k1_value_k3_grad", "1 − δ"),
+])
+def test_coefficient_identification(name, label):
+  assert oracle.identify_coefficient(name) == label
+
+
+def test_frozen_prefix_gradient_with_old_prefixes_matches_numpy():
+  """∂/∂θ_t[y<t] of Σ_t Σ_{y<t} P_old(y<t)·KL(π_t‖ρ_t) = P_old(y<t)·p(log p − log q − KL),
+  enumerated in float64 NumPy."""
+  keys = jax.random.split(jax.random.PRNGKey(3), 3)
+  policy, ref, old = (exact.random_tabular(k, vocab=3, length=3) for k in keys)
+  got = exact.frozen_prefix_rkl_grad(policy, ref, prefixes=old)
+
+  def softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+  prefix = np.ones(())
+  for t in range(3):
+    p, q = softmax(np.asarray(policy[t], np.float64)), softmax(np.asarray(ref[t], np.float64))
+    kl = np.sum(p * (np.log(p) - np.log(q)), -1, keepdims=True)
+    want = prefix[..., None] * p * (np.log(p) - np.log(q) - kl)
+    np.testing.assert_allclose(got[t], want, atol=1e-6)
+    prefix = prefix[..., None] * softmax(np.asarray(old[t], np.float64))
+
+
+def test_oracle_rows_name_what_each_term_follows():
+  rows = {(r.setting, r.term): r for r in oracle.table(
+      ["k1_as_loss", "k2_as_loss", "k3_as_loss", "k1_in_reward_rtg", "k2_as_loss+detached_ratio"])}
+  assert rows[("one token, on-policy", "k1_as_loss")].follows == "0"
+  assert rows[("one token, on-policy", "k2_as_loss")].follows == "∇RKL"
+  assert rows[("one token, on-policy", "k3_as_loss")].follows == "∇FKL"
+  assert rows[("one token, off-policy", "k2_as_loss")].follows == "neither (biased)"
+  assert rows[("one token, off-policy", "k2_as_loss+detached_ratio")].follows == "∇RKL"
+  assert rows[("sequence, per-token terms, on-policy", "k2_as_loss")].follows == \
+      "frozen-prefix ∇RKL"
+  assert rows[("sequence, per-token terms, on-policy", "k1_in_reward_rtg")].follows == "∇RKL"
+  assert rows[("sequence, per-token terms, off-policy", "k2_as_loss+detached_ratio")].follows == \
+      "frozen-prefix ∇RKL"
+  assert ("sequence, sequence-level terms, on-policy", "k1_in_reward_rtg") not in rows
+  with pytest.raises(ValueError, match="unknown KL term"):
+    oracle.table(["k4_as_loss"])
+
+
+def test_settings_reject_bad_values():
+  with pytest.raises(ValueError, match="seeds must be >= 1"):
+    reproduce.Settings.quick().replace(seeds=0)
+  with pytest.raises(ValueError, match="beta must be"):
+    reproduce.Settings.quick().replace(beta=-1.0)
+
+
+@pytest.mark.slow
+def test_reproduce_end_to_end_small(tmp_path):
+  settings = reproduce.Settings(seeds=1, steps=3, sft_steps=5, final_window=2, bandit_steps=2000,
+                                bandit_modes=("exact",), data_dir=str(tmp_path / "tfds"))
+  work = str(tmp_path / "work")
+  results = reproduce.run(settings, work, progress=False)
+
+  on_file = json.load(open(os.path.join(work, "results.json")))
+  assert set(on_file["grpo"]) == set(reproduce.ON_POLICY)
+  assert set(on_file["grpo_off_policy"]) == set(reproduce.OFF_POLICY)
+  for variant in reproduce.ON_POLICY:
+    row = on_file["grpo"][variant]
+    assert row["seeds"] == 1
+    for metric in ("reward", "exact_rkl", "exact_fkl", "entropy", "reward_std", "length_std"):
+      assert isinstance(row[metric], float) and np.isfinite(row[metric])
+    assert 0 <= row["reward"] <= 1 and row["exact_rkl"] >= 0
+  assert on_file["bandit"]["k3_as_loss @ exact"]["nearest"] == "tv_fkl"
+  assert on_file["oracle"]["one token, on-policy"]["k2_as_loss"]["follows"] == "∇RKL"
+  # Thm 5.1 end to end: the same seeds give the same batches at every step
+  assert on_file["trajectory"][0]["identical_batches_until_step"] == 3
+  assert on_file["trajectory"][0]["final_rel_param_distance"] < 1e-5
+  assert results["verdicts"]["2_k2_as_loss_equals_k1_in_reward"]["verdict"] == "confirmed"
+  report = open(os.path.join(work, "report.md")).read()
+  for n in "1234":
+    assert f"**{n}. " in report
+  for png in ("grpo_on_policy.png", "grpo_off_policy.png", "trajectory_k2_vs_k1_in_reward.png",
+              "bandit_final_distances.png"):
+    assert os.path.getsize(os.path.join(work, png)) > 1000
+
+  # A second call finds every run finished and trains nothing: the metrics files are untouched.
+  metrics = os.path.join(work, "grpo", "on_policy", "none", "seed0", "metrics.jsonl")
+  before = os.stat(metrics).st_mtime_ns
+  reproduce.run(settings, work, progress=False)
+  assert os.stat(metrics).st_mtime_ns == before
