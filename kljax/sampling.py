@@ -67,9 +67,11 @@ def _sample(graphdef, state, prompt_bp, mask_bp, key, temperature, top_p, eos_id
   model = nnx.merge(graphdef, state)
   b, p = prompt_bp.shape
   cache = model.init_cache(b, p + max_new_tokens)
+  # Unrolled layers: slice each layer's weights once here, not at every step of the loop below.
+  layers = None if model.config.scan_layers else model.split_layer_params()
   positions = jnp.maximum(jnp.cumsum(mask_bp, axis=1) - 1, 0)
   logits, cache = model.logits_and_cache(prompt_bp, positions_bt=positions,
-                                         attention_mask_bt=mask_bp, cache=cache)
+                                         attention_mask_bt=mask_bp, cache=cache, layers=layers)
   choose = functools.partial(_choose, greedy=greedy, temperature=temperature, top_k=top_k,
                              top_p=top_p, nucleus=nucleus)
 
@@ -86,7 +88,8 @@ def _sample(graphdef, state, prompt_bp, mask_bp, key, temperature, top_p, eos_id
     logps = logps.at[:, i].set(jnp.where(done, 0.0, logp))
     live = live.at[:, i].set(~done)
     step_logits, cache = model.logits_and_cache(token[:, None], positions_bt=pos[:, None],
-                                                attention_mask_bt=~done[:, None], cache=cache)
+                                                attention_mask_bt=~done[:, None], cache=cache,
+                                                layers=layers)
     done = done | (token == eos_id)
     return i + 1, cache, step_logits[:, -1], key, tokens, logps, live, done, pos + 1
 

@@ -51,6 +51,21 @@ def test_greedy_with_cache_equals_full_forward_passes(model):
   np.testing.assert_array_equal(out.completion_mask_bn, live)
 
 
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_cached_log_probs_equal_a_full_forward_pass(model, scan_layers):
+  """Both cache layouts (per-layer buffers when unrolled, one stacked buffer under scan) and the
+  one-query attention of a decode step give the log-probs of a cache-free forward pass."""
+  m = models.create(models.preset("tiny", scan_layers=scan_layers), seed=3)
+  m.lm_head[...] = model.lm_head[...]
+  out = sample(m, PROMPTS, MASK, jax.random.PRNGKey(1), max_new_tokens=6, eos_id=63)
+  mask = jnp.concatenate([MASK, out.completion_mask_bn], axis=1)
+  logits = m(out.tokens_bt, attention_mask_bt=mask)[:, PROMPTS.shape[1] - 1:-1]
+  want = jnp.take_along_axis(jax.nn.log_softmax(logits), out.tokens_bt[:, PROMPTS.shape[1]:, None],
+                             axis=-1)[..., 0]
+  np.testing.assert_allclose(np.where(out.completion_mask_bn, out.logprobs_bn, 0),
+                             np.where(out.completion_mask_bn, want, 0), atol=2e-5)
+
+
 def test_eos_and_padding_are_exact(model):
   free = sample(model, PROMPTS, MASK, jax.random.PRNGKey(0), max_new_tokens=6, eos_id=63,
                 temperature=0.0)

@@ -33,8 +33,8 @@ _NEG_INF = -1e30  # a large finite negative: fully masked rows stay finite (no N
 class KVCache(NamedTuple):
   """Keys and values of every layer for S slots, and which slots hold a real (non-pad) token."""
 
-  k: jax.Array  # [L, B, S, K, Hd]
-  v: jax.Array  # [L, B, S, K, Hd]
+  k: jax.Array | tuple[jax.Array, ...]  # [L, B, S, K, Hd]; unrolled layers: L arrays [B, S, K, Hd]
+  v: jax.Array | tuple[jax.Array, ...]
   valid_bs: jax.Array  # [B, S] bool
   index: jax.Array  # int32 scalar: the next slot to write
 
@@ -97,6 +97,16 @@ def attention(q, k, v, allowed_bts, dtype):
   b, t, h, hd = q.shape
   kv = k.shape[2]
   q = q.reshape(b, t, kv, h // kv, hd)
+  if t == 1:
+    # One query (a decode step): multiply-and-reduce reads the cache once in its stored layout,
+    # where a batched matmul would first transpose every layer's whole cache (on CPU, most of a
+    # small model's decode step).
+    qf = q[:, 0].astype(jnp.float32)  # [B, K, G, Hd]
+    scores = jnp.sum(qf[:, None] * k.astype(jnp.float32)[:, :, :, None, :], axis=-1)  # [B,S,K,G]
+    scores = jnp.where(allowed_bts[:, 0, :, None, None], scores / math.sqrt(hd), _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=1)
+    out = jnp.sum(probs[..., None] * v.astype(jnp.float32)[:, :, :, None, :], axis=1)  # [B,K,G,Hd]
+    return out.astype(dtype).reshape(b, 1, h, hd)
   scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
   scores = scores / math.sqrt(hd)
   scores = jnp.where(allowed_bts[:, None, None, :, :], scores, _NEG_INF)
@@ -158,7 +168,14 @@ class Decoder(nnx.Module):
     if c.qkv_bias:
       q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
     q, k = apply_rope(q, positions_bt, inv_freq), apply_rope(k, positions_bt, inv_freq)
-    if cache_kv is not None:
+    if cache_kv is not None and cache_kv[2] is None:  # this layer's own [B, S, K, Hd] buffers
+      k_buf, v_buf, _ = cache_kv
+      at = (0, cache_index, 0, 0)
+      k_buf = jax.lax.dynamic_update_slice(k_buf, k.astype(k_buf.dtype), at)
+      v_buf = jax.lax.dynamic_update_slice(v_buf, v.astype(v_buf.dtype), at)
+      k, v = k_buf.astype(dt), v_buf.astype(dt)
+      cache_kv = (k_buf, v_buf, None)
+    elif cache_kv is not None:
       # The whole [L, B, S, K, Hd] cache rides in the layer loop's carry and this layer's slot is
       # written in place: no per-step copy of the cache.
       k_all, v_all, layer = cache_kv
@@ -177,6 +194,11 @@ class Decoder(nnx.Module):
     x = x + dense(jax.nn.silu(gate) * up, p["w_down"].astype(dt))
     return x, cache_kv
 
+  def split_layer_params(self) -> list[dict[str, jax.Array]]:
+    """Per-layer weights sliced out of the stacked parameters, one dict a layer."""
+    stacked = self._layer_params()
+    return [{n: w[i] for n, w in stacked.items()} for i in range(self.config.num_layers)]
+
   def hidden_states(
       self,
       tokens_bt: ArrayLike,
@@ -184,8 +206,13 @@ class Decoder(nnx.Module):
       positions_bt: ArrayLike | None = None,
       attention_mask_bt: ArrayLike | None = None,
       cache: KVCache | None = None,
+      layers: list[dict[str, jax.Array]] | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
-    """Final-norm hidden states [B, T, D] (compute dtype) and the updated cache (or None)."""
+    """Final-norm hidden states [B, T, D] (compute dtype) and the updated cache (or None).
+
+    `layers`: `split_layer_params()` computed once outside a decode loop (unrolled models with a
+    cache); inside a loop, slicing the stacked weights would copy every layer's weights per step.
+    """
     c = self.config
     tokens = jnp.asarray(tokens_bt)
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -226,6 +253,15 @@ class Decoder(nnx.Module):
       x, _ = jax.lax.scan(body, x, params, unroll=unroll)
       return rms_norm(x, self.final_norm[...], c.rms_eps), None
 
+    if isinstance(cache.k, tuple):  # unrolled layers, one cache buffer each: no slicing copies
+      ks, vs = list(cache.k), list(cache.v)
+      layers = self.split_layer_params() if layers is None else layers
+      for i in range(c.num_layers):
+        x, (ks[i], vs[i], _) = self._block(x, layers[i], positions_bt, allowed, inv_freq,
+                                           (ks[i], vs[i], None), index)
+      x = rms_norm(x, self.final_norm[...], c.rms_eps)
+      return x, KVCache(tuple(ks), tuple(vs), valid, index + t)
+
     def cached_body(carry, layer):
       x, k_all, v_all = carry
       p, i = layer
@@ -262,18 +298,24 @@ class Decoder(nnx.Module):
                      preferred_element_type=jnp.float32)
     return logits.reshape(b, t, -1)
 
-  def logits_and_cache(self, tokens_bt, *, positions_bt, attention_mask_bt, cache: KVCache):
-    """One cached step (prefill or decode): float32 logits [B, T, V] and the updated cache."""
+  def logits_and_cache(self, tokens_bt, *, positions_bt, attention_mask_bt, cache: KVCache,
+                       layers=None):
+    """One cached step (prefill or decode): float32 logits [B, T, V] and the updated cache.
+    `layers`: see `hidden_states`."""
     h, cache = self.hidden_states(tokens_bt, positions_bt=positions_bt,
-                                  attention_mask_bt=attention_mask_bt, cache=cache)
+                                  attention_mask_bt=attention_mask_bt, cache=cache, layers=layers)
     return self._logits(h), cache
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
     """An empty cache of `max_len` slots (dtype defaults to the compute dtype)."""
     c = self.config
     dtype = c.jnp_dtype if dtype is None else dtype
-    shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+    shape = (batch, max_len, c.num_kv_heads, c.head_dim)
+    if c.scan_layers:
+      k = v = jnp.zeros((c.num_layers, *shape), dtype)
+    else:  # one buffer a layer: each is updated in place, never sliced out of a stacked array
+      k = v = tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers))
+    return KVCache(k, v,
                    jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
 
 

@@ -173,7 +173,7 @@ def build(config: ml_collections.ConfigDict, init_model: nnx.Module | None = Non
 
 
 def completion_stats(graphdef, params, ref_params, tokens, attn_mask, prompt_len, *, chunk_size,
-                     with_ref: bool):
+                     with_ref: bool, exact_kl: bool = True):
   """Per completion token: policy log-prob, entropy, and (with a reference) its log-prob and the
   exact reverse/forward KL. Arrays [B, N]."""
   policy = nnx.merge(graphdef, params)
@@ -186,11 +186,14 @@ def completion_stats(graphdef, params, ref_params, tokens, attn_mask, prompt_len
   ref = nnx.merge(graphdef, ref_params)
   rh, _ = ref.hidden_states(tokens, attention_mask_bt=attn_mask)
   rh, rw = jax.lax.stop_gradient(rh[:, sl]), jax.lax.stop_gradient(ref.unembedding())
-  s = logprobs.token_stats(h[:, sl], policy.unembedding(), targets, ref_hidden_btd=rh,
-                           ref_unembed_dv=rw, chunk_size=chunk_size)
+  s = logprobs.token_stats(h[:, sl], policy.unembedding(), targets,
+                           ref_hidden_btd=rh if exact_kl else None,
+                           ref_unembed_dv=rw if exact_kl else None, chunk_size=chunk_size)
   r = logprobs.token_stats(rh, rw, targets, chunk_size=chunk_size)
-  return {"logp": s.logp, "entropy": s.entropy, "ref_logp": r.logp, "rkl": s.reverse_kl,
-          "fkl": s.forward_kl}
+  out = {"logp": s.logp, "entropy": s.entropy, "ref_logp": r.logp}
+  if exact_kl:
+    out |= {"rkl": s.reverse_kl, "fkl": s.forward_kl}
+  return out
 
 
 def _norm(tree) -> jax.Array:
@@ -217,12 +220,14 @@ def update(setup: Setup, params, opt_state, beta, batch, ref_params=None, *, wit
     rh = jax.lax.stop_gradient(ref.hidden_states(tokens, attention_mask_bt=attn)[0][:, sl])
     rw = jax.lax.stop_gradient(ref.unembedding())
     ref_logp = logprobs.token_stats(rh, rw, targets, chunk_size=c.loss.chunk_size).logp
+  # The exact full-vocabulary KL columns only when they are logged (metrics.exact_kl).
+  kl_hidden, kl_unembed = (rh, rw) if c.metrics.exact_kl else (None, None)
 
   def loss_fn(p):
     policy = nnx.merge(setup.graphdef, p)
     h = policy.hidden_states(tokens, attention_mask_bt=attn)[0][:, sl]
-    s = logprobs.token_stats(h, policy.unembedding(), targets, ref_hidden_btd=rh,
-                             ref_unembed_dv=rw, chunk_size=c.loss.chunk_size)
+    s = logprobs.token_stats(h, policy.unembedding(), targets, ref_hidden_btd=kl_hidden,
+                             ref_unembed_dv=kl_unembed, chunk_size=c.loss.chunk_size)
     logp = s.logp
     old = jax.lax.stop_gradient(logp) if fused else batch["old_logp"]
     advantages = batch["advantages"]
@@ -240,14 +245,17 @@ def update(setup: Setup, params, opt_state, beta, batch, ref_params=None, *, wit
     if fused:
       tok = {"logp": logp, "entropy": s.entropy}
       if with_ref:
-        tok |= {"ref_logp": ref_logp, "rkl": s.reverse_kl, "fkl": s.forward_kl}
+        tok["ref_logp"] = ref_logp
+      if kl_hidden is not None:
+        tok |= {"rkl": s.reverse_kl, "fkl": s.forward_kl}
       aux["tokens"] = jax.lax.stop_gradient(tok)
     return loss, aux
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   updates, opt_state = setup.optimizer.update(grads, opt_state, params)
   params = optax.apply_updates(params, updates)
-  aux.update(loss=loss, grad_norm=_norm(grads), update_norm=_norm(updates))
+  aux.update(loss=loss, grad_norm=_norm(grads), update_norm=_norm(updates),
+             param_norm=_norm(params))
   return params, opt_state, aux
 
 
@@ -385,7 +393,6 @@ def train_step(setup: Setup, state: TrainState, fns: dict) -> tuple[TrainState, 
       "clamped_tokens": float(est.count_clamped(lp, ref_lp, mask=completion_mask)),
       "sampler_logprob_gap": tmean(np.abs(to_host(out.logprobs_bn) - lp)),
       "beta": float(beta), "reward_failures": float(scores.failures),
-      "param_norm": float(_norm(params)),
       # time_logprobs: rewards, advantages and (off-policy) the statistics pass; on-policy the
       # log-prob passes run inside the update
       "time_rollout": t_rollout - t0, "time_logprobs": t_logprobs - t_rollout,
@@ -394,6 +401,7 @@ def train_step(setup: Setup, state: TrainState, fns: dict) -> tuple[TrainState, 
   }
   for k in auxes[0]:
     metrics[k] = float(np.mean([float(a[k]) for a in auxes]))
+  metrics["param_norm"] = float(auxes[-1]["param_norm"])  # after the step's last update
   # adaptive: n_steps counts samples (Ziegler et al.); a schedule counts GRPO steps
   per_update = n if c.kl.controller == "adaptive" else 1
   beta_state = replicate(setup.beta.update(state.beta, jnp.float32(metrics["k1"]),
@@ -408,7 +416,8 @@ def compile_fns(setup: Setup) -> dict:
   """The jitted statistics pass and minibatch update of this setup (compiled on first call)."""
   c = setup.config
   stats = jax.jit(functools.partial(completion_stats, setup.graphdef,
-                                    prompt_len=c.data.max_prompt_len, chunk_size=c.loss.chunk_size),
+                                    prompt_len=c.data.max_prompt_len, chunk_size=c.loss.chunk_size,
+                                    exact_kl=c.metrics.exact_kl),
                   static_argnames=("with_ref",))
   # No buffer donation: the policy and the reference share arrays until the first update.
   return {"stats": stats,
