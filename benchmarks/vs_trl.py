@@ -10,9 +10,11 @@ reference model, one optimizer step per iteration, float32, no gradient checkpoi
 each side's per-iteration times give the ratio. Phases: TRL's `_generate` (generation), its
 reference-model log-prob pass, and the rest of `training_step` (update); kljax's rollout,
 rewards (scoring and advantages, host side), and update, which on-policy also holds the reference
-pass (kljax fuses the log-prob passes into the update's own forward). Achieved GFLOP/s per phase use the analytic count
-2·(matmul parameters)·tokens for a forward pass (×3 for forward+backward), against this machine's
-dense float32 matmul peak measured in the same run. Target: kljax ≤ 0.8× TRL's time.
+pass (kljax fuses the log-prob passes into the update's own forward). Achieved GFLOP/s per phase
+use the analytic count 2·(matmul parameters)·tokens for a forward pass over every sequence (×3 for
+forward+backward), against this machine's dense float32 matmul peak measured in the same run; it is
+an effective rate for kljax's rollout, which prefills each prompt once for its whole group where
+TRL prefills all G copies. Target: kljax ≤ 0.8× TRL's time.
 """
 
 from __future__ import annotations

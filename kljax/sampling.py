@@ -1,6 +1,7 @@
 """jit-compiled autoregressive sampling with a KV cache, for rollouts.
 
-A batch of left-padded prompts is prefilled in one forward pass; then one token per step is drawn
+A batch of left-padded prompts is prefilled in one forward pass (each prompt once, when it is to be
+sampled several times: `samples_per_prompt`); then one token per step is drawn
 with temperature, top-k and top-p, each sequence stopping at its first EOS, for at most
 `max_new_tokens` steps (the loop exits early once every sequence has stopped). The result carries the
 sampler's own per-token log-probabilities: log-probabilities under the distribution the token was
@@ -60,18 +61,31 @@ def _choose(logits_bv, key, *, greedy, temperature, top_k, top_p, nucleus):
   return token, logp
 
 
+def _repeat_rows(cache, n: int):
+  """The cache of U prompts as the cache of U·n rows (each prompt's row repeated n times)."""
+  batch_axis = lambda x: 1 if x.ndim == 5 else 0  # stacked [L, B, S, K, Hd] or per-layer [B, ...]
+  rep = lambda x: jnp.repeat(x, n, axis=batch_axis(x))
+  return cache._replace(k=jax.tree.map(rep, cache.k), v=jax.tree.map(rep, cache.v),
+                        valid_bs=jnp.repeat(cache.valid_bs, n, axis=0))
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "greedy",
-                                             "nucleus"))
+                                             "nucleus", "samples_per_prompt"))
 def _sample(graphdef, state, prompt_bp, mask_bp, key, temperature, top_p, eos_id, pad_id, *,
-            max_new_tokens, top_k, greedy, nucleus):
+            max_new_tokens, top_k, greedy, nucleus, samples_per_prompt):
   model = nnx.merge(graphdef, state)
-  b, p = prompt_bp.shape
-  cache = model.init_cache(b, p + max_new_tokens)
+  u, p = prompt_bp.shape
+  cache = model.init_cache(u, p + max_new_tokens)
   # Unrolled layers: slice each layer's weights once here, not at every step of the loop below.
   layers = None if model.config.scan_layers else model.split_layer_params()
   positions = jnp.maximum(jnp.cumsum(mask_bp, axis=1) - 1, 0)
   logits, cache = model.logits_and_cache(prompt_bp, positions_bt=positions,
                                          attention_mask_bt=mask_bp, cache=cache, layers=layers)
+  if samples_per_prompt > 1:  # each prompt prefilled once, its cache shared by its samples
+    n = samples_per_prompt
+    cache, logits = _repeat_rows(cache, n), jnp.repeat(logits, n, axis=0)
+    prompt_bp, mask_bp = jnp.repeat(prompt_bp, n, axis=0), jnp.repeat(mask_bp, n, axis=0)
+  b = prompt_bp.shape[0]
   choose = functools.partial(_choose, greedy=greedy, temperature=temperature, top_k=top_k,
                              top_p=top_p, nucleus=nucleus)
 
@@ -117,6 +131,7 @@ def sample(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    samples_per_prompt: int = 1,
 ) -> SampleOutput:
   """Samples completions for left-padded prompts with a KV cache.
 
@@ -129,6 +144,9 @@ def sample(
     pad_id: written after a sequence stops.
     temperature: > 0, or 0 for greedy decoding. top_k: 0 (off) or the number of tokens kept.
     top_p: in (0, 1]; 1 is off.
+    samples_per_prompt: n ≥ 1 completions of each prompt (GRPO's group). Each prompt is prefilled
+      once and its cache shared; the output has U·n rows, row i·n + j the j-th sample of prompt i
+      (the order of `np.repeat(prompts, n, axis=0)`).
   """
   prompt = jnp.asarray(prompt_bp)
   mask = jnp.asarray(prompt_mask_bp).astype(bool)
@@ -150,9 +168,12 @@ def sample(
   for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
     if not 0 <= int(value) < vocab:
       raise ValueError(f"{name} must be a token id in [0, {vocab}), got {value}.")
+  if int(samples_per_prompt) < 1:
+    raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}.")
   graphdef, state = nnx.split(model)
   greedy = float(temperature) == 0.0
   return _sample(graphdef, state, prompt.astype(jnp.int32), mask, key,
                  jnp.float32(1.0 if greedy else temperature), jnp.float32(top_p),
                  jnp.int32(eos_id), jnp.int32(pad_id), max_new_tokens=int(max_new_tokens),
-                 top_k=int(top_k), greedy=greedy, nucleus=float(top_p) < 1.0)
+                 top_k=int(top_k), greedy=greedy, nucleus=float(top_p) < 1.0,
+                 samples_per_prompt=int(samples_per_prompt))

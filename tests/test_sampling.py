@@ -126,6 +126,21 @@ def test_deterministic_for_a_key(model):
   assert not np.array_equal(a.tokens_bt, c.tokens_bt)
 
 
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_shared_prefill_equals_repeated_prompts(model, scan_layers):
+  """samples_per_prompt=n prefills each prompt once and shares its cache: the n samples equal
+  those drawn for the prompts repeated n times, with the same key."""
+  m = models.create(models.preset("tiny", scan_layers=scan_layers), seed=3)
+  m.lm_head[...] = model.lm_head[...]
+  kw = dict(max_new_tokens=5, eos_id=63, temperature=1.0)
+  shared = sample(m, PROMPTS, MASK, jax.random.PRNGKey(7), samples_per_prompt=4, **kw)
+  repeated = sample(m, np.repeat(PROMPTS, 4, 0), np.repeat(MASK, 4, 0), jax.random.PRNGKey(7), **kw)
+  np.testing.assert_array_equal(shared.tokens_bt, repeated.tokens_bt)
+  np.testing.assert_array_equal(shared.completion_mask_bn, repeated.completion_mask_bn)
+  np.testing.assert_allclose(shared.logprobs_bn, repeated.logprobs_bn, atol=1e-5)
+  assert len({tuple(r) for r in np.asarray(shared.tokens_bt[:4])}) > 1  # the group differs
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
@@ -134,6 +149,7 @@ def test_deterministic_for_a_key(model):
         (dict(top_p=0.0), r"top_p must lie in \(0, 1\], got 0.0"),
         (dict(temperature=-1.0), "temperature must be a finite number >= 0, got -1.0"),
         (dict(eos_id=64), r"eos_id must be a token id in \[0, 64\), got 64"),
+        (dict(samples_per_prompt=0), "samples_per_prompt must be >= 1, got 0"),
     ],
 )
 def test_bad_arguments(model, kwargs, match):

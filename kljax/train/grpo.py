@@ -308,8 +308,7 @@ def _prompts(setup: Setup, step: int):
   prompts = [c.data.prompt_template.format(**e) for e in examples]
   tokens, mask = text.encode_batch(setup.tokenizer, prompts, add_bos=c.data.add_bos,
                                    length=c.data.max_prompt_len)
-  g = c.rollout.group_size
-  return examples, np.repeat(tokens, g, axis=0), np.repeat(mask, g, axis=0)
+  return examples, tokens, mask  # one row a prompt; the group's G rows come from the sampler
 
 
 def train_step(setup: Setup, state: TrainState, fns: dict) -> tuple[TrainState, dict]:
@@ -317,18 +316,27 @@ def train_step(setup: Setup, state: TrainState, fns: dict) -> tuple[TrainState, 
   c = setup.config
   step = int(state.step)
   t0 = time.perf_counter()
-  examples, prompt, prompt_mask = _prompts(setup, step)
+  examples, unique, unique_mask = _prompts(setup, step)
+  g = c.rollout.group_size
+  prompt, prompt_mask = np.repeat(unique, g, axis=0), np.repeat(unique_mask, g, axis=0)
   key = jax.random.fold_in(jax.random.PRNGKey(c.seed), step)
-  placed = [to_devices(x, sharding.batch_sharding(setup.mesh)) for x in (prompt, prompt_mask)]
+  # Each prompt is prefilled once and shared by its group, when the prompts split evenly over the
+  # mesh's batch axes; otherwise the repeated prompts are prefilled.
+  try:
+    sharding.check_divisible(len(unique), setup.mesh)
+    rows, n = (unique, unique_mask), g
+  except ValueError:
+    rows, n = (prompt, prompt_mask), 1
+  placed = [to_devices(x, sharding.batch_sharding(setup.mesh)) for x in rows]
   policy = nnx.merge(setup.graphdef, state.params)
   out = sample(policy, *placed, jax.random.fold_in(key, 0), max_new_tokens=c.rollout.max_new_tokens,
                eos_id=setup.tokenizer.eos_id, pad_id=setup.tokenizer.pad_id,
-               temperature=c.rollout.temperature, top_k=c.rollout.top_k, top_p=c.rollout.top_p)
+               temperature=c.rollout.temperature, top_k=c.rollout.top_k, top_p=c.rollout.top_p,
+               samples_per_prompt=n)
   tokens = to_host(out.tokens_bt)
   completion_mask = to_host(out.completion_mask_bn)
   t_rollout = time.perf_counter()  # to_host above waited for the sampler
 
-  g = c.rollout.group_size
   completions = [setup.tokenizer.decode(row[m]) for row, m in
                  zip(tokens[:, c.data.max_prompt_len:], completion_mask)]
   fields = {k: [e[k] for e in examples for _ in range(g)] for k in examples[0] if k != "question"}
