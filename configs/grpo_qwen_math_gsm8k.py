@@ -14,7 +14,7 @@ Launch on every host of a TPU pod slice (e.g. v5e-32, 8 hosts), the same command
 below puts every chip on `fsdp` (parameters, gradients and optimizer state are split over all of
 them, and so is the batch). On a single GPU or TPU VM, drop `--distributed`.
 
-The paper uses OpenR1-Math-220k prompts; GSM8K is the verifiable math set kljax ships a builder for.
+The paper's own prompts (OpenR1-Math-220k) are in configs/grpo_qwen_math_openr1.py.
 """
 
 import ml_collections

@@ -74,6 +74,39 @@ def test_gsm8k_from_a_local_fixture_in_the_record_format(tmp_path):
   assert len(data.load("gsm8k", "test", data_dir=str(tmp_path / "tfds"), manual_dir=str(manual))) == 1
 
 
+def test_openr1_math_from_local_parquet_and_jsonl(tmp_path):
+  """The OpenR1-Math builder on files in its source format: parquet (with the extra columns the
+  real files have) and JSONL; non-numeric answers are dropped; test is a fixed 2% by uuid hash."""
+  import zlib
+
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  rows = [{"problem": f"What is {i} + {i}?", "solution": f"{i}+{i}=\\boxed{{{2 * i}}}",
+           "answer": str(2 * i), "uuid": f"u{i}", "generations": ["long text"] * 2}
+          for i in range(200)]
+  rows += [{"problem": "Solve x^2 < 1.", "solution": "...", "answer": "(-1, 1)", "uuid": "v0",
+            "generations": []},
+           {"problem": "Half of 7?", "solution": "...", "answer": "3.50", "uuid": "v1",
+            "generations": []}]
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  pq.write_table(pa.Table.from_pylist(rows[:150]), manual / "train-00000-of-00002.parquet",
+                 row_group_size=64)
+  (manual / "train-00001-of-00002.jsonl").write_text(
+      "".join(json.dumps({k: v for k, v in r.items() if k != "generations"}) + "\n"
+              for r in rows[150:]))
+  kw = dict(data_dir=str(tmp_path / "tfds"), manual_dir=str(manual))
+  train, test = data.load("openr1_math", "train", **kw), data.load("openr1_math", "test", **kw)
+  numeric = [r for r in rows if r["answer"] != "(-1, 1)"]
+  want_test = {r["problem"] for r in numeric if zlib.crc32(r["uuid"].encode()) % 50 == 0}
+  assert len(train) + len(test) == len(numeric) == 201
+  assert {test[i]["question"] for i in range(len(test))} == want_test and want_test
+  answers = {s[i]["question"]: s[i]["answer"] for s in (train, test) for i in range(len(s))}
+  assert answers["Half of 7?"] == "7/2" and answers["What is 3 + 3?"] == "6"
+  assert "Solve x^2 < 1." not in answers
+
+
 def test_batch_indices_are_epoch_permutations_and_resumable():
   size, bs = 10, 3
   first_epoch = np.concatenate([data.batch_indices(size, bs, s, seed=0) for s in range(3)])

@@ -198,6 +198,13 @@ def test_real_model_config_validates_and_plot_cli(data_dir, tmp_path):
   grpo.validate(config)  # names, divisibility and the fsdp mesh over all 8 devices
   assert config.kl.beta == 0.5 and config.data.name == "gsm8k"
   assert "{question}" in config.data.prompt_template
+  spec = importlib.util.spec_from_file_location(
+      "grpo_openr1", os.path.join(REPO, "configs", "grpo_qwen_math_openr1.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  paper = module.get_config()
+  grpo.validate(paper)
+  assert paper.kl.beta == 0.5 and paper.data.name == "openr1_math" and paper.data.manual_dir
 
   from experiments.plot import plot_runs
 

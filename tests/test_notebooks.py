@@ -1,7 +1,6 @@
 """Every notebook executes top to bottom in its smallest setting (CI runs them; a broken notebook
 fails the build), displays its plots, and shows what it claims."""
 
-import os
 import pathlib
 
 import nbformat

@@ -1,4 +1,5 @@
-"""Datasets: procedural tasks and GSM8K as TFDS array_record builders, read without TensorFlow."""
+"""Datasets: procedural tasks, GSM8K and OpenR1-Math as TFDS array_record builders, read without
+TensorFlow."""
 
 from kljax.data import tasks
 from kljax.data.builders import Source, batch_indices, load

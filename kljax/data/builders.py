@@ -7,7 +7,8 @@
 procedurally from fixed seeds: the same version always holds the same examples, and train and
 test use different seeds. `kljax_gsm8k` reads the official GSM8K JSONL files (downloaded when the
 dataset is prepared, or taken from `manual_dir`), keeping the worked solution and the final answer
-extracted from its `#### N` line.
+extracted from its `#### N` line. `kljax_openr1_math` reads OpenR1-Math-220k (the prompts of Liu et
+al. 2025), keeping the problems with a numeric answer.
 """
 
 from __future__ import annotations
@@ -123,7 +124,77 @@ class KljaxGsm8k(tfds.core.GeneratorBasedBuilder):
                     "answer": gsm8k_final_answer(obj["answer"])}
 
 
-DATASETS = {"arithmetic": "kljax_arithmetic", "countdown": "kljax_countdown", "gsm8k": "kljax_gsm8k"}
+OPENR1_URLS = [
+    "https://huggingface.co/datasets/open-r1/OpenR1-Math-220k/resolve/main/data/"
+    f"train-{i:05d}-of-00010.parquet" for i in range(10)]
+
+
+def _openr1_rows(path: str):
+  """(problem, solution, answer, uuid) rows of one OpenR1-Math parquet or JSONL file; parquet is
+  read one row group at a time, and only these four columns (the files also hold long model
+  generations)."""
+  columns = ["problem", "solution", "answer", "uuid"]
+  if path.endswith(".jsonl"):
+    with open(path) as f:
+      for line in f:
+        if line.strip():
+          obj = json.loads(line)
+          yield tuple(obj.get(c) or "" for c in columns)
+    return
+  try:
+    import pyarrow.parquet as pq
+  except ImportError:
+    raise ImportError("reading OpenR1-Math parquet files needs pyarrow: pip install "
+                      "'kljax[openr1]' (or pyarrow), or convert them to JSONL.") from None
+  reader = pq.ParquetFile(path)
+  for g in range(reader.num_row_groups):
+    table = reader.read_row_group(g, columns=columns).to_pydict()
+    yield from zip(*(table[c] for c in columns))
+
+
+class KljaxOpenr1Math(tfds.core.GeneratorBasedBuilder):
+  """OpenR1-Math-220k (default subset) prompts with a numeric final answer: the paper's RL prompts.
+
+  Only problems whose reference answer parses as a number are kept, so the exact numeric reward
+  can verify them (answers such as intervals or expressions are dropped; their count is in the
+  prepare log). The source has one split; `test` is a deterministic 2% of it, chosen by a hash of
+  each problem's uuid.
+  """
+
+  VERSION = tfds.core.Version("1.0.0")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      "Optional: put the train-*.parquet files of huggingface.co/datasets/open-r1/OpenR1-Math-220k "
+      "(data/, the default subset) or JSONL files with problem/solution/answer/uuid fields in the "
+      "manual dir; otherwise the parquet files (about 2 GB) are downloaded.")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=_features("question", "solution", "answer"))
+
+  def _split_generators(self, dl_manager):
+    manual = dl_manager.manual_dir if dl_manager.manual_dir else None
+    files = sorted(os.path.join(manual, f) for f in os.listdir(manual)
+                   if f.endswith((".parquet", ".jsonl"))) if manual and os.path.isdir(manual) else []
+    if not files:
+      files = [str(p) for p in dl_manager.download(OPENR1_URLS)]
+    return {s: self._generate_examples(files, s) for s in ("train", "test")}
+
+  def _generate_examples(self, files, split):
+    import zlib
+
+    for path in files:
+      for i, (problem, solution, answer, uuid) in enumerate(_openr1_rows(path)):
+        value = parse_number(answer)
+        if value is None or not problem:
+          continue
+        key = uuid or f"{os.path.basename(path)}:{i}"
+        if (zlib.crc32(key.encode()) % 50 == 0) != (split == "test"):
+          continue
+        yield key, {"question": problem, "solution": solution,
+                    "answer": str(value.numerator) if value.denominator == 1 else str(value)}
+
+
+DATASETS = {"arithmetic": "kljax_arithmetic", "countdown": "kljax_countdown", "gsm8k": "kljax_gsm8k",
+            "openr1_math": "kljax_openr1_math"}
 
 
 class Source:
@@ -141,14 +212,15 @@ class Source:
 
 
 def load(name: str, split: str, *, data_dir: str, manual_dir: str | None = None) -> Source:
-  """A prepared split of "arithmetic/levelN", "countdown/nK" or "gsm8k" (prepared on first use).
+  """A prepared split of "arithmetic/levelN", "countdown/nK", "gsm8k" or "openr1_math" (prepared on
+  first use; the last two from `manual_dir` when it holds their files, else downloaded).
 
   Raises ValueError naming the valid datasets, configs and splits for a bad request.
   """
   base, _, config = name.partition("/")
   if base not in DATASETS:
     raise ValueError(f"unknown dataset {name!r}; choose one of "
-                     f"arithmetic/level1..level5, countdown/n3, countdown/n4, gsm8k.")
+                     f"arithmetic/level1..level5, countdown/n3, countdown/n4, gsm8k, openr1_math.")
   cls = tfds.builder_cls(DATASETS[base])
   configs = [c.name for c in getattr(cls, "BUILDER_CONFIGS", [])]
   if configs and config not in configs:

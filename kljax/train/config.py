@@ -17,6 +17,7 @@ def grpo_tiny() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.name = "arithmetic/level1"
   c.data.data_dir = "~/.cache/kljax/tfds"
+  c.data.manual_dir = ""  # source files of gsm8k / openr1_math (empty: download when preparing)
   c.data.max_prompt_len = 8
   c.data.prompt_template = "{question}"  # formatted with the example's fields
   c.data.add_bos = True

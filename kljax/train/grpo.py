@@ -130,7 +130,8 @@ def build(config: ml_collections.ConfigDict, init_model: nnx.Module | None = Non
   `config.model.preset` sized to the tokenizer's vocabulary."""
   validate(config)
   tokenizer = make_tokenizer(config)
-  source = data_lib.load(config.data.name, "train", data_dir=config.data.data_dir)
+  source = data_lib.load(config.data.name, "train", data_dir=config.data.data_dir,
+                         manual_dir=config.data.get("manual_dir") or None)
   mesh = _mesh(config)
   if init_model is None:
     init_model = models.create(models.preset(config.model.preset, vocab_size=tokenizer.vocab_size),

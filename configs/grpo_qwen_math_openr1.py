@@ -1,0 +1,34 @@
+"""The paper's setting (Liu et al. 2025, arXiv:2510.01555): GRPO of Qwen2.5-Math-1.5B on
+OpenR1-Math-220k prompts, β = 0.5, on a TPU pod. Everything else as configs/grpo_qwen_math_gsm8k.py.
+
+Get the checkpoint and the data once (any machine with Hub access), then copy them where every host
+can read them:
+
+  huggingface-cli download Qwen/Qwen2.5-Math-1.5B --local-dir /data/qwen2.5-math-1.5b
+  huggingface-cli download open-r1/OpenR1-Math-220k --repo-type dataset --include "data/*" \
+      --local-dir /data/openr1
+  pip install 'kljax[openr1]'   # pyarrow, to read the parquet files
+
+Launch on every host of a TPU pod slice, the same command on each (one run per KL choice):
+
+  gcloud compute tpus tpu-vm ssh $TPU --worker=all --command "cd kljax && \\
+    python -m experiments.grpo --distributed --config configs/grpo_qwen_math_openr1.py \\
+      --workdir gs://$BUCKET/runs/openr1_k2 --config.kl.term=k2_as_loss"
+
+The `openr1_math` dataset keeps the problems whose reference answer is a number (so the exact
+numeric reward can check them) and holds out 2% as `test`; it is prepared on first use from
+`data.manual_dir`.
+"""
+
+import ml_collections
+
+from configs import grpo_qwen_math_gsm8k
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = grpo_qwen_math_gsm8k.get_config()
+  c.data.name = "openr1_math"
+  c.data.manual_dir = "/data/openr1/data"
+  c.data.max_prompt_len = 512
+  c.kl.beta = 0.5
+  return c
