@@ -126,7 +126,8 @@ def run_variants(settings: Settings, workdir: str, variants, *, off_policy: bool
     path = os.path.join(run_dir, "metrics.jsonl")
     if not (os.path.exists(path) and len(read_jsonl(path)) >= settings.steps):
       grpo.train(grpo_config(settings, variant, seed, off_policy=off_policy), run_dir,
-                 init_model=init_model, progress=False)
+                 init_model=init_model, progress=progress,
+                 bar_options={"desc": f"  {variant} seed {seed}", "leave": False, "position": 1})
     out.setdefault(variant, []).append(read_jsonl(path)[:settings.steps])
   return out
 

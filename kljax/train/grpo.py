@@ -441,8 +441,9 @@ class NonFiniteError(FloatingPointError):
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, init_model=None,
-          progress: bool = True) -> list[dict]:
-  """Runs (or resumes) a GRPO run in `workdir`; returns the metrics of the steps it ran."""
+          progress: bool = True, bar_options: dict | None = None) -> list[dict]:
+  """Runs (or resumes) a GRPO run in `workdir`; returns the metrics of the steps it ran.
+  `bar_options`: extra `tqdm` arguments for the progress bar (e.g. `desc`, `leave`, `position`)."""
   from tqdm.auto import tqdm
 
   setup, state = build(config, init_model)
@@ -456,8 +457,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, init_model=None,
                          tensorboard=config.metrics.tensorboard) if leader else None
   fns = compile_fns(setup)
   history = []
-  bar = tqdm(range(start, config.num_steps), initial=start, total=config.num_steps, desc="grpo",
-             unit="step", disable=not (progress and leader))
+  bar = tqdm(range(start, config.num_steps), initial=start, total=config.num_steps,
+             **({"desc": "grpo", "unit": "step"} | (bar_options or {})),
+             disable=not (progress and leader))
   try:
     for step in bar:
       state, metrics = train_step(setup, state, fns)
