@@ -66,15 +66,16 @@ class Settings:
     """4 seeds × 400 steps and every KL term in the oracle table."""
     return cls(seeds=4, steps=400, oracle_terms=None, label="full")
 
-  def replace(self, **changes) -> Settings:
-    new = dataclasses.replace(self, **changes)
+  def __post_init__(self):
     for name in ("seeds", "steps", "off_policy_epochs", "off_policy_minibatches", "final_window",
                  "bandit_steps", "sft_steps"):
-      if getattr(new, name) < 1:
-        raise ValueError(f"{name} must be >= 1, got {getattr(new, name)}.")
-    if not (new.beta > 0 and math.isfinite(new.beta)):
-      raise ValueError(f"beta must be a finite number > 0, got {new.beta}.")
-    return new
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+    if not (self.beta > 0 and math.isfinite(self.beta)):
+      raise ValueError(f"beta must be a finite number > 0, got {self.beta}.")
+
+  def replace(self, **changes) -> Settings:
+    return dataclasses.replace(self, **changes)  # validated again by __post_init__
 
 
 def grpo_config(settings: Settings, term: str, seed: int, *, off_policy: bool):
@@ -85,7 +86,7 @@ def grpo_config(settings: Settings, term: str, seed: int, *, off_policy: bool):
   c.seed = seed
   c.num_steps = settings.steps
   c.checkpoint_every = max(settings.steps // 4, 1)
-  c.data.data_dir = settings.data_dir
+  c.data.data_dir = os.path.expanduser(settings.data_dir)
   c.sft.steps = settings.sft_steps
   c.kl.term = term
   c.kl.beta = settings.beta

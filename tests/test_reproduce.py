@@ -68,6 +68,8 @@ def test_settings_reject_bad_values():
     reproduce.Settings.quick().replace(seeds=0)
   with pytest.raises(ValueError, match="beta must be"):
     reproduce.Settings.quick().replace(beta=-1.0)
+  with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
+    reproduce.Settings(seeds=1, steps=0)
 
 
 @pytest.mark.slow
