@@ -3,9 +3,15 @@
 Notation: `logp = log π_θ(y)`, `ref_logp = log π_ref(y)`, `log δ = ref_logp − logp`, δ = π_ref/π_θ.
 
 Every function computes in float32 (float64 stays float64) whatever the input dtype, returns that
-float32 array, and checks shapes and dtypes at trace time. Log-ratios are clamped to [−clamp, clamp]
-*before* `exp`: a clamped element gets a finite value and a zero gradient from the clamped part
-(`jnp.clip`), never a NaN; `count_clamped` counts such elements so a trainer can log them.
+float32 array, and checks shapes and dtypes at trace time.
+
+The clamp rule (`exp_clamped`, used for k3's δ and for every importance ratio): only an `exp` that
+could overflow is clamped, and no gradient that is finite in exact arithmetic is set to zero.
+  x ≤ clamp:  exp(x), unchanged; x → −∞ needs no clamp (exp → 0, and k3's coefficient 1 − δ → 1
+              stays exact).
+  x > clamp:  e^clamp · (1 + x − clamp), the tangent line at the clamp: value and slope continuous,
+              slope e^clamp (finite, non-zero, the right sign), never an overflow.
+`count_clamped` counts the elements with x > clamp so a trainer can log them.
 
 References:
   J. Schulman, "Approximating KL Divergence" (2020), http://joschu.net/blog/kl-approx.html
@@ -14,7 +20,6 @@ References:
 
 from __future__ import annotations
 
-import functools
 from typing import Literal
 
 import jax
@@ -35,20 +40,19 @@ def _pair(logp: ArrayLike, ref_logp: ArrayLike) -> tuple[jax.Array, jax.Array]:
   return logp.astype(dtype), ref_logp.astype(dtype)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def clamp_log_ratio(log_ratio: jax.Array, clamp: float) -> jax.Array:
-  """Clips a log-ratio to [−clamp, clamp]; outside it the gradient is zero (and counted elsewhere).
+def exp_clamped(x: jax.Array, clamp: float) -> jax.Array:
+  """exp(x) for x ≤ clamp, continued by its tangent line e^clamp·(1 + x − clamp) above it.
 
-  Same values and gradients as `jnp.clip` (pass-through inside, zero outside), but its JVP is one
-  compare and one select, where `jnp.clip`'s handles min/max ties with four full-size selects.
+  The gradient is exp(min(x, clamp)): never zero, never NaN (x = −inf gives 0 and gradient 0;
+  x = +inf gives +inf with gradient e^clamp), so a clamped element still pulls the right way.
   """
-  return jnp.clip(log_ratio, -clamp, clamp)
+  # A sum, not exp(min)·(1 + max): at x = +inf a product's derivative would be 0·inf = NaN.
+  return jnp.exp(jnp.minimum(x, clamp)) + jnp.exp(clamp) * jnp.maximum(x - clamp, 0.0)
 
 
-@clamp_log_ratio.defjvp
-def _clamp_log_ratio_jvp(clamp, primals, tangents):
-  (x,), (dx,) = primals, tangents
-  return jnp.clip(x, -clamp, clamp), jnp.where(jnp.abs(x) <= clamp, dx, jnp.zeros_like(dx))
+def _expm1_clamped(x: jax.Array, clamp: float) -> jax.Array:
+  """expm1(x) with the same tangent-line continuation above `clamp` (precise where x ≈ 0)."""
+  return jnp.expm1(jnp.minimum(x, clamp)) + jnp.exp(clamp) * jnp.maximum(x - clamp, 0.0)
 
 
 def count_clamped(
@@ -58,14 +62,16 @@ def count_clamped(
     clamp: float = DEFAULT_LOG_RATIO_CLAMP,
     mask: ArrayLike | None = None,
 ) -> jax.Array:
-  """Number of elements whose log-ratio |ref_logp − logp| exceeds `clamp` (int32 scalar).
+  """Number of elements whose exponent ref_logp − logp exceeds `clamp` (int32 scalar).
 
-  Use the same pair of arguments as the estimator or ratio being clamped (for an importance ratio
-  ρ = π_θ/π_old pass `(old_logp, logp)`). Elements where `mask` is False are not counted.
+  These are the elements `exp_clamped` continues linearly (k3's δ = exp(ref_logp − logp)). Use the
+  same pair of arguments as the estimator or ratio being clamped (for an importance ratio
+  ρ = π_θ/π_old = exp(logp − old_logp) pass `(old_logp, logp)`). Elements where `mask` is False are
+  not counted. The lower side is never clamped, so it is never counted.
   """
   logp, ref_logp = _pair(logp, ref_logp)
   _checks.positive(clamp, "clamp")
-  hit = jnp.abs(ref_logp - logp) > clamp
+  hit = (ref_logp - logp) > clamp
   if mask is not None:
     mask = jnp.asarray(mask)
     _checks.same_shape(logp=logp, mask=mask)
@@ -97,15 +103,17 @@ def k2(logp: ArrayLike, ref_logp: ArrayLike) -> jax.Array:
 
 
 def k3(logp: ArrayLike, ref_logp: ArrayLike, *, clamp: float = DEFAULT_LOG_RATIO_CLAMP) -> jax.Array:
-  """k3 = δ − 1 − log δ, with log δ clamped to [−clamp, clamp] before `exp`. Unbiased, non-negative.
+  """k3 = δ − 1 − log δ, δ = exp(log δ). Unbiased, non-negative.
 
-  Args and returns as for `k1`. Where |log δ| > clamp the value is that of the clamped log-ratio and
-  the gradient is zero; `count_clamped(logp, ref_logp, clamp=clamp)` counts those elements.
+  Args and returns as for `k1`. Where log δ > clamp, δ follows the clamp rule of the module
+  docstring (its tangent line: the value stays finite and the gradient is 1 − e^clamp, not zero);
+  `count_clamped(logp, ref_logp, clamp=clamp)` counts those elements. log δ → −∞ is exact: the
+  coefficient ∂k3/∂logp = 1 − δ tends to 1.
   """
   logp, ref_logp = _pair(logp, ref_logp)
-  log_delta = clamp_log_ratio(ref_logp - logp, clamp)
+  log_delta = ref_logp - logp
   # expm1(x) − x keeps precision where δ ≈ 1 (the regime that matters near convergence).
-  return jnp.expm1(log_delta) - log_delta
+  return _expm1_clamped(log_delta, clamp) - log_delta
 
 
 def exact_kl(

@@ -6,8 +6,9 @@ A `KLTerm` bundles three pure functions of per-element log-probabilities:
       a per-element loss whose gradient w.r.t. `logp` is this choice's KL-gradient contribution
       (before β and aggregation). `old_logp=None` means on-policy (samples from π_θ itself).
   coefficient(logp, ref_logp, *, mask=None)
-      the equivalent in-reward coefficient c: the gradient is c·∇logp (on-policy).
-  value(logp, ref_logp)
+      the on-policy gradient coefficient of *this* surrogate: ∂Σ surrogate/∂logp = c elementwise,
+      so its expected gradient is E[c·∇logp]. Tested against `jax.grad` for every name.
+  value(logp, ref_logp, *, mask=None)
       the KL estimate reported as a metric.
 
 Every placement is "coefficient × score" (Liu et al. 2025, §4):
@@ -15,13 +16,23 @@ Every placement is "coefficient × score" (Liu et al. 2025, §4):
   k_n as loss:    surrogate k_n(logp)             c = ∂k_n/∂logp
 with ρ = π_θ/π_old = exp(logp − sg(old_logp)) (equal to 1, with gradient ∇logp, on-policy).
 
-Off-policy corrections for as-loss terms (y ~ π_old):
-  "detached_ratio"  sg(ρ)·k_n                      (k2 → exact ∇RKL)
-  "ratio"           ρ·k_n, ρ live                  (k3 → exact ∇RKL: ∇E_old[ρ k3] = ∇E_θ[k3])
-  "clipped"         max(ρ·c', clip(ρ, 1−ε_low, 1+ε_high)·c'),  c' = sg(∂k_n/∂logp)
-                    (the paper's clipped head; inside the clip range it equals sg(ρ)·c'·logp in
-                    gradient, outside it the element's gradient is zero, as in PPO)
+Off-policy corrections for as-loss terms (y ~ π_old), with their on-policy coefficient c:
+  "detached_ratio"  sg(ρ)·k_n                      c = ∂k_n/∂logp      (k2 → exact ∇RKL)
+  "ratio"           ρ·k_n, ρ live                  c = ∂k_n/∂logp + k_n
+                    A live ratio changes the gradient on-policy too (ρ ≡ 1 but ∇ρ = ∇logp, the
+                    product rule): k3 → c = −log δ, exact ∇RKL (∇E_old[ρ k3] = ∇E_θ[k3] = ∇RKL);
+                    k2 → c = k1 + k2, biased even on-policy; k1 → c = 1 + k1, ∇RKL (E[∇logp] = 0).
+  "clipped"         max(ρ·c', clip(ρ, 1−ε_low, 1+ε_high)·c'),  c' = sg(∂k_n/∂logp), c = c'
+                    (the paper's clipped head, a PPO head with "advantage" −c'). Its gradient is
+                    sg(ρ)·c'·∇logp except where the clip is active *and* moving further would lower
+                    the loss: for c' > 0 when ρ < 1 − ε_low, for c' < 0 when ρ > 1 + ε_high. There
+                    it is cut to zero; on the other side of the range it flows, as in PPO.
 In-reward terms are importance-weighted by ρ whenever `old_logp` is given.
+
+Masks: where `mask` is False the inputs are replaced by 0 *before* any maths, so a −inf log-prob at
+a padded position gives a 0 output and a 0 gradient, never a NaN. Clamps follow the rule of
+`kljax.estimators` (only what would overflow; never a zero gradient that is finite in exact
+arithmetic).
 
 Stop-gradients: `ref_logp` and `old_logp` are always treated as data (`jax.lax.stop_gradient`), so a
 reference computed from shared parameters never leaks gradient.
@@ -63,11 +74,12 @@ class KLTerm(NamedTuple):
   placement: Literal["loss", "reward"]
   surrogate: Callable[..., jax.Array]
   coefficient: Callable[..., jax.Array]
-  value: Callable[[ArrayLike, ArrayLike], jax.Array]
+  value: Callable[..., jax.Array]
 
 
 def _inputs(logp, ref_logp, old_logp=None, mask=None):
-  """Float32 inputs with ref/old detached (`old_logp` stays None on-policy)."""
+  """Float32 inputs with ref/old detached (`old_logp` stays None on-policy), masked to 0 where
+  `mask` is False before any maths (so −inf there cannot make a NaN value or gradient)."""
   logp = _checks.as_float32(logp, "logp")
   ref_logp = _checks.as_float32(ref_logp, "ref_logp")
   if old_logp is not None:
@@ -75,6 +87,10 @@ def _inputs(logp, ref_logp, old_logp=None, mask=None):
   if mask is not None:
     mask = jnp.asarray(mask)
   _checks.same_shape(logp=logp, ref_logp=ref_logp, old_logp=old_logp, mask=mask)
+  if mask is not None:
+    keep = mask.astype(bool)
+    logp, ref_logp = jnp.where(keep, logp, 0.0), jnp.where(keep, ref_logp, 0.0)
+    old_logp = None if old_logp is None else jnp.where(keep, old_logp, 0.0)
   return logp, jax.lax.stop_gradient(ref_logp), old_logp, mask
 
 
@@ -85,16 +101,16 @@ def _masked(x: jax.Array, mask: jax.Array | None) -> jax.Array:
 def importance_ratio(
     logp: jax.Array, old_logp: jax.Array | None, *, clamp: float = est.DEFAULT_LOG_RATIO_CLAMP
 ) -> jax.Array:
-  """ρ = π_θ/π_old = exp(clip(logp − old_logp)), differentiable through `logp`.
+  """ρ = π_θ/π_old = exp(logp − old_logp), differentiable through `logp`.
 
-  The log-ratio is clamped to [−clamp, clamp] before `exp` (zero gradient outside; count with
-  `kljax.count_clamped(old_logp, logp, clamp=clamp)`). On-policy (`old_logp=None`) ρ is
+  A log-ratio above `clamp` is continued linearly (`kljax.estimators.exp_clamped`: finite, non-zero
+  gradient; count with `kljax.count_clamped(old_logp, logp, clamp=clamp)`). On-policy (`old_logp=None`) ρ is
   1 + logp − sg(logp): exactly 1 with gradient ∇logp, the first-order behaviour of
   exp(logp − sg(logp)) without evaluating an `exp` per token.
   """
   if old_logp is None:
     return 1.0 + (logp - jax.lax.stop_gradient(logp))
-  return jnp.exp(est.clamp_log_ratio(logp - jax.lax.stop_gradient(old_logp), clamp))
+  return est.exp_clamped(logp - jax.lax.stop_gradient(old_logp), clamp)
 
 
 def score_coefficient(estimator: Estimator, logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
@@ -122,13 +138,14 @@ def as_loss(
 
   Args:
     estimator: an elementwise estimator such as `kljax.k2`.
-    correction: None, "detached_ratio", "ratio" or "clipped" (see the module docstring); only
-      matters when `old_logp` is given (on-policy ρ ≡ 1).
+    correction: None, "detached_ratio", "ratio" or "clipped" (see the module docstring).
+      "detached_ratio" and "clipped" change only the off-policy gradient; "ratio" (a live ρ)
+      changes the on-policy gradient too: its coefficient is ∂k_n/∂logp + k_n.
     clip_eps_low, clip_eps_high: ε of the clipped head, each in (0, 1).
-    clamp: bound on |log ρ| before `exp`.
+    clamp: log ρ above it is continued linearly (`kljax.estimators.exp_clamped`).
     name: the term's name (defaults to "<estimator>_as_loss[+correction]").
   """
-  if correction is not None and correction not in CORRECTIONS:
+  if correction is not None and correction not in _CORRECTED:
     raise ValueError(
         f"correction must be None or one of {', '.join(CORRECTIONS)}; got {correction!r}."
     )
@@ -137,31 +154,56 @@ def as_loss(
   _checks.positive(clamp, "clamp")
   if name is None:
     name = f"{_estimator_name(estimator)}_as_loss" + (f"+{correction}" if correction else "")
+  corrected = _CORRECTED[correction]
+  clip = (1.0 - clip_eps_low, 1.0 + clip_eps_high)
 
-  def value(logp, ref_logp):
-    logp, ref_logp, _, _ = _inputs(logp, ref_logp)
-    return estimator(logp, ref_logp)
+  def value(logp, ref_logp, *, mask=None):
+    logp, ref_logp, _, mask = _inputs(logp, ref_logp, mask=mask)
+    return _masked(estimator(logp, ref_logp), mask)
 
   def coefficient(logp, ref_logp, *, mask=None):
     logp, ref_logp, _, mask = _inputs(logp, ref_logp, mask=mask)
-    return _masked(jax.lax.stop_gradient(score_coefficient(estimator, logp, ref_logp)), mask)
+    c = score_coefficient(estimator, logp, ref_logp)
+    if correction == "ratio":  # product rule: ∇(ρ·k) = k·∇ρ + ρ·∇k, and ∇ρ = ∇logp on-policy
+      c = c + estimator(logp, ref_logp)
+    return _masked(jax.lax.stop_gradient(c), mask)
 
   def surrogate(logp, ref_logp, old_logp=None, *, mask=None):
     logp, ref_logp, old_logp, mask = _inputs(logp, ref_logp, old_logp, mask)
     rho = importance_ratio(logp, old_logp, clamp=clamp)
-    if correction is None:
-      out = estimator(logp, ref_logp)
-    elif correction == "detached_ratio":
-      out = jax.lax.stop_gradient(rho) * estimator(logp, ref_logp)
-    elif correction == "ratio":
-      out = rho * estimator(logp, ref_logp)
-    else:  # "clipped": a PPO head with "advantage" −c'; max() because this is a loss.
-      c = jax.lax.stop_gradient(score_coefficient(estimator, logp, ref_logp))
-      clipped = jnp.clip(rho, 1.0 - clip_eps_low, 1.0 + clip_eps_high)
-      out = jnp.maximum(rho * c, clipped * c)
-    return _masked(out, mask)
+    return _masked(corrected(estimator, logp, ref_logp, rho, clip), mask)
 
   return KLTerm(name, "loss", surrogate, coefficient, value)
+
+
+# Each correction: (estimator, logp, ref_logp, ρ, (1−ε_low, 1+ε_high)) -> per-element surrogate.
+def _uncorrected(k, logp, ref_logp, rho, clip):
+  del rho, clip
+  return k(logp, ref_logp)
+
+
+def _detached_ratio(k, logp, ref_logp, rho, clip):
+  del clip
+  return jax.lax.stop_gradient(rho) * k(logp, ref_logp)
+
+
+def _live_ratio(k, logp, ref_logp, rho, clip):
+  del clip
+  return rho * k(logp, ref_logp)
+
+
+def _clipped_head(k, logp, ref_logp, rho, clip):
+  # A PPO head with "advantage" −c'; max() because this is a loss.
+  c = jax.lax.stop_gradient(score_coefficient(k, logp, ref_logp))
+  return jnp.maximum(rho * c, jnp.clip(rho, *clip) * c)
+
+
+_CORRECTED = {
+    None: _uncorrected,
+    "detached_ratio": _detached_ratio,
+    "ratio": _live_ratio,
+    "clipped": _clipped_head,
+}
 
 
 def in_reward(
@@ -180,7 +222,7 @@ def in_reward(
   Args:
     estimator: an elementwise estimator such as `kljax.k1`.
     credit: "token" (immediate) or "reward_to_go" (the last axis is time; `mask` marks valid tokens).
-    clamp: bound on |log ρ| before `exp`.
+    clamp: log ρ above it is continued linearly (`kljax.estimators.exp_clamped`).
     name: defaults to "<estimator>_in_reward" (+"_rtg" for reward-to-go credit).
   """
   if credit not in CREDITS:
@@ -189,9 +231,9 @@ def in_reward(
   if name is None:
     name = f"{_estimator_name(estimator)}_in_reward" + ("_rtg" if credit == "reward_to_go" else "")
 
-  def value(logp, ref_logp):
-    logp, ref_logp, _, _ = _inputs(logp, ref_logp)
-    return estimator(logp, ref_logp)
+  def value(logp, ref_logp, *, mask=None):
+    logp, ref_logp, _, mask = _inputs(logp, ref_logp, mask=mask)
+    return _masked(estimator(logp, ref_logp), mask)
 
   def coefficient(logp, ref_logp, *, mask=None):
     logp, ref_logp, _, mask = _inputs(logp, ref_logp, mask=mask)
@@ -290,7 +332,8 @@ def kl_term(
       k ∈ {k1, k2, k3}, the loss-placed ones optionally suffixed "+detached_ratio", "+ratio" or
       "+clipped". `kl_term_names()` lists them all.
     clip_eps_low, clip_eps_high: ε of the clipped head.
-    clamp: bound on |log-ratio| before `exp` (k3's δ and every importance ratio).
+    clamp: the exponent above which k3's δ and every importance ratio are continued linearly
+      (`kljax.estimators.exp_clamped`).
   Raises:
     ValueError naming the valid names for an unknown name.
   """

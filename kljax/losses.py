@@ -51,7 +51,7 @@ def ppo_clip_loss(
     advantages_bt: per-token advantages (broadcast a per-sequence one over T).
     mask_bt: True for completion tokens.
     clip_eps_low, clip_eps_high: ε's in (0, 1). dual_clip: c > 1, or None to disable.
-    clamp: bound on |log ρ| before `exp`.
+    clamp: log ρ above it is continued linearly (`kljax.estimators.exp_clamped`).
   """
   logp = _checks.as_float32(logp_bt, "logp_bt")
   old = _checks.as_float32(old_logp_bt, "old_logp_bt")
@@ -64,8 +64,9 @@ def ppo_clip_loss(
     raise ValueError(f"dual_clip must be > 1 (or None to disable), got {dual_clip!r}.")
   mask = mask.astype(bool)
   adv = jax.lax.stop_gradient(adv)
-  log_ratio = logp - jax.lax.stop_gradient(old)
-  rho = jnp.exp(est.clamp_log_ratio(log_ratio, clamp))
+  # Masked before the maths: a −inf log-prob at a padded position cannot reach exp() or its gradient.
+  log_ratio = jnp.where(mask, logp - jax.lax.stop_gradient(old), 0.0)
+  rho = est.exp_clamped(log_ratio, clamp)
   unclipped = -adv * rho
   clipped = -adv * jnp.clip(rho, 1.0 - clip_eps_low, 1.0 + clip_eps_high)
   loss = jnp.maximum(unclipped, clipped)

@@ -67,15 +67,32 @@ def test_exact_kl_mask_and_masked_vocabulary():
   assert np.all(np.isfinite(grad)), grad
 
 
-def test_clamp_counts_and_keeps_gradients_finite():
+def test_clamp_counts_and_keeps_gradients_finite_and_nonzero():
   logp = jnp.array([-1.0, -150.0, -1.0, -1.0])
-  ref = jnp.array([-1.0, -1.0, -150.0, -5.0])
-  assert int(kljax.count_clamped(logp, ref, clamp=20.0)) == 2
-  assert int(kljax.count_clamped(logp, ref, clamp=20.0, mask=jnp.array([1, 1, 0, 1]))) == 1
+  ref = jnp.array([-1.0, -1.0, -150.0, -5.0])  # log δ = 0, +149 (overflows), −149, −4
+  # Only the side where exp() could overflow is clamped, so only log δ = +149 is counted.
+  assert int(kljax.count_clamped(logp, ref, clamp=20.0)) == 1
+  assert int(kljax.count_clamped(logp, ref, clamp=20.0, mask=jnp.array([1, 0, 1, 1]))) == 0
   g = jax.grad(lambda lp: kljax.k3(lp, ref, clamp=20.0).sum())(logp)
-  # Inside the clamp ∂k3/∂logp = 1 − δ; outside it is exactly zero (counted above).
-  np.testing.assert_allclose(g, [0.0, 0.0, 0.0, 1 - np.exp(-4.0)], rtol=1e-6)
-  assert np.isfinite(kljax.k3(logp, ref, clamp=20.0)).all()
+  # ∂k3/∂logp = 1 − δ: exact at log δ = −149 (→ 1, where a two-sided clamp gave a silent 0), and
+  # beyond the clamp the tangent line's slope 1 − e^20 (finite, non-zero, the right sign).
+  np.testing.assert_allclose(g, [0.0, 1 - np.exp(20.0), 1.0, 1 - np.exp(-4.0)], rtol=1e-6)
+  values = np.asarray(kljax.k3(logp, ref, clamp=20.0), np.float64)
+  assert np.isfinite(values).all()
+  # Values: exact k3 below the clamp; above it k3(20) + (e^20 − 1)(149 − 20) (the tangent line).
+  k3_20 = np.expm1(20.0) - 20.0
+  np.testing.assert_allclose(values, [0.0, k3_20 + np.expm1(20.0) * 129.0, np.exp(-149.0) + 148.0,
+                                      np.exp(-4.0) + 3.0], rtol=1e-5)
+
+
+def test_exp_clamped_rule():
+  x = jnp.array([-jnp.inf, -200.0, 0.0, 20.0, 30.0, jnp.inf])
+  v = kljax.estimators.exp_clamped(x, 20.0)
+  g = jax.grad(lambda y: kljax.estimators.exp_clamped(y, 20.0).sum())(x)
+  np.testing.assert_allclose(v[:5], [0.0, 0.0, 1.0, np.exp(20.0), np.exp(20.0) * 11.0],  # e^−200 underflows
+                             rtol=1e-6)
+  assert v[5] == np.inf
+  np.testing.assert_allclose(g, [0.0, 0.0, 1.0, np.exp(20.0), np.exp(20.0), np.exp(20.0)], rtol=1e-6)
 
 
 # ---- Schulman, "Approximating KL Divergence" (2020): q = N(0,1) samples, p = N(μ,1). ----

@@ -157,3 +157,46 @@ def test_reward_to_go_long_sequences_blocked_path(rng, length):
   expected = np.where(mask, np.cumsum(masked[:, ::-1], -1)[:, ::-1], 0.0)
   got = np.asarray(kljax.reward_to_go(values, mask))
   assert np.abs(got - expected).max() <= 1e-6 * np.abs(expected).max()
+
+
+# ---- The coefficient contract for every name (+ratio included), from NumPy derivatives ----
+
+NP_DERIVATIVE = {"k1": lambda d: np.ones_like(d), "k2": lambda d: -d, "k3": lambda d: 1 - np.exp(d)}
+
+
+def _np_coefficient(name, d):
+  """Hand rule: in reward c = k (reward-to-go: Σ_{s≥t}); as loss c = ∂k_grad/∂logp, and a live
+  ratio adds the value k_value (product rule, since ∇ρ = ∇logp on-policy)."""
+  base, _, correction = name.partition("+")
+  if "_in_reward" in base:
+    c = NP_VALUE[base[:2]](d)
+    return np.flip(np.cumsum(np.flip(c, -1), -1), -1) if base.endswith("_rtg") else c
+  value_est, grad_est = (base[:2], base[:2]) if base.endswith("_as_loss") else (base[:2], base[-7:-5])
+  c = NP_DERIVATIVE[grad_est](d)
+  return c + NP_VALUE[value_est](d) if correction == "ratio" else c
+
+
+@pytest.mark.parametrize("name", kljax.kl_term_names())
+def test_coefficient_is_the_on_policy_gradient_for_every_name(name, pair):
+  logp, ref, d = pair
+  term = kljax.kl_term(name)
+  expected = _np_coefficient(name, d)
+  g = jax.grad(lambda lp: term.surrogate(lp, ref).sum())(jnp.asarray(logp))
+  np.testing.assert_allclose(g, expected, rtol=2e-5, atol=2e-6)
+  np.testing.assert_allclose(term.coefficient(logp, ref), expected, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("name", kljax.kl_term_names())
+def test_masked_minus_inf_gives_no_nan(name):
+  # Padding often carries log-prob −inf; masked before the maths it must not reach exp() or grad.
+  logp = jnp.array([[-1.0, -jnp.inf, -0.5]])
+  ref = jnp.array([[-1.5, -jnp.inf, -jnp.inf]])
+  old = jnp.array([[-1.2, -jnp.inf, 0.0]])
+  mask = jnp.array([[True, False, False]])
+  term = kljax.kl_term(name)
+  for old_logp in (None, old):
+    out, g = jax.value_and_grad(lambda lp: term.surrogate(lp, ref, old_logp, mask=mask).sum())(logp)
+    assert np.isfinite(out) and np.all(np.isfinite(g)), (name, old_logp, out, g)
+    assert np.all(np.asarray(g)[0, 1:] == 0.0)
+  assert np.all(np.isfinite(term.coefficient(logp, ref, mask=mask)))
+  assert np.all(np.isfinite(term.value(logp, ref, mask=mask)))
