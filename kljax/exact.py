@@ -205,7 +205,8 @@ def fkl_grad(policy: Policy, ref: Policy) -> Policy:
 
 
 def frozen_prefix_rkl_grad(policy: Policy, ref: Policy, *, prefixes: Policy | None = None) -> Policy:
-  """∇_θ Σ_t Σ_{y<t} sg(P(y_<t)) KL_t(y_<t): each position's KL with its prefix law frozen.
+  """∇_θ Σ_t Σ_{y<t} sg(P(y_<t)) KL(π(·|y_<t) ‖ π_ref(·|y_<t)): each position's reverse KL with its
+  prefix law frozen.
 
   This is what per-token "k2 as loss" (and per-token "k1 in reward" without reward-to-go) follows
   on-policy; it misses the part of ∇ sequence-KL that flows through the prefix distribution.
@@ -213,13 +214,27 @@ def frozen_prefix_rkl_grad(policy: Policy, ref: Policy, *, prefixes: Policy | No
   per-token importance ratios, the corrected terms follow this with `prefixes=π_old`: a token's
   ratio fixes the law of that token, not of the prefix that led to it.
   """
+  return _frozen_prefix_grad(policy, ref, prefixes, per_prefix_kl)
+
+
+def frozen_prefix_fkl_grad(policy: Policy, ref: Policy, *, prefixes: Policy | None = None) -> Policy:
+  """∇_θ Σ_t Σ_{y<t} sg(P(y_<t)) KL(π_ref(·|y_<t) ‖ π(·|y_<t)): the forward-KL counterpart.
+
+  Per-token "k3 as loss" follows this exactly on-policy: at each position E_{y_t~π}[(1 − δ)∇logπ]
+  = Σ_v (π(v) − π_ref(v)) ∇logπ(v) = ∇ KL(π_ref‖π) of that position, with the prefix law sampled
+  (so frozen) by π. `prefixes` as for `frozen_prefix_rkl_grad`.
+  """
+  return _frozen_prefix_grad(policy, ref, prefixes, lambda p, q: per_prefix_kl(q, p))
+
+
+def _frozen_prefix_grad(policy, ref, prefixes, kl_tables):
   if prefixes is not None:
     _same_shape(prefixes, "prefixes", *shape_of(policy))
 
   def objective(theta):
     weights = [jax.lax.stop_gradient(w) for w in _prefix_probs(theta if prefixes is None
                                                                  else prefixes)]
-    return sum(jnp.sum(w * kl) for w, kl in zip(weights, per_prefix_kl(theta, ref)))
+    return sum(jnp.sum(w * kl) for w, kl in zip(weights, kl_tables(theta, ref)))
 
   return jax.grad(objective)(tuple(_checks.as_float32(t, "policy") for t in policy))
 

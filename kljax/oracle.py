@@ -4,9 +4,10 @@ For each term and each setting (one-token or autoregressive policy, on- or off-p
 sequence-level surrogate) the exact expected gradient g of `kljax.exact.expected_gradient` is
 compared with the analytic gradients of the divergences, computed from their definitions:
 
-  ∇RKL = ∇KL(π‖π_ref),  ∇FKL = ∇KL(π_ref‖π),  and for sequences the frozen-prefix ∇RKL (each
-  position's KL with its prefix law held fixed: what per-token k2-as-loss follows; off-policy the
-  prefixes are weighted by π_old, which per-token importance ratios leave uncorrected).
+  ∇RKL = ∇KL(π‖π_ref),  ∇FKL = ∇KL(π_ref‖π),  and for sequences the frozen-prefix ∇RKL and ∇FKL
+  (each position's KL with its prefix law held fixed: what per-token k2-as-loss, respectively
+  k3-as-loss, follows; off-policy the prefixes are weighted by π_old, which per-token importance
+  ratios leave uncorrected).
 
 A distance is relative, ‖g − target‖ / ‖target‖, and a term "follows" a target when that distance is
 below `tol`. The coefficient c of each term (its gradient is E[c·∇logp] on-policy) is identified
@@ -48,6 +49,9 @@ _COEFFICIENTS = {
     "1 − δ": lambda lp, lq: 1 - jnp.exp(lq - lp),
     "½(log δ)²": lambda lp, lq: 0.5 * (lq - lp) ** 2,
     "δ − 1 − log δ": lambda lp, lq: jnp.exp(lq - lp) - 1 - (lq - lp),
+    # live-ratio terms: ∂k/∂logp + k
+    "1 + log π − log π_ref": lambda lp, lq: 1 + lp - lq,
+    "(log π − log π_ref) + ½(log δ)²": lambda lp, lq: (lp - lq) + 0.5 * (lq - lp) ** 2,
 }
 
 
@@ -59,6 +63,7 @@ class Row(NamedTuple):
   to_rkl: float
   to_fkl: float
   to_frozen: float  # nan for one-token settings
+  to_frozen_fkl: float  # nan for one-token settings
   follows: str
 
 
@@ -82,8 +87,8 @@ def _relative(a, b) -> float:
 def _follows(row: dict, tol: float) -> str:
   if row["grad_norm"] <= tol * row["rkl_norm"]:
     return "0"
-  names = [("∇RKL", row["to_rkl"]), ("∇FKL", row["to_fkl"]), ("frozen-prefix ∇RKL",
-                                                               row["to_frozen"])]
+  names = [("∇RKL", row["to_rkl"]), ("∇FKL", row["to_fkl"]),
+           ("frozen-prefix ∇RKL", row["to_frozen"]), ("frozen-prefix ∇FKL", row["to_frozen_fkl"])]
   hits = [n for n, d in names if d <= tol]
   return hits[0] if hits else "neither (biased)"
 
@@ -114,18 +119,20 @@ def table(terms: Sequence[str] | None = None, settings: Sequence[Setting] = SETT
       noise = exact.random_tabular(ko, vocab=s.vocab, length=s.length, scale=old_scale)
       old = tuple(p + n for p, n in zip(policy, noise))
     rkl, fkl = exact.rkl_grad(policy, ref), exact.fkl_grad(policy, ref)
-    frozen = None
+    frozen = frozen_fkl = None
     if s.length > 1:  # off-policy, per-token ratios leave the prefixes distributed as under π_old
       frozen = exact.frozen_prefix_rkl_grad(policy, ref, prefixes=old)
+      frozen_fkl = exact.frozen_prefix_fkl_grad(policy, ref, prefixes=old)
     for name in terms:
       if s.level == "sequence" and "_rtg" in name:
         continue  # reward-to-go credit needs a time axis; a sequence-level surrogate has none
       g = exact.expected_gradient(kl_term(name), policy, ref, old=old, level=s.level)
       d = {"grad_norm": exact.tree_norm(g), "rkl_norm": exact.tree_norm(rkl),
            "to_rkl": _relative(g, rkl), "to_fkl": _relative(g, fkl),
-           "to_frozen": _relative(g, frozen) if frozen is not None else float("nan")}
+           "to_frozen": _relative(g, frozen) if frozen is not None else float("nan"),
+           "to_frozen_fkl": _relative(g, frozen_fkl) if frozen_fkl is not None else float("nan")}
       rows.append(Row(name, s.name, identify_coefficient(name), d["grad_norm"], d["to_rkl"],
-                      d["to_fkl"], d["to_frozen"], _follows(d, tol)))
+                      d["to_fkl"], d["to_frozen"], d["to_frozen_fkl"], _follows(d, tol)))
   return rows
 
 
@@ -135,11 +142,12 @@ def markdown(rows: Sequence[Row]) -> str:
   for setting in dict.fromkeys(r.setting for r in rows):
     out += [f"**{setting}**", "",
             "| KL term | coefficient c | ‖g‖ | ‖g − ∇RKL‖/‖∇RKL‖ | ‖g − ∇FKL‖/‖∇FKL‖ "
-            "| ‖g − frozen‖/‖frozen‖ | follows |",
-            "|---|---|---|---|---|---|---|"]
+            "| ‖g − frozen RKL‖/‖·‖ | ‖g − frozen FKL‖/‖·‖ | follows |",
+            "|---|---|---|---|---|---|---|---|"]
     for r in (r for r in rows if r.setting == setting):
       frozen = "—" if np.isnan(r.to_frozen) else f"{r.to_frozen:.1e}"
+      frozen_fkl = "—" if np.isnan(r.to_frozen_fkl) else f"{r.to_frozen_fkl:.1e}"
       out.append(f"| `{r.term}` | {r.coefficient} | {r.grad_norm:.3f} | {r.to_rkl:.1e} | "
-                 f"{r.to_fkl:.1e} | {frozen} | {r.follows} |")
+                 f"{r.to_fkl:.1e} | {frozen} | {frozen_fkl} | {r.follows} |")
     out.append("")
   return "\n".join(out)
