@@ -161,7 +161,13 @@ class KljaxOpenr1Math(tfds.core.GeneratorBasedBuilder):
   each problem's uuid.
   """
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.1.0": "Answers parsed by the exact number grammar of kljax.rewards.parse_number: answers "
+               "with inner spaces or '$', commas that do not separate thousands ('1,2', often a "
+               "list), or non-ASCII digits are dropped instead of read as one number.",
+      "1.0.0": "Initial release.",
+  }
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Optional: put the train-*.parquet files of huggingface.co/datasets/open-r1/OpenR1-Math-220k "
       "(data/, the default subset) or JSONL files with problem/solution/answer/uuid fields in the "
