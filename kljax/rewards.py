@@ -249,6 +249,13 @@ def boxed_format_reward(prompts: Sequence[str], completions: Sequence[str], **_)
 BUILTIN = {"numeric_match": numeric_match, "countdown": countdown_reward, "format": format_reward,
            "boxed_format": boxed_format_reward}
 
+# The example fields each built-in reward reads, with the kind of value it needs in each. A dataset
+# (`kljax.data.builders.FIELDS`) can be scored by a reward when it has every one of those fields in
+# that kind: `numeric_match` on countdown, whose `answer` is an expression, would score 0 always.
+EXAMPLE_FIELDS = {"numeric_match": {"answer": "number"},
+                  "countdown": {"numbers": "integers", "target": "integer"},
+                  "format": {}, "boxed_format": {}}
+
 
 def load_reward_fn(spec: str | RewardFn) -> RewardFn:
   """A built-in name (a key of `BUILTIN`), an import path "pkg.module:function", or a callable."""

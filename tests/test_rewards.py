@@ -1,6 +1,6 @@
-"""Verifiable rewards: exact numbers, the countdown verifier and reward, known reward hacks, and
-every built-in reward and extractor fuzzed with random and adversarial strings under a time bound
-per call.
+"""Verifiable rewards: exact numbers, the countdown verifier and reward, known reward hacks, the
+reward/dataset check, and every built-in reward and extractor fuzzed with random and adversarial
+strings under a time bound per call.
 
 Expected values are derived by hand, or (for expressions) from the expression tree a test builds.
 """
@@ -13,6 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kljax import rewards
+from kljax.train import grpo
+from kljax.train.config import grpo_tiny
 
 TIME_LIMIT_S = 0.1  # per call, for any string
 # Fields for every built-in reward at once (each ignores the ones it does not read).
@@ -261,3 +263,35 @@ HACKS = [
 @pytest.mark.parametrize("name,reward,fields,completion,score", HACKS, ids=[h[0] for h in HACKS])
 def test_known_reward_hacks(name, reward, fields, completion, score):
   assert rewards.load_reward_fn(reward)(["q"], [completion], **fields) == [score]
+
+
+# ---------------------------------------------------------------- rewards × datasets
+
+
+def _config(dataset, fns):
+  c = grpo_tiny()
+  c.data.name, c.reward.fns, c.mesh.devices = dataset, fns, 1
+  return c
+
+
+@pytest.mark.parametrize("dataset,fns,match", [
+    ("countdown/n3", "numeric_match",
+     r"--config.reward.fns: the reward 'numeric_match' cannot score the dataset 'countdown/n3': "
+     r"it reads the example fields answer \(number\), and countdown/n3 has answer \(expression\). "
+     r"Rewards that check countdown/n3: countdown."),
+    ("arithmetic/level1", "countdown",
+     r"'countdown' cannot score the dataset 'arithmetic/level1': .*numbers \(missing\), target "
+     r"\(missing\). Rewards that check arithmetic/level1: numeric_match."),
+    ("gsm8k", "numeric_match, countdown", r"'countdown' cannot score the dataset 'gsm8k'"),
+])
+def test_validate_rejects_a_reward_that_cannot_score_the_dataset(dataset, fns, match):
+  with pytest.raises(grpo.ConfigError, match=match):
+    grpo.validate(_config(dataset, fns))
+
+
+@pytest.mark.parametrize("dataset,fns", [
+    ("countdown/n4", "countdown,format"), ("openr1_math", "numeric_match,boxed_format"),
+    ("countdown/n3", "kljax.rewards:countdown_reward"),  # import paths are not checked
+])
+def test_validate_accepts_rewards_that_fit(dataset, fns):
+  grpo.validate(_config(dataset, fns))

@@ -26,8 +26,19 @@ from kljax.rewards import extract_answer, parse_number
 _TEXT = tfds.features.Text
 
 
-def _features(*names: str) -> tfds.features.FeaturesDict:
-  return tfds.features.FeaturesDict({n: _TEXT() for n in names})
+# The fields of each dataset's examples (all stored as text) and the kind of value each holds; a
+# reward fits a dataset whose fields it can read (`kljax.rewards.EXAMPLE_FIELDS`).
+FIELDS = {
+    "arithmetic": {"question": "text", "answer": "number", "level": "integer"},
+    "countdown": {"question": "text", "answer": "expression", "numbers": "integers",
+                  "target": "integer"},
+    "gsm8k": {"question": "text", "solution": "text", "answer": "number"},
+    "openr1_math": {"question": "text", "solution": "text", "answer": "number"},
+}
+
+
+def _features(dataset: str) -> tfds.features.FeaturesDict:
+  return tfds.features.FeaturesDict({n: _TEXT() for n in FIELDS[dataset]})
 
 
 class TaskConfig(tfds.core.BuilderConfig):
@@ -47,7 +58,7 @@ class KljaxArithmetic(tfds.core.GeneratorBasedBuilder):
   ]
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=_features("question", "answer", "level"))
+    return tfds.core.DatasetInfo(builder=self, features=_features("arithmetic"))
 
   def _split_generators(self, dl_manager):
     c = self.builder_config
@@ -69,8 +80,7 @@ class KljaxCountdown(tfds.core.GeneratorBasedBuilder):
   ]
 
   def _info(self):
-    return tfds.core.DatasetInfo(
-        builder=self, features=_features("question", "answer", "numbers", "target"))
+    return tfds.core.DatasetInfo(builder=self, features=_features("countdown"))
 
   def _split_generators(self, dl_manager):
     c = self.builder_config
@@ -105,7 +115,7 @@ class KljaxGsm8k(tfds.core.GeneratorBasedBuilder):
       "(grade_school_math/data/) in the manual dir; otherwise they are downloaded.")
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=_features("question", "solution", "answer"))
+    return tfds.core.DatasetInfo(builder=self, features=_features("gsm8k"))
 
   def _split_generators(self, dl_manager):
     manual = dl_manager.manual_dir if dl_manager.manual_dir else None
@@ -174,7 +184,7 @@ class KljaxOpenr1Math(tfds.core.GeneratorBasedBuilder):
       "manual dir; otherwise the parquet files (about 2 GB) are downloaded.")
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=_features("question", "solution", "answer"))
+    return tfds.core.DatasetInfo(builder=self, features=_features("openr1_math"))
 
   def _split_generators(self, dl_manager):
     manual = dl_manager.manual_dir if dl_manager.manual_dir else None

@@ -84,6 +84,28 @@ def validate(config: ml_collections.ConfigDict) -> None:
     sharding.check_divisible(config.batch_size, mesh)
   except ValueError as err:
     bad("batch_size", f"{err} (minibatches of {per_minibatch}).")
+  _check_reward_fits_dataset(config)
+
+
+def _check_reward_fits_dataset(config: ml_collections.ConfigDict) -> None:
+  """Each built-in reward of `reward.fns` must find the example fields it scores, of the kind it
+  needs, in the examples of `data.name` (`rewards.EXAMPLE_FIELDS` against `data.FIELDS`): otherwise
+  it scores every completion the same and GRPO trains on a constant. Import paths are not checked."""
+  name = config.data.name
+  have = data_lib.FIELDS.get(name.partition("/")[0])
+  if have is None:
+    return  # an unknown dataset is the loader's error
+  fits = lambda need: all(have.get(f) == kind for f, kind in need.items())
+  for fn in (s.strip() for s in config.reward.fns.split(",")):
+    need = rewards.EXAMPLE_FIELDS.get(fn, {})
+    if not fits(need):
+      reads = ", ".join(f"{f} ({kind})" for f, kind in need.items())
+      holds = ", ".join(f"{f} ({have.get(f, 'missing')})" for f in need)
+      usable = [r for r, n in rewards.EXAMPLE_FIELDS.items() if n and fits(n)]
+      raise ConfigError(
+          f"--config.reward.fns: the reward {fn!r} cannot score the dataset {name!r}: it reads "
+          f"the example fields {reads}, and {name} has {holds}."
+          + (f" Rewards that check {name}: {', '.join(usable)}." if usable else ""))
 
 
 def _mesh(config) -> jax.sharding.Mesh:
