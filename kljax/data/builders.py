@@ -223,8 +223,17 @@ class Source:
     return len(self._source)
 
   def __getitem__(self, index: int) -> dict[str, str]:
-    ex = self._source[int(index)]
-    return {k: v.decode() if isinstance(v, bytes) else str(v) for k, v in ex.items()}
+    return _decode(self._source[int(index)])
+
+  def take(self, indices) -> list[dict[str, str]]:
+    """Many examples in one read: much faster than one at a time."""
+    get_many = getattr(self._source, "__getitems__", None)
+    rows = get_many([int(i) for i in indices]) if get_many else [self._source[int(i)] for i in indices]
+    return [_decode(ex) for ex in rows]
+
+
+def _decode(ex) -> dict[str, str]:
+  return {k: v.decode() if isinstance(v, bytes) else str(v) for k, v in ex.items()}
 
 
 def load(name: str, split: str, *, data_dir: str, manual_dir: str | None = None) -> Source:

@@ -29,6 +29,7 @@ from kljax import estimators as est
 from kljax import logprobs, losses, models, rewards, sharding, text
 from kljax.kl import KLTerm, kl_term, kl_term_names
 from kljax.sampling import sample
+from kljax.train import sft
 from kljax.train.checkpoint import Checkpointer
 from kljax.train.metrics import MetricsWriter
 
@@ -108,6 +109,30 @@ def _check_reward_fits_dataset(config: ml_collections.ConfigDict) -> None:
           + (f" Rewards that check {name}: {', '.join(usable)}." if usable else ""))
 
 
+def check_prompt_lengths(config: ml_collections.ConfigDict) -> None:
+  """Raises a ConfigError, before any training, when a prompt of the train split (formatted by
+  `data.prompt_template`, with `<bos>` if `data.add_bos`) takes more than `data.max_prompt_len`
+  tokens, naming the longest."""
+  d = config.data
+  longest, i, prompt = _longest_prompt(d.name, d.data_dir, d.get("manual_dir") or None,
+                                       d.prompt_template, d.add_bos, config.model.tokenizer)
+  if longest > d.max_prompt_len:
+    raise ConfigError(
+        f"--config.data.max_prompt_len: the longest prompt of {d.name} (train example {i}, "
+        f"{prompt!r}) takes {longest} tokens{' with <bos>' if d.add_bos else ''}, more than "
+        f"max_prompt_len={d.max_prompt_len}; raise --config.data.max_prompt_len to at least "
+        f"{longest}.")
+
+
+@functools.lru_cache(maxsize=16)  # the scan reads the whole split: once a process is enough
+def _longest_prompt(name, data_dir, manual_dir, template, add_bos, tokenizer) -> tuple[int, int, str]:
+  source = data_lib.load(name, "train", data_dir=data_dir, manual_dir=manual_dir)
+  examples = source.take(range(len(source)))
+  tok = text.HFTokenizer(tokenizer) if tokenizer else text.CharTokenizer()
+  longest, i = sft.longest_prompt(tok, examples, prompt_template=template, add_bos=add_bos)
+  return longest, i, template.format(**examples[i])
+
+
 def _mesh(config) -> jax.sharding.Mesh:
   n = config.mesh.devices or jax.device_count()
   if n > jax.device_count():
@@ -151,6 +176,7 @@ def build(config: ml_collections.ConfigDict, init_model: nnx.Module | None = Non
   """Everything a run needs, and its initial state: policy = reference = `init_model`, or a random
   `config.model.preset` sized to the tokenizer's vocabulary."""
   validate(config)
+  check_prompt_lengths(config)
   tokenizer = make_tokenizer(config)
   source = data_lib.load(config.data.name, "train", data_dir=config.data.data_dir,
                          manual_dir=config.data.get("manual_dir") or None)
