@@ -1,5 +1,7 @@
 """GRPO on countdown with three numbers (`countdown/n3`: "use 3 4 5 to make 35:" → `(3+4)*5`),
-scored by the `countdown` reward, with the tiny preset on CPU.
+scored by the `countdown` reward, with the tiny preset on CPU: reward about 0.19 -> 0.28 over 400
+steps (40-step means) from a 1000-step warm start, in about 4 minutes on 2 CPU cores; reference
+output in experiments/results/countdown.
 
   python -m experiments.grpo --config configs/grpo_countdown.py --workdir /tmp/kljax_countdown
 
