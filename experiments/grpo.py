@@ -43,6 +43,7 @@ def main(argv):
   config.data.data_dir = os.path.expanduser(config.data.data_dir)
   try:
     grpo.validate(config)
+    grpo.check_prompt_lengths(config)  # reads the dataset (preparing it on first use)
   except grpo.ConfigError as err:
     raise app.UsageError(str(err)) from None
   os.makedirs(_WORKDIR.value, exist_ok=True)

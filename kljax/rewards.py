@@ -1,13 +1,19 @@
-"""Verifiable rewards: answer extraction, exact numeric match, format, and user reward functions.
+"""Verifiable rewards: answer extraction, exact numeric match, countdown, format, and user rewards.
 
 A reward function is called as `reward_fn(prompts, completions, **example_fields) -> [N] floats`
 (the example fields are lists aligned with the completions, e.g. `answer=[...]`). User functions are
 named in configs by import path, "package.module:function".
+
+The built-in verifiers and extractors score any string, in time linear in its length: their regular
+expressions cannot backtrack, numbers are parsed exactly or rejected (never cut to a prefix), and
+countdown expressions are evaluated without recursion, under a length bound.
 """
 
 from __future__ import annotations
 
+import collections
 import importlib
+import operator
 import re
 from fractions import Fraction
 from typing import Callable, NamedTuple, Sequence
@@ -16,9 +22,22 @@ import numpy as np
 
 RewardFn = Callable[..., Sequence[float]]
 
-_NUMBER = r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?"
-_HASHES = re.compile(r"####\s*\$?\s*(" + _NUMBER + r")")
+_MAX_DIGITS = 100  # digits of a number, on each side of a fraction bar
+_MAX_EXPONENT = 1000  # |e| of a decimal exponent
+_MAX_NUMBER_CHARS = 300
+_MAX_EXPRESSION_CHARS = 200  # a countdown expression
+
+# A number in a solution's text: ASCII digits, thousands commas in groups of three, a decimal part,
+# a decimal exponent, a fraction bar. Possessive quantifiers and an atomic group keep matching linear
+# in the text's length; the guards on either side stop a longer token (`1e999999`, `12abc`, `0.5`,
+# `1,2345`, `3/4/5`) from being read as one of its prefixes or suffixes.
+_NUMBER = (r"(?<![0-9A-Za-z_.,/])-?(?>[0-9]{1,3}(?:,[0-9]{3})++|[0-9]++)(?:\.[0-9]++)?+"
+           r"(?:[eE][+-]?[0-9]++)?+(?:/[0-9]++)?+(?![0-9A-Za-z_]|[.,/][0-9])")
+_HASHES = re.compile(r"####\s*+(?:\$\s*+)?+(" + _NUMBER + r")")
 _NUMBERS = re.compile(_NUMBER)
+_PARTS = re.compile(r"(-?)([0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.([0-9]+))?(?:[eE]([+-]?[0-9]+))?"
+                    r"(?:/([0-9]+))?")
+_FRAC = re.compile(r"(-?)\\[dt]?frac\{(-?)([0-9]+)\}\{([0-9]+)\}")
 
 
 def _boxed(text: str) -> str | None:
@@ -35,33 +54,65 @@ def _boxed(text: str) -> str | None:
 
 
 def extract_answer(text: str) -> str | None:
-  """The final answer of a solution: `#### 42` (GSM8K), else `\\boxed{42}`, else the last number."""
+  """The final answer of a solution: the last `#### 42` (GSM8K), else the last `\\boxed{42}`, else
+  the last number; None if there is none.
+
+  A number is written in ASCII digits (see `parse_number`) and is read whole or not at all:
+  `#### 1e999999` gives "1e999999" (which `parse_number` rejects), never "1". Time is linear in
+  `len(text)` for any text.
+  """
   m = _HASHES.findall(text)
   if m:
     return m[-1]
   boxed = _boxed(text)
   if boxed is not None:
     return boxed
-  numbers = _NUMBERS.findall(text)
-  return numbers[-1] if numbers else None
+  last = None
+  for last in _NUMBERS.finditer(text):
+    pass
+  return last.group() if last else None
 
 
 def parse_number(text: str | None) -> Fraction | None:
-  """"1,234" -> 1234, "-3.50" -> -7/2, "$12" -> 12, "3/4" -> 3/4; None if not a number."""
-  if text is None:
+  """The exact value of a final answer, or None if it is not a number.
+
+  "1,234" → 1234, "-3.50" → −7/2, "$12" → 12, "3/4" and "\\frac{3}{4}" → 3/4, "2.5e-3" → 1/400,
+  "1e400" → 10⁴⁰⁰ (exactly; no float is involved). None for anything else, and in particular for
+  more than 100 digits (on either side of a fraction bar), a decimal exponent beyond ±1000, a zero
+  denominator, commas that do not separate thousands ("1,2"), inner spaces ("1 2"), and digits other
+  than ASCII 0-9: "٣" (Arabic-Indic) and "３" (fullwidth) are not read as 3, so each number has one
+  spelling and none can score by changing script.
+  """
+  if text is None or len(text) > _MAX_NUMBER_CHARS:
     return None
-  s = text.strip().replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
-  s = re.sub(r"^\\(?:d?frac)\{(-?\d+)\}\{(-?\d+)\}$", r"\1/\2", s)
-  try:
-    value = Fraction(s)
-  except (ValueError, ZeroDivisionError):
+  s = text.strip().strip("$").strip().rstrip(".")
+  if s.startswith("\\$"):  # an escaped LaTeX dollar sign
+    s = s[2:].lstrip()
+  frac = _FRAC.fullmatch(s)
+  if frac:
+    outer, inner, num, den = frac.groups()
+    s = f"{'-' if (outer == '-') != (inner == '-') else ''}{num}/{den}"
+  m = _PARTS.fullmatch(s)
+  if m is None:
     return None
-  return value
+  sign, whole, decimals, exponent, denominator = m.groups()
+  digits = whole.replace(",", "") + (decimals or "")
+  if len(digits) > _MAX_DIGITS or (denominator and len(denominator) > _MAX_DIGITS):
+    return None
+  if exponent and (len(exponent) > 6 or abs(int(exponent)) > _MAX_EXPONENT):
+    return None
+  value = Fraction(int(digits), 10 ** len(decimals or "")) * Fraction(10) ** int(exponent or 0)
+  if denominator is not None:
+    if int(denominator) == 0:
+      return None
+    value /= int(denominator)
+  return -value if sign else value
 
 
 def numeric_match(prompts: Sequence[str], completions: Sequence[str], *, answer: Sequence[str],
                   **_) -> list[float]:
-  """1.0 where the completion's extracted answer equals the reference numerically, else 0.0."""
+  """1.0 where the completion's final answer (`extract_answer`) equals the reference `answer`
+  exactly as numbers (`parse_number`), else 0.0."""
   out = []
   for completion, ref in zip(completions, answer, strict=True):
     got, want = parse_number(extract_answer(completion)), parse_number(str(ref))
@@ -69,8 +120,122 @@ def numeric_match(prompts: Sequence[str], completions: Sequence[str], *, answer:
   return out
 
 
+# ---------------------------------------------------------------- countdown
+
+_PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
+_APPLY = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
+_SPELLINGS = {"−": "-", "×": "*", "÷": "/"}
+
+
+def evaluate_expression(expr: str) -> tuple[Fraction, list[int]] | None:
+  """Exact value of an arithmetic expression, and the numbers it uses (in order); None if it is not
+  one, or divides by zero.
+
+  Grammar: non-negative integers in ASCII digits without leading zeros, the binary operators
+  + − × ÷ (also `-`, `*`, `/`) with the usual precedence and left associativity, parentheses and
+  spaces; no unary signs, at most 200 characters. Evaluated by an iterative shunting-yard pass over
+  `Fraction`s: no recursion, no float rounding, and, with the length bound, every intermediate
+  value has at most about 200 digits, so any string is answered in bounded time.
+  """
+  if not isinstance(expr, str) or len(expr) > _MAX_EXPRESSION_CHARS:
+    return None
+  values: list[Fraction] = []
+  ops: list[str] = []  # operators and "(" awaiting their right operands
+  used: list[int] = []
+
+  def reduce() -> bool:  # applies the operator on top of `ops`; False on division by zero
+    op, right = ops.pop(), values.pop()
+    if op == "/" and right == 0:
+      return False
+    values.append(_APPLY[op](values.pop(), right))
+    return True
+
+  expect_operand, i, n = True, 0, len(expr)
+  while i < n:
+    ch = _SPELLINGS.get(expr[i], expr[i])
+    if ch in " \t":
+      i += 1
+    elif expect_operand and "0" <= ch <= "9":
+      j = i
+      while j < n and "0" <= expr[j] <= "9":
+        j += 1
+      if expr[i] == "0" and j - i > 1:
+        return None  # leading zero
+      used.append(int(expr[i:j]))
+      values.append(Fraction(used[-1]))
+      expect_operand, i = False, j
+    elif expect_operand and ch == "(":
+      ops.append("(")
+      i += 1
+    elif not expect_operand and ch in _PRECEDENCE:
+      while ops and ops[-1] != "(" and _PRECEDENCE[ops[-1]] >= _PRECEDENCE[ch]:
+        if not reduce():
+          return None
+      ops.append(ch)
+      expect_operand, i = True, i + 1
+    elif not expect_operand and ch == ")":
+      while ops and ops[-1] != "(":
+        if not reduce():
+          return None
+      if not ops:
+        return None  # unbalanced ")"
+      ops.pop()
+      i += 1
+    else:
+      return None
+  if expect_operand:
+    return None  # empty, or ends with an operator or "("
+  while ops:
+    if ops[-1] == "(" or not reduce():
+      return None
+  return values[0], used
+
+
+def countdown_check(expression: str, numbers: Sequence[int], target: int) -> bool:
+  """True iff `expression` (see `evaluate_expression`) equals `target` and uses each of `numbers`
+  at most once (a number given twice may be used twice)."""
+  out = evaluate_expression(expression)
+  return out is not None and out[0] == target and _draws_from(out[1], numbers)
+
+
+def _draws_from(used: Sequence[int], numbers: Sequence[int]) -> bool:
+  """Each number of `used` is one of `numbers`, taken at most as often as it is given."""
+  return not collections.Counter(used) - collections.Counter(numbers)
+
+
+def countdown_reward(prompts: Sequence[str], completions: Sequence[str], *, numbers: Sequence[str],
+                     target: Sequence[str], **_) -> list[float]:
+  """1.0 where the completion's final expression makes the target, else 0.0.
+
+  The final expression is the completion's last non-empty line, written `EXPR` or `EXPR = target`
+  (for "use 3 4 5 to make 35:", `(3+4)*5`, `5*(4+3)` and `(3+4)*5 = 35` all score 1). It scores 1
+  when EXPR (`evaluate_expression`) equals the target exactly and uses each given number at most
+  once. Everything else scores 0: a bare number (the target itself, or a given number: at least one
+  operator is needed), an equation whose right side is not the target (`35 = 5*7`, `… = 35 = 5*7`),
+  a number reused or not given, any other text on the line.
+
+  `numbers` holds each example's numbers space-separated ("3 4 5") and `target` an integer ("35"),
+  as in the `countdown/nK` datasets.
+  """
+  out = []
+  for completion, nums, goal in zip(completions, numbers, target, strict=True):
+    try:
+      pool, want = [int(x) for x in str(nums).split()], int(str(goal))
+    except ValueError:
+      raise ValueError(f"countdown reward: the example fields must hold integers, e.g. "
+                       f"numbers='3 4 5', target='35'; got numbers={nums!r}, target={goal!r}.") from None
+    expr, eq, claim = completion.rstrip().rpartition("\n")[2].partition("=")
+    parsed = evaluate_expression(expr) if not eq or claim.strip() == str(want) else None
+    out.append(float(parsed is not None and len(parsed[1]) >= 2 and parsed[0] == want
+                     and _draws_from(parsed[1], pool)))
+  return out
+
+
+# ---------------------------------------------------------------- format
+
+
 def format_reward(prompts: Sequence[str], completions: Sequence[str], *,
-                  pattern: str = r"####\s*" + _NUMBER + r"\s*$", **_) -> list[float]:
+                  pattern: str = r"####\s*+" + _NUMBER + r"\s*+$", **_) -> list[float]:
   """1.0 where the completion ends with the answer format (default `#### <number>`), else 0.0."""
   rx = re.compile(pattern)
   return [float(rx.search(c.strip()) is not None) for c in completions]
@@ -81,11 +246,19 @@ def boxed_format_reward(prompts: Sequence[str], completions: Sequence[str], **_)
   return [float(_boxed(c) is not None) for c in completions]
 
 
-BUILTIN = {"numeric_match": numeric_match, "format": format_reward, "boxed_format": boxed_format_reward}
+BUILTIN = {"numeric_match": numeric_match, "countdown": countdown_reward, "format": format_reward,
+           "boxed_format": boxed_format_reward}
+
+# The example fields each built-in reward reads, with the kind of value it needs in each. A dataset
+# (`kljax.data.builders.FIELDS`) can be scored by a reward when it has every one of those fields in
+# that kind: `numeric_match` on countdown, whose `answer` is an expression, would score 0 always.
+EXAMPLE_FIELDS = {"numeric_match": {"answer": "number"},
+                  "countdown": {"numbers": "integers", "target": "integer"},
+                  "format": {}, "boxed_format": {}}
 
 
 def load_reward_fn(spec: str | RewardFn) -> RewardFn:
-  """A built-in name ("numeric_match", "format"), an import path "pkg.module:function", or a callable."""
+  """A built-in name (a key of `BUILTIN`), an import path "pkg.module:function", or a callable."""
   if callable(spec):
     return spec
   if spec in BUILTIN:

@@ -26,8 +26,19 @@ from kljax.rewards import extract_answer, parse_number
 _TEXT = tfds.features.Text
 
 
-def _features(*names: str) -> tfds.features.FeaturesDict:
-  return tfds.features.FeaturesDict({n: _TEXT() for n in names})
+# The fields of each dataset's examples (all stored as text) and the kind of value each holds; a
+# reward fits a dataset whose fields it can read (`kljax.rewards.EXAMPLE_FIELDS`).
+FIELDS = {
+    "arithmetic": {"question": "text", "answer": "number", "level": "integer"},
+    "countdown": {"question": "text", "answer": "expression", "numbers": "integers",
+                  "target": "integer"},
+    "gsm8k": {"question": "text", "solution": "text", "answer": "number"},
+    "openr1_math": {"question": "text", "solution": "text", "answer": "number"},
+}
+
+
+def _features(dataset: str) -> tfds.features.FeaturesDict:
+  return tfds.features.FeaturesDict({n: _TEXT() for n in FIELDS[dataset]})
 
 
 class TaskConfig(tfds.core.BuilderConfig):
@@ -47,7 +58,7 @@ class KljaxArithmetic(tfds.core.GeneratorBasedBuilder):
   ]
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=_features("question", "answer", "level"))
+    return tfds.core.DatasetInfo(builder=self, features=_features("arithmetic"))
 
   def _split_generators(self, dl_manager):
     c = self.builder_config
@@ -69,8 +80,7 @@ class KljaxCountdown(tfds.core.GeneratorBasedBuilder):
   ]
 
   def _info(self):
-    return tfds.core.DatasetInfo(
-        builder=self, features=_features("question", "answer", "numbers", "target"))
+    return tfds.core.DatasetInfo(builder=self, features=_features("countdown"))
 
   def _split_generators(self, dl_manager):
     c = self.builder_config
@@ -105,7 +115,7 @@ class KljaxGsm8k(tfds.core.GeneratorBasedBuilder):
       "(grade_school_math/data/) in the manual dir; otherwise they are downloaded.")
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=_features("question", "solution", "answer"))
+    return tfds.core.DatasetInfo(builder=self, features=_features("gsm8k"))
 
   def _split_generators(self, dl_manager):
     manual = dl_manager.manual_dir if dl_manager.manual_dir else None
@@ -161,14 +171,20 @@ class KljaxOpenr1Math(tfds.core.GeneratorBasedBuilder):
   each problem's uuid.
   """
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.1.0": "Answers parsed by the exact number grammar of kljax.rewards.parse_number: answers "
+               "with inner spaces or '$', commas that do not separate thousands ('1,2', often a "
+               "list), or non-ASCII digits are dropped instead of read as one number.",
+      "1.0.0": "Initial release.",
+  }
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Optional: put the train-*.parquet files of huggingface.co/datasets/open-r1/OpenR1-Math-220k "
       "(data/, the default subset) or JSONL files with problem/solution/answer/uuid fields in the "
       "manual dir; otherwise the parquet files (about 2 GB) are downloaded.")
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=_features("question", "solution", "answer"))
+    return tfds.core.DatasetInfo(builder=self, features=_features("openr1_math"))
 
   def _split_generators(self, dl_manager):
     manual = dl_manager.manual_dir if dl_manager.manual_dir else None
@@ -207,8 +223,17 @@ class Source:
     return len(self._source)
 
   def __getitem__(self, index: int) -> dict[str, str]:
-    ex = self._source[int(index)]
-    return {k: v.decode() if isinstance(v, bytes) else str(v) for k, v in ex.items()}
+    return _decode(self._source[int(index)])
+
+  def take(self, indices) -> list[dict[str, str]]:
+    """Many examples in one read: much faster than one at a time."""
+    get_many = getattr(self._source, "__getitems__", None)
+    rows = get_many([int(i) for i in indices]) if get_many else [self._source[int(i)] for i in indices]
+    return [_decode(ex) for ex in rows]
+
+
+def _decode(ex) -> dict[str, str]:
+  return {k: v.decode() if isinstance(v, bytes) else str(v) for k, v in ex.items()}
 
 
 def load(name: str, split: str, *, data_dir: str, manual_dir: str | None = None) -> Source:

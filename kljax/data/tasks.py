@@ -9,12 +9,12 @@ References:
 
 from __future__ import annotations
 
-import ast
-import operator
-from fractions import Fraction
 from typing import Iterator
 
 import numpy as np
+
+# The countdown verifier lives with the rewards (kljax.rewards), which score completions with it.
+from kljax.rewards import countdown_check, evaluate_expression  # noqa: F401
 
 ARITHMETIC_LEVELS = (1, 2, 3, 4, 5)
 
@@ -37,51 +37,6 @@ def arithmetic(seed: int, count: int, level: int) -> Iterator[dict[str, str]]:
   rng = np.random.default_rng(seed)
   for _ in range(count):
     yield arithmetic_example(rng, level)
-
-
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
-
-
-def evaluate_expression(expr: str) -> tuple[Fraction, list[int]] | None:
-  """Exact value of an expression of integers, + − × / and parentheses, and the numbers it uses;
-  None if it is anything else (or divides by zero)."""
-  try:
-    tree = ast.parse(expr.strip(), mode="eval")
-  except SyntaxError:
-    return None
-  used: list[int] = []
-
-  def walk(node):
-    if isinstance(node, ast.Expression):
-      return walk(node.body)
-    if isinstance(node, ast.Constant) and isinstance(node.value, int) and node.value >= 0:
-      used.append(node.value)
-      return Fraction(node.value)
-    if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-      left, right = walk(node.left), walk(node.right)
-      if isinstance(node.op, ast.Div) and right == 0:
-        raise ZeroDivisionError
-      return Fraction(_OPS[type(node.op)](left, right))
-    raise ValueError("unsupported expression")
-
-  try:
-    return walk(tree), used
-  except (ValueError, ZeroDivisionError):
-    return None
-
-
-def countdown_check(expression: str, numbers: list[int], target: int) -> bool:
-  """True iff the expression equals `target` using each given number at most once."""
-  out = evaluate_expression(expression)
-  if out is None:
-    return False
-  value, used = out
-  pool = list(numbers)
-  for n in used:
-    if n not in pool:
-      return False
-    pool.remove(n)
-  return value == target
 
 
 def countdown_example(rng: np.random.Generator, num_numbers: int) -> dict[str, str]:

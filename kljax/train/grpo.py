@@ -29,6 +29,7 @@ from kljax import estimators as est
 from kljax import logprobs, losses, models, rewards, sharding, text
 from kljax.kl import KLTerm, kl_term, kl_term_names
 from kljax.sampling import sample
+from kljax.train import sft
 from kljax.train.checkpoint import Checkpointer
 from kljax.train.metrics import MetricsWriter
 
@@ -84,6 +85,52 @@ def validate(config: ml_collections.ConfigDict) -> None:
     sharding.check_divisible(config.batch_size, mesh)
   except ValueError as err:
     bad("batch_size", f"{err} (minibatches of {per_minibatch}).")
+  _check_reward_fits_dataset(config)
+
+
+def _check_reward_fits_dataset(config: ml_collections.ConfigDict) -> None:
+  """Each built-in reward of `reward.fns` must find the example fields it scores, of the kind it
+  needs, in the examples of `data.name` (`rewards.EXAMPLE_FIELDS` against `data.FIELDS`): otherwise
+  it scores every completion the same and GRPO trains on a constant. Import paths are not checked."""
+  name = config.data.name
+  have = data_lib.FIELDS.get(name.partition("/")[0])
+  if have is None:
+    return  # an unknown dataset is the loader's error
+  fits = lambda need: all(have.get(f) == kind for f, kind in need.items())
+  for fn in (s.strip() for s in config.reward.fns.split(",")):
+    need = rewards.EXAMPLE_FIELDS.get(fn, {})
+    if not fits(need):
+      reads = ", ".join(f"{f} ({kind})" for f, kind in need.items())
+      holds = ", ".join(f"{f} ({have.get(f, 'missing')})" for f in need)
+      usable = [r for r, n in rewards.EXAMPLE_FIELDS.items() if n and fits(n)]
+      raise ConfigError(
+          f"--config.reward.fns: the reward {fn!r} cannot score the dataset {name!r}: it reads "
+          f"the example fields {reads}, and {name} has {holds}."
+          + (f" Rewards that check {name}: {', '.join(usable)}." if usable else ""))
+
+
+def check_prompt_lengths(config: ml_collections.ConfigDict) -> None:
+  """Raises a ConfigError, before any training, when a prompt of the train split (formatted by
+  `data.prompt_template`, with `<bos>` if `data.add_bos`) takes more than `data.max_prompt_len`
+  tokens, naming the longest."""
+  d = config.data
+  longest, i, prompt = _longest_prompt(d.name, d.data_dir, d.get("manual_dir") or None,
+                                       d.prompt_template, d.add_bos, config.model.tokenizer)
+  if longest > d.max_prompt_len:
+    raise ConfigError(
+        f"--config.data.max_prompt_len: the longest prompt of {d.name} (train example {i}, "
+        f"{prompt!r}) takes {longest} tokens{' with <bos>' if d.add_bos else ''}, more than "
+        f"max_prompt_len={d.max_prompt_len}; raise --config.data.max_prompt_len to at least "
+        f"{longest}.")
+
+
+@functools.lru_cache(maxsize=16)  # the scan reads the whole split: once a process is enough
+def _longest_prompt(name, data_dir, manual_dir, template, add_bos, tokenizer) -> tuple[int, int, str]:
+  source = data_lib.load(name, "train", data_dir=data_dir, manual_dir=manual_dir)
+  examples = source.take(range(len(source)))
+  tok = text.HFTokenizer(tokenizer) if tokenizer else text.CharTokenizer()
+  longest, i = sft.longest_prompt(tok, examples, prompt_template=template, add_bos=add_bos)
+  return longest, i, template.format(**examples[i])
 
 
 def _mesh(config) -> jax.sharding.Mesh:
@@ -129,6 +176,7 @@ def build(config: ml_collections.ConfigDict, init_model: nnx.Module | None = Non
   """Everything a run needs, and its initial state: policy = reference = `init_model`, or a random
   `config.model.preset` sized to the tokenizer's vocabulary."""
   validate(config)
+  check_prompt_lengths(config)
   tokenizer = make_tokenizer(config)
   source = data_lib.load(config.data.name, "train", data_dir=config.data.data_dir,
                          manual_dir=config.data.get("manual_dir") or None)

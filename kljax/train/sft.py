@@ -1,10 +1,13 @@
 """Supervised warm start: next-token cross-entropy on a task's reference answers.
 
-Each example is `<bos> question answer <eos>`; the loss covers the answer and the EOS only. The
-result is the reference policy a GRPO run starts from (saved in HF format, like any checkpoint).
+Each example is `<bos> prompt answer <eos>`, with the prompt as a GRPO run formats it; the loss
+covers the answer and the EOS only. The result is the reference policy a GRPO run starts from
+(saved in HF format, like any checkpoint).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -16,15 +19,42 @@ from kljax import data as data_lib
 from kljax import models, text
 
 
-def encode_pairs(tokenizer, examples, length: int):
-  """Right-padded tokens [B, L], attention mask, and the mask of answer+EOS positions."""
+def encode_prompt(tokenizer, example: dict[str, str], *, prompt_template: str = "{question}",
+                  add_bos: bool = True) -> list[int]:
+  """The prompt tokens of an example, as a GRPO run feeds them: `<bos>` (if `add_bos`) and the
+  template filled with the example's fields."""
+  bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
+  return bos + tokenizer.encode(prompt_template.format(**example))
+
+
+def longest_prompt(tokenizer, examples, *, prompt_template: str = "{question}",
+                   add_bos: bool = True) -> tuple[int, int]:
+  """(tokens, index) of the example whose prompt (`encode_prompt`) is longest."""
+  lengths = [len(encode_prompt(tokenizer, ex, prompt_template=prompt_template, add_bos=add_bos))
+             for ex in examples]
+  i = int(np.argmax(lengths))
+  return lengths[i], i
+
+
+def encode_pairs(tokenizer, examples, *, prompt_len: int, completion_len: int,
+                 prompt_template: str = "{question}", add_bos: bool = True):
+  """Right-padded tokens [B, prompt_len + completion_len], attention mask, and the mask of the
+  supervised positions: each row is `prompt answer <eos>` with the answer and EOS cut to
+  `completion_len` tokens, the most a GRPO rollout generates.
+
+  Raises ValueError when a prompt takes more than `prompt_len` tokens.
+  """
+  length = prompt_len + completion_len
   tokens = np.full((len(examples), length), tokenizer.pad_id, np.int32)
   attn = np.zeros((len(examples), length), bool)
   target = np.zeros((len(examples), length), bool)
   for i, ex in enumerate(examples):
-    q = [tokenizer.bos_id] + tokenizer.encode(ex["question"])
-    a = tokenizer.encode(ex["answer"]) + [tokenizer.eos_id]
-    seq = (q + a)[:length]
+    q = encode_prompt(tokenizer, ex, prompt_template=prompt_template, add_bos=add_bos)
+    if len(q) > prompt_len:
+      raise ValueError(f"prompt_len={prompt_len}: the prompt {prompt_template.format(**ex)!r} "
+                       f"encodes to {len(q)} tokens.")
+    a = (tokenizer.encode(ex["answer"]) + [tokenizer.eos_id])[:completion_len]
+    seq = q + a
     tokens[i, :len(seq)] = seq
     attn[i, :len(seq)] = True
     target[i, len(q):len(seq)] = True
@@ -32,12 +62,37 @@ def encode_pairs(tokenizer, examples, length: int):
 
 
 def train_sft(*, preset: str, dataset: str, data_dir: str, steps: int, batch_size: int = 64,
-              learning_rate: float = 3e-3, length: int = 16, seed: int = 0, progress: bool = True):
-  """Returns (model, per-step losses)."""
+              learning_rate: float = 3e-3, prompt_len: int = 8, completion_len: int = 8,
+              prompt_template: str = "{question}", add_bos: bool = True, seed: int = 0,
+              progress: bool = True):
+  """Returns (model, per-step losses).
+
+  Prompts take up to `prompt_len` tokens and answers (with EOS) up to `completion_len`: in a GRPO
+  config, `data.max_prompt_len` and `rollout.max_new_tokens`. Before any training step it raises
+  ValueError when a prompt of the dataset is longer than `prompt_len` (its example would keep no
+  answer token to supervise), and warns when answers are cut.
+  """
   from tqdm.auto import tqdm
 
+  for name, value in (("prompt_len", prompt_len), ("completion_len", completion_len)):
+    if value < 1:
+      raise ValueError(f"{name} must be >= 1, got {value}.")
   tokenizer = text.CharTokenizer()
   source = data_lib.load(dataset, "train", data_dir=data_dir)
+  examples = source.take(range(len(source)))
+  fmt = dict(prompt_template=prompt_template, add_bos=add_bos)
+  longest, i = longest_prompt(tokenizer, examples, **fmt)
+  if longest > prompt_len:
+    raise ValueError(
+        f"prompt_len={prompt_len}: the longest prompt of {dataset} (train example {i}, "
+        f"{prompt_template.format(**examples[i])!r}) encodes to {longest} tokens, so its answer "
+        f"would be cut away and nothing supervised; raise prompt_len to at least {longest}.")
+  answers = [len(tokenizer.encode(ex["answer"])) + 1 for ex in examples]
+  cut = sum(n > completion_len for n in answers)
+  if cut:
+    warnings.warn(f"{cut} of {len(answers)} answers of {dataset} (with EOS) take more than "
+                  f"completion_len={completion_len} tokens (the longest {max(answers)}) and are "
+                  f"cut: the warm start never sees their end.", stacklevel=2)
   model = models.create(models.preset(preset, vocab_size=tokenizer.vocab_size), seed=seed)
   graphdef, params = nnx.split(model)
   warmup = min(50, max(steps // 4, 1))
@@ -60,7 +115,8 @@ def train_sft(*, preset: str, dataset: str, data_dir: str, steps: int, batch_siz
   losses = []
   for step in tqdm(range(steps), desc="sft", unit="step", disable=not progress):
     idx = data_lib.batch_indices(len(source), batch_size, step, seed=seed)
-    batch = encode_pairs(tokenizer, [source[i] for i in idx], length)
+    batch = encode_pairs(tokenizer, [examples[i] for i in idx], prompt_len=prompt_len,
+                         completion_len=completion_len, **fmt)
     params, opt_state, loss = step_fn(params, opt_state, *batch)
     losses.append(float(loss))
   return nnx.merge(graphdef, params), losses
@@ -68,15 +124,26 @@ def train_sft(*, preset: str, dataset: str, data_dir: str, steps: int, batch_siz
 
 def initial_model(config, directory: str):
   """The reference policy of a GRPO config: `config.model.init` if set, else a supervised warm start
-  on `config.data.name` trained once and cached as an HF checkpoint in `directory`."""
+  on `config.data.name` trained once and cached as an HF checkpoint in `directory`, on prompts and
+  answers of the run's lengths (`data.max_prompt_len`, `rollout.max_new_tokens`).
+
+  Raises `grpo.ConfigError` before training when a prompt needs more than `data.max_prompt_len`
+  tokens."""
   import os
+
+  from kljax.train import grpo
 
   path = config.model.init or directory
   if not config.model.init and not os.path.exists(os.path.join(path, "config.json")):
+    grpo.check_prompt_lengths(config)  # names the flag to raise
     model, losses = train_sft(preset=config.model.preset, dataset=config.data.name,
                               data_dir=config.data.data_dir, steps=config.sft.steps,
                               batch_size=config.sft.batch_size,
-                              learning_rate=config.sft.learning_rate, seed=config.seed)
+                              learning_rate=config.sft.learning_rate,
+                              prompt_len=config.data.max_prompt_len,
+                              completion_len=config.rollout.max_new_tokens,
+                              prompt_template=config.data.prompt_template,
+                              add_bos=config.data.add_bos, seed=config.seed)
     models.export_hf(model, path)
     print(f"SFT warm start: loss {losses[0]:.3f} -> {losses[-1]:.3f} ({path})")
   model = models.from_hf(path, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
