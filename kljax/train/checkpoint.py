@@ -47,13 +47,16 @@ class CheckpointSaveError(CheckpointError):
 
 def _leaf_digest(x) -> dict:
   """{dtype, shape, crc32} of a fully addressable array; {dtype, shape, shards: {index: crc32}} of
-  this process's replica-0 shards of one that is not (multi-process)."""
+  the shards this process holds of one that is not (multi-process; replicas are one entry)."""
   def crc(a) -> int:
     return zlib.crc32(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
 
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    shards = {_index_key(s.index, x.shape): crc(np.asarray(s.data))
-              for s in x.addressable_shards if s.replica_id == 0}
+    shards = {}
+    for shard in x.addressable_shards:
+      key = _index_key(shard.index, x.shape)
+      if key not in shards:
+        shards[key] = crc(np.asarray(shard.data))
     return {"dtype": str(x.dtype), "shape": list(x.shape), "shards": shards}
   a = np.asarray(x)
   return {"dtype": str(a.dtype), "shape": list(a.shape), "crc32": crc(a)}
@@ -152,11 +155,17 @@ class _Unverified(Exception):
 
 class _OrbaxSaveTracebacks(logging.Filter):
   """Drops orbax's own logged tracebacks: every error of a background save is raised again by
-  `Checkpointer.wait` as one CheckpointSaveError, and the user needs one message, not five."""
+  `Checkpointer.wait` as one CheckpointSaveError, and the user needs one message, not five. The
+  last one is kept, for a save that orbax gave up on without raising."""
+
+  last: BaseException | None = None
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not (record.levelno >= logging.ERROR and record.exc_info
-                and f"{os.sep}orbax{os.sep}" in record.pathname)
+    if (record.levelno >= logging.ERROR and record.exc_info
+        and f"{os.sep}orbax{os.sep}" in record.pathname):
+      _OrbaxSaveTracebacks.last = record.exc_info[1]
+      return False
+    return True
 
 
 _a_save_failed = False  # set once a save failed in this process
@@ -242,7 +251,8 @@ class Checkpointer:
     except Exception as err:  # noqa: BLE001
       self._raise_save_error(step, err)
     if not (epath.Path(self.directory) / str(step)).exists():  # orbax skipped its finalization
-      self._raise_save_error(step, RuntimeError("the save did not complete (see the log above)"))
+      self._raise_save_error(step, _OrbaxSaveTracebacks.last or RuntimeError(
+          "orbax did not finalize it"))
 
   def _raise_save_error(self, step: int, err: BaseException):
     global _a_save_failed
@@ -268,19 +278,22 @@ class Checkpointer:
 
   def _read(self, step: int, abstract) -> Any:
     """The state of checkpoint `step`, verified against its digest; _Unverified says why not."""
-    digest_dir = epath.Path(self.directory) / str(step) / "digest"
-    if not digest_dir.exists():
-      raise _Unverified("it has no digest (written by an older kljax, or damaged)")
-    try:
-      out = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract), digest=DigestRestore()))
-    except Exception as err:  # noqa: BLE001 - a torn or flipped data file raises many types
-      raise _Unverified(f"it cannot be read ({_cause(err)})") from None
-    record = out["digest"]
-    if record.get("step") != step:
-      raise _Unverified(f"its digest records step {record.get('step')}")
-    problem = _first_difference(record["arrays"], tree_digest(out["state"]))
-    if jax.process_count() > 1:  # every process decides alike
+    problem, out = None, None
+    if not (epath.Path(self.directory) / str(step) / "digest").exists():
+      problem = "it has no digest (written by an older kljax, or damaged)"
+    else:
+      try:
+        out = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), digest=DigestRestore()))
+      except Exception as err:  # noqa: BLE001 - a torn or flipped data file raises many types
+        problem = f"it cannot be read ({_cause(err)})"
+    if out is not None:
+      record = out["digest"]
+      if record.get("step") != step:
+        problem = f"its digest records step {record.get('step')}"
+      else:
+        problem = _first_difference(record["arrays"], tree_digest(out["state"]))
+    if jax.process_count() > 1:  # every process decides alike (each checks its own shards)
       from jax.experimental import multihost_utils
 
       if not np.all(multihost_utils.process_allgather(np.int32(problem is None))):
