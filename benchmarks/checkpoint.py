@@ -1,12 +1,13 @@
 """What verified checkpoints cost: kljax's Checkpointer against orbax alone, on a GRPO state.
 
-  python benchmarks/checkpoint.py                  # presets tiny and 20m, 7 repetitions
+  python benchmarks/checkpoint.py                  # presets tiny and 20m, 15 repetitions
   python benchmarks/checkpoint.py --quick
 
 The state is what a GRPO run saves: policy and reference parameters, AdamW moments, β and the
 step (≈ 4 × the parameter bytes). Both sides use an asynchronous orbax `CheckpointManager` with
 the same options; kljax adds the digest item (CRC-32 of every array, computed in orbax's
-background commit) and, on restore, recomputes and compares it. Reported, as medians:
+background commit) and, on restore, recomputes and compares it. Reported: median seconds of each
+side, and the median of the per-repetition ratios kljax/orbax.
 
   stall    the time `save` blocks the training loop (the rest is written in the background)
   save     until the checkpoint is on disk (`wait_until_finished`)
@@ -77,9 +78,9 @@ class _Kljax:
     return self.ckpt.restore(state).state
 
 
-def bench(state, directory: str, reps: int) -> dict[str, dict[str, float]]:
-  """Medians of each side; the sides alternate within each repetition, so that a change in the
-  machine's load falls on both."""
+def bench(state, directory: str, reps: int) -> dict[str, dict[str, list[float]]]:
+  """Times of each side, repetition by repetition; the sides alternate within each repetition, so
+  that a change in the machine's load falls on both."""
   sides = {"orbax": _Orbax(os.path.join(directory, "orbax")),
            "kljax": _Kljax(os.path.join(directory, "kljax"))}
   times = {name: {"stall": [], "save": [], "restore": []} for name in sides}
@@ -94,13 +95,13 @@ def bench(state, directory: str, reps: int) -> dict[str, dict[str, float]]:
       if step > 1:
         for k, v in (("stall", t1 - t0), ("save", t2 - t0), ("restore", t3)):
           times[name][k].append(v)
-  return {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
+  return times
 
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--presets", default="tiny,20m")
-  p.add_argument("--reps", type=int, default=7)
+  p.add_argument("--reps", type=int, default=15)
   p.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
   p.add_argument("--quick", action="store_true")
   args = p.parse_args()
@@ -112,11 +113,13 @@ def main() -> None:
     state = grpo_state(preset)
     mb = sum(x.nbytes for x in jax.tree.leaves(state)) / 1e6
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-      medians = bench(state, tmp, args.reps)
-    base, ours = medians["orbax"], medians["kljax"]
+      times = bench(state, tmp, args.reps)
+    base, ours = times["orbax"], times["kljax"]
     for i, k in enumerate(("stall", "save", "restore")):
+      ratio = statistics.median(b / a for a, b in zip(base[k], ours[k]))  # paired, robust to load
       print(f"{preset if not i else '':8} {f'{mb:.1f}' if not i else '':>7}  {k:8} "
-            f"{base[k]:8.3f} {ours[k]:8.3f} {ours[k] / base[k]:10.2f}x")
+            f"{statistics.median(base[k]):8.3f} {statistics.median(ours[k]):8.3f} "
+            f"{ratio:10.2f}x")
 
 
 if __name__ == "__main__":
