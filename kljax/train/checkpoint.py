@@ -316,13 +316,15 @@ class Checkpointer:
         continue
     return None
 
-  def restore(self, target: Any) -> Restored | None:
-    """The newest checkpoint that verifies, restored into `target`'s structure and shardings; None
-    if there is none at all. Newer ones that do not verify are moved to
-    WORKDIR/rejected_checkpoints, with a notice; if none verifies, raises CheckpointError."""
+  def restore(self, target: Any = None) -> Restored | None:
+    """The newest checkpoint that verifies, restored into `target`'s structure and shardings (or,
+    without a target, as saved: nested dicts, single-process checkpoints only); None if there is
+    none at all. Newer ones that do not verify are moved to WORKDIR/rejected_checkpoints, with a
+    notice; if none verifies, raises CheckpointError."""
     self.wait()
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    self._abstract = abstract
+    abstract = None
+    if target is not None:
+      abstract = self._abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     steps = sorted(self._manager.all_steps(), reverse=True)
     if not steps:
       return None
