@@ -73,11 +73,13 @@ def tree_digest(tree) -> dict[str, dict]:
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   with concurrent.futures.ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
     digests = list(pool.map(lambda kv: _leaf_digest(kv[1]), leaves))
-  return {jax.tree_util.keystr(k, simple=True, separator="/"): d for (k, _), d in zip(leaves, digests)}
+  return {jax.tree_util.keystr(k, simple=True, separator="/"): d
+          for (k, _), d in zip(leaves, digests)}
 
 
 def _first_difference(saved: dict, restored: dict) -> str | None:
-  """A sentence naming the first array whose restored digest differs from the saved one."""
+  """A sentence naming the first array whose restored digest differs from the saved one. Shards
+  that were not recorded (a checkpoint restored onto another process layout) are not compared."""
   for path, got in restored.items():
     want = saved.get(path)
     if want is None:

@@ -149,7 +149,8 @@ def _check_dir(flag: str, path: str, *, write: bool) -> None:
     raise ConfigError(f"{flag}: {path} {what}.")
   local = "://" not in str(path)
   if local and (existing != path or write) and not os.access(existing, os.W_OK | os.X_OK):
-    what = "is not writable" if existing == path else f"cannot be created: {existing} is not writable"
+    what = ("is not writable" if existing == path else
+            f"cannot be created: {existing} is not writable")
     raise ConfigError(f"{flag}: {path} {what}.")
 
 

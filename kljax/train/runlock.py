@@ -48,8 +48,8 @@ def hold(workdir: str) -> Iterator[str]:
                            f"wait for it to end or use another --workdir.") from None
     f.seek(0)
     f.truncate()
-    f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}))
+    started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": started}))
     f.flush()
     _held[path] = [f, 1]
   try:
