@@ -182,12 +182,16 @@ def trajectory_gap(a: list[list[dict]], b: list[list[dict]]) -> list[dict[str, A
 def final_param_distance(dir_a: str, dir_b: str) -> float:
   """‖θ_a − θ_b‖ / ‖θ_a‖ between the policies of two runs' latest checkpoints."""
   import jax
-  import orbax.checkpoint as ocp
+
+  from kljax.train.checkpoint import Checkpointer
 
   params = []
   for d in (dir_a, dir_b):
-    with ocp.CheckpointManager(os.path.join(os.path.abspath(d), "checkpoints")) as manager:
-      state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore())
+    ckpt = Checkpointer(d, every=1)
+    try:
+      state = ckpt.restore().state  # the newest that verifies
+    finally:
+      ckpt.close()
     params.append([np.asarray(x, np.float64) for x in jax.tree.leaves(state["params"])])
   diff = math.sqrt(sum(np.sum((x - y) ** 2) for x, y in zip(*params)))
   return diff / math.sqrt(sum(np.sum(x ** 2) for x in params[0]))

@@ -18,6 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         ("sampler.py", [], "speed-up"),
         ("train_step.py", [], "fraction"),
         ("grpo_step.py", ["--data_dir", "{tmp}"], "seconds per iteration"),
+        ("checkpoint.py", ["--dir", "{tmp}"], "kljax/orbax"),
     ],
 )
 def test_benchmark_quick(script, args, expect, tmp_path):

@@ -41,24 +41,6 @@ def tiny_config(data_dir, **changes):
   return c
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
-@pytest.fixture(scope="module")
-def sft_dir(data_dir, tmp_path_factory):
-  """A short warm start, so rewards vary and every gradient is real (from a random init all
-  rewards are 0 and Adam would only amplify rounding noise)."""
-  from kljax import models
-  from kljax.train.sft import train_sft
-
-  path = str(tmp_path_factory.mktemp("sft"))
-  models.export_hf(train_sft(preset="tiny", dataset="arithmetic/level1", data_dir=data_dir,
-                             steps=150, progress=False)[0], path)
-  return path
-
-
 def _init(path):
   from kljax import models
 
@@ -111,15 +93,18 @@ def test_short_runs_write_every_metric(data_dir, tmp_path, changes):
 def test_non_finite_stops_with_the_last_good_checkpoint_intact(data_dir, tmp_path):
   config = tiny_config(data_dir, num_steps=6, **{"optim.learning_rate": 1e30,
                                                   "optim.warmup_steps": 0})
-  with pytest.raises(grpo.NonFiniteError, match=r"non-finite .*last good checkpoint \(step (\d)\)"):
+  with pytest.raises(grpo.NonFiniteError, match=r"non-finite .*The last checkpoint that verifies "
+                                                r"is step (\d).*lower the learning rate") as err:
     grpo.train(config, str(tmp_path), progress=False)
   ckpt = Checkpointer(str(tmp_path), every=1)
   good = ckpt.latest_step()
+  assert f"verifies is step {good} " in str(err.value)
   rows = read_jsonl(str(tmp_path / "metrics.jsonl"))
   assert good is not None and len(rows) == good  # nothing was written past the last good step
   _, state = grpo.build(config)
-  step, restored = ckpt.restore(state)
-  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(restored.params))
+  restored = ckpt.restore(state)
+  assert restored.step == good and not restored.rejected
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(restored.state.params))
 
 
 def test_corrupt_checkpoint_gives_a_clear_error(data_dir, tmp_path):
@@ -127,13 +112,15 @@ def test_corrupt_checkpoint_gives_a_clear_error(data_dir, tmp_path):
   _, state = grpo.build(config)
   ckpt = Checkpointer(str(tmp_path), every=1)
   ckpt.maybe_save(1, state)
+  ckpt.close()  # the save is asynchronous
   for root, _, files in os.walk(ckpt.directory):
     for f in files:
       if "array_metadatas" not in root and not f.startswith("_"):
         with open(os.path.join(root, f), "wb") as fh:
           fh.write(b"garbage")
-  with pytest.raises(CheckpointError, match=r"cannot restore checkpoint step 1 .* corrupt or was "
-                                            r"written by a different configuration"):
+  with pytest.raises(CheckpointError, match=r"no checkpoint in .* verifies: step 1: it cannot be "
+                                            r"read .* damaged, or written by a different "
+                                            r"configuration"):
     Checkpointer(str(tmp_path), every=1).restore(state)
 
 

@@ -1,7 +1,7 @@
 """Policy and reference models: the decoder, its presets, and Hugging Face checkpoint import/export."""
 
 from kljax.models.config import PRESETS, ModelConfig, RopeScaling, preset
-from kljax.models.hf import config_from_hf, config_to_hf, export_hf, from_hf
+from kljax.models.hf import check_hf, config_from_hf, config_to_hf, export_hf, from_hf
 from kljax.models.transformer import Decoder, KVCache, abstract, count_params, create
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "ModelConfig",
     "RopeScaling",
     "abstract",
+    "check_hf",
     "config_from_hf",
     "config_to_hf",
     "count_params",

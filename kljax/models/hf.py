@@ -219,6 +219,29 @@ def _tensor_files(path: str) -> dict[str, str]:
   )
 
 
+def _open(path: str, *, dtype: str, param_dtype: str | None):
+  """(config, layout, tensor files) of a checkpoint directory whose every tensor is present."""
+  config_path = os.path.join(path, "config.json")
+  if not os.path.exists(config_path):
+    raise CheckpointError(f"{config_path} does not exist.")
+  with open(config_path) as f:
+    config = config_from_hf(json.load(f), dtype=dtype, param_dtype=param_dtype)
+  layout = _layout(config)
+  files = _tensor_files(path)
+  missing = [name for name in layout if name not in files]
+  if missing:
+    more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+    raise CheckpointError(f"{path}: missing tensor(s) {', '.join(missing[:5])}{more}.")
+  return config, layout, files
+
+
+def check_hf(path: str, *, dtype: str = "float32", param_dtype: str | None = None) -> ModelConfig:
+  """The `ModelConfig` of a checkpoint directory that `from_hf` can read, without reading its
+  weights: `config.json` is supported and every tensor it implies is in the safetensors files
+  (their shapes are checked on load). Raises CheckpointError like `from_hf`."""
+  return _open(path, dtype=dtype, param_dtype=param_dtype)[0]
+
+
 def from_hf(path: str, *, dtype: str = "float32", param_dtype: str | None = None) -> Decoder:
   """Loads a local HF Llama/Qwen2 checkpoint directory into a `Decoder`.
 
@@ -231,18 +254,7 @@ def from_hf(path: str, *, dtype: str = "float32", param_dtype: str | None = None
   """
   from safetensors import safe_open
 
-  config_path = os.path.join(path, "config.json")
-  if not os.path.exists(config_path):
-    raise CheckpointError(f"{config_path} does not exist.")
-  with open(config_path) as f:
-    config = config_from_hf(json.load(f), dtype=dtype, param_dtype=param_dtype)
-  layout = _layout(config)
-  files = _tensor_files(path)
-  missing = [name for name in layout if name not in files]
-  if missing:
-    more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-    raise CheckpointError(f"{path}: missing tensor(s) {', '.join(missing[:5])}{more}.")
-
+  config, layout, files = _open(path, dtype=dtype, param_dtype=param_dtype)
   model = create(config)
   targets = {target for target, _, _, _ in layout.values()}
   arrays = {name: np.zeros(getattr(model, name)[...].shape, np.float32) for name in targets}

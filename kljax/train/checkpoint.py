@@ -1,54 +1,385 @@
-"""Orbax checkpoints of a whole training state, with errors that say what is wrong."""
+"""Orbax checkpoints of a whole training state that verify what they restore.
+
+Each checkpoint holds two items: `state` (the arrays) and `digest` (a CRC-32 of every array's
+bytes, with its dtype and shape, and the step). Saves are asynchronous: `maybe_save` returns once
+orbax has taken the arrays, and the write, the digest and the final rename run in the background
+while training goes on. A save that fails in the background is reported at the next save, at
+`wait` or at `close`, naming its step.
+
+`restore` recomputes the digest of what it read and compares; a checkpoint that cannot be read or
+does not match is moved to WORKDIR/rejected_checkpoints and the next older one is tried. The data
+order and the random keys are functions of (seed, step), so the step is the whole of the data
+position and RNG state, and it is covered by the digest like every other array.
+"""
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
+import errno
+import gc
+import json
+import logging
 import os
-from typing import Any
+import shutil
+import sys
+import zlib
+from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+
+_DIGEST_VERSION = 1
 
 
 class CheckpointError(RuntimeError):
-  """A checkpoint that cannot be restored into this run (corrupt, or from another configuration)."""
+  """A checkpoint that cannot be saved, or no checkpoint that can be restored into this run."""
+
+
+class CheckpointSaveError(CheckpointError):
+  """A save failed (out of space, or any write error); earlier checkpoints are untouched."""
+
+
+# ---------------------------------------------------------------- digests
+
+
+def _leaf_digest(x) -> dict:
+  """{dtype, shape, crc32} of a fully addressable array; {dtype, shape, shards: {index: crc32}} of
+  the shards this process holds of one that is not (multi-process; replicas are one entry)."""
+  def crc(a) -> int:
+    return zlib.crc32(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    shards = {}
+    for shard in x.addressable_shards:
+      key = _index_key(shard.index, x.shape)
+      if key not in shards:
+        shards[key] = crc(np.asarray(shard.data))
+    return {"dtype": str(x.dtype), "shape": list(x.shape), "shards": shards}
+  a = np.asarray(x)
+  return {"dtype": str(a.dtype), "shape": list(a.shape), "crc32": crc(a)}
+
+
+def _index_key(index, shape) -> str:
+  return ",".join(f"{s.start or 0}:{n if s.stop is None else s.stop}" for s, n in zip(index, shape))
+
+
+def tree_digest(tree) -> dict[str, dict]:
+  """{leaf path: digest} of every array of `tree`, in tree order. CRC-32 detects damage (flipped
+  bits, torn or truncated files), not tampering. Host copies; the CRCs run on a few threads (zlib
+  releases the GIL)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  with concurrent.futures.ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+    digests = list(pool.map(lambda kv: _leaf_digest(kv[1]), leaves))
+  return {jax.tree_util.keystr(k, simple=True, separator="/"): d
+          for (k, _), d in zip(leaves, digests)}
+
+
+def _first_difference(saved: dict, restored: dict) -> str | None:
+  """A sentence naming the first array whose restored digest differs from the saved one. Shards
+  that were not recorded (a checkpoint restored onto another process layout) are not compared."""
+  for path, got in restored.items():
+    want = saved.get(path)
+    if want is None:
+      return f"array {path} has no recorded digest (a different state structure)"
+    if (want["dtype"], want["shape"]) != (got["dtype"], got["shape"]):
+      return (f"array {path} is {got['dtype']}{got['shape']}, recorded as "
+              f"{want['dtype']}{want['shape']}")
+    if "crc32" in got and want.get("crc32", got["crc32"]) != got["crc32"]:
+      return f"array {path} differs from the digest recorded at save"
+    for index, value in got.get("shards", {}).items():
+      if want.get("shards", {}).get(index, value) != value:
+        return f"array {path} (shard {index}) differs from the digest recorded at save"
+  return None
+
+
+class DigestHandler(ocp.AsyncCheckpointHandler):
+  """The `digest` item: computed from the state and written in orbax's background commit, so the
+  checkpoint and its digest are finalized together. Every process writes the digest of its own
+  arrays (all of them single-process; its shards multi-process); restore merges them."""
+
+  async def _write(self, directory: epath.Path, args: DigestSave) -> None:
+    record = {"version": _DIGEST_VERSION, "step": args.step, "arrays": tree_digest(args.state)}
+    (epath.Path(directory) / f"digest.{jax.process_index()}.json").write_text(json.dumps(record))
+
+  async def async_save(self, directory, args: DigestSave):
+    return [ocp.future.CommitFutureAwaitingContractedSignals(self._write(directory, args),
+                                                             name="kljax_digest")]
+
+  def save(self, directory, args: DigestSave):
+    ocp.future.CommitFutureAwaitingContractedSignals(self._write(directory, args)).result()
+
+  def restore(self, directory, args: DigestRestore | None = None) -> dict:
+    del args
+    files = sorted(epath.Path(directory).glob("digest.*.json"))
+    if not files:
+      raise FileNotFoundError(f"no digest in {directory}")
+    merged: dict = {}
+    for f in files:
+      record = json.loads(f.read_text())
+      arrays = merged.setdefault("arrays", {})
+      for path, d in record.pop("arrays").items():
+        if path in arrays and "shards" in d:
+          arrays[path]["shards"].update(d["shards"])
+        else:
+          arrays[path] = d
+      merged.update(record)
+    return merged
+
+
+@ocp.args.register_with_handler(DigestHandler, for_save=True)
+@dataclasses.dataclass
+class DigestSave(ocp.args.CheckpointArgs):
+  state: Any  # read in the background: the caller must not donate or delete these arrays
+  step: int
+
+
+@ocp.args.register_with_handler(DigestHandler, for_restore=True)
+@dataclasses.dataclass
+class DigestRestore(ocp.args.CheckpointArgs):
+  pass
+
+
+# ---------------------------------------------------------------- the checkpointer
+
+
+class Restored(NamedTuple):
+  step: int
+  state: Any
+  rejected: list[tuple[int, str]]  # (step, why) of newer checkpoints that did not verify
+
+
+class _Unverified(Exception):
+  pass
+
+
+class _OrbaxSaveTracebacks(logging.Filter):
+  """Drops orbax's own logged tracebacks: every error of a background save is raised again by
+  `Checkpointer.wait` as one CheckpointSaveError, and the user needs one message, not five. The
+  last one is kept, for a save that orbax gave up on without raising."""
+
+  last: BaseException | None = None
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if (record.levelno >= logging.ERROR and record.exc_info
+        and f"{os.sep}orbax{os.sep}" in record.pathname):
+      _OrbaxSaveTracebacks.last = record.exc_info[1]
+      return False
+    return True
+
+
+_a_save_failed = False  # set once a save failed in this process
+
+
+def _orbax_unraisable(hook):
+  """Wraps `sys.unraisablehook` to drop the echoes of a save that already failed: orbax write
+  coroutines finalized after orbax closed their event loop, and TensorStore writes still in flight
+  then, whose completion callbacks find the loop closed ('Event loop is closed')."""
+  def quiet(unraisable):
+    code = getattr(unraisable.object, "cr_code", None)
+    if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+      return
+    tb = unraisable.exc_traceback
+    if (_a_save_failed and unraisable.object is None and tb is not None
+        and tb.tb_frame.f_code.co_name == "call_soon_threadsafe"
+        and str(unraisable.exc_value) == "Event loop is closed"):
+      return
+    hook(unraisable)
+
+  quiet.kljax_quiet = True
+  return quiet
+
+
+def _quiet_failed_saves() -> None:
+  absl_logger = logging.getLogger("absl")
+  if not any(isinstance(f, _OrbaxSaveTracebacks) for f in absl_logger.filters):
+    absl_logger.addFilter(_OrbaxSaveTracebacks())
+  if not getattr(sys.unraisablehook, "kljax_quiet", False):
+    sys.unraisablehook = _orbax_unraisable(sys.unraisablehook)
+
+
+def _say(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(f"kljax: {msg}", file=sys.stderr, flush=True)
 
 
 class Checkpointer:
-  """Saves every `every` steps into DIR/checkpoints, keeps the last `keep`, restores the latest."""
+  """Saves every `every` steps into DIR/checkpoints (asynchronously), keeps the last `keep` (at
+  least two, so that a damaged one has a predecessor), restores the newest that verifies."""
 
   def __init__(self, workdir: str, *, every: int, keep: int = 2):
     if every < 1:
       raise ValueError(f"checkpoint_every must be >= 1, got {every}.")
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    if keep < 2:
+      raise ValueError(f"keep must be >= 2 (a damaged checkpoint needs a predecessor), got {keep}.")
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, "checkpoints")
     self.every = every
     self._manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        self.directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=True))
+    _quiet_failed_saves()
+    self._pending: int | None = None  # step of a save still writing in the background
+    self._abstract = None  # the state's structure, to verify checkpoints in messages
+    self._failed = False
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def maybe_save(self, step: int, state: Any, *, force: bool = False) -> bool:
+    """Starts an asynchronous save of `state` as checkpoint `step` every `every` steps (or when
+    forced). Raises CheckpointSaveError for this save or a failed earlier one."""
     if not force and step % self.every:
       return False
-    self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
-    self._manager.wait_until_finished()
+    self.wait()
+    self._abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), digest=DigestSave(state, step)), force=force)
+    except Exception as err:  # noqa: BLE001 - orbax and the filesystem raise many types
+      self._raise_save_error(step, err)
+    self._pending = step
     return True
 
-  def restore(self, target: Any) -> tuple[int, Any] | None:
-    """(step, state) of the latest checkpoint restored into `target`'s structure, or None."""
-    step = self.latest_step()
-    if step is None:
-      return None
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  def wait(self) -> None:
+    """Blocks until a save in progress is on disk; raises CheckpointSaveError if it failed."""
+    if self._pending is None:
+      return
+    step, self._pending = self._pending, None
     try:
-      state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    except Exception as err:  # noqa: BLE001 - orbax raises many types; name the cause plainly
-      raise CheckpointError(
-          f"cannot restore checkpoint step {step} from {self.directory}: {type(err).__name__}: "
-          f"{str(err)[:300]}. It is corrupt or was written by a different configuration (model "
-          f"preset, optimizer); use a fresh --workdir or delete that checkpoint."
-      ) from None
-    return step, state
+      self._manager.wait_until_finished()
+    except Exception as err:  # noqa: BLE001
+      self._raise_save_error(step, err)
+    if not (epath.Path(self.directory) / str(step)).exists():  # orbax skipped its finalization
+      self._raise_save_error(step, _OrbaxSaveTracebacks.last or RuntimeError(
+          "orbax did not finalize it"))
+
+  def _raise_save_error(self, step: int, err: BaseException):
+    global _a_save_failed
+    _a_save_failed = self._failed = True
+    self._pending = None
+    try:
+      free = f"{shutil.disk_usage(self.directory).free / 2**20:.1f} MiB free"
+    except OSError:
+      free = "free space unknown"
+    good = self.newest_verified()
+    try:  # join orbax's threads and collect the rest of the failed save while Python is whole
+      self._manager.close()
+    except Exception:  # noqa: BLE001 - the error being reported
+      pass
+    gc.collect()
+    last = (f"The last checkpoint that verifies is step {good}; free space (or fix the cause) "
+            f"and rerun the same command to resume from it." if good is not None else
+            "No earlier checkpoint verifies; free space (or fix the cause) and rerun the same "
+            "command to start over.")
+    raise CheckpointSaveError(
+        f"cannot save checkpoint step {step} in {self.directory} ({free}): "
+        f"{_cause(err)}. {last}") from None
+
+  def _read(self, step: int, abstract) -> Any:
+    """The state of checkpoint `step`, verified against its digest; _Unverified says why not."""
+    problem, out = None, None
+    if not (epath.Path(self.directory) / str(step) / "digest").exists():
+      problem = "it has no digest (written by an older kljax, or damaged)"
+    else:
+      try:
+        out = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), digest=DigestRestore()))
+      except Exception as err:  # noqa: BLE001 - a torn or flipped data file raises many types
+        problem = f"it cannot be read ({_cause(err)})"
+    if out is not None:
+      record = out["digest"]
+      if record.get("step") != step:
+        problem = f"its digest records step {record.get('step')}"
+      else:
+        problem = _first_difference(record["arrays"], tree_digest(out["state"]))
+    if jax.process_count() > 1:  # every process decides alike (each checks its own shards)
+      from jax.experimental import multihost_utils
+
+      if not np.all(multihost_utils.process_allgather(np.int32(problem is None))):
+        problem = problem or "an array differs on another process"
+    if problem:
+      raise _Unverified(problem)
+    return out["state"]
+
+  def newest_verified(self, target: Any = None) -> int | None:
+    """The newest step whose checkpoint reads back and matches its digest (read-only)."""
+    abstract = self._abstract if target is None else jax.tree.map(
+        ocp.utils.to_shape_dtype_struct, target)
+    if abstract is None:
+      return None
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        self._read(step, abstract)
+        return step
+      except _Unverified:
+        continue
+    return None
+
+  def restore(self, target: Any = None) -> Restored | None:
+    """The newest checkpoint that verifies, restored into `target`'s structure and shardings (or,
+    without a target, as saved: nested dicts, single-process checkpoints only); None if there is
+    none at all. Newer ones that do not verify are moved to WORKDIR/rejected_checkpoints, with a
+    notice; if none verifies, raises CheckpointError."""
+    self.wait()
+    abstract = None
+    if target is not None:
+      abstract = self._abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    if not steps:
+      return None
+    rejected = []
+    for step in steps:
+      try:
+        state = self._read(step, abstract)
+      except _Unverified as why:
+        rejected.append((step, str(why)))
+        _say(f"checkpoint step {step} in {self.directory} does not verify: {why}.")
+        continue
+      if rejected:
+        moved = self._move_aside([s for s, _ in rejected])
+        _say(f"resuming from checkpoint step {step}, the newest that verifies; moved "
+             f"step(s) {', '.join(str(s) for s, _ in rejected)} to {moved}.")
+      return Restored(step, state, rejected)
+    raise CheckpointError(
+        f"no checkpoint in {self.directory} verifies: "
+        + "; ".join(f"step {s}: {why}" for s, why in rejected)
+        + ". They were damaged, or written by a different configuration (model preset, "
+        "optimizer). Nothing was moved. Copy intact checkpoints back if you have them; to start "
+        "this run over from step 0, move the checkpoints directory aside or use a new --workdir.")
+
+  def _move_aside(self, steps: list[int]) -> str:
+    target = os.path.join(self.workdir, "rejected_checkpoints")
+    if jax.process_index() == 0:
+      os.makedirs(target, exist_ok=True)
+      for step in steps:
+        dest, n = os.path.join(target, str(step)), 1
+        while os.path.exists(dest):
+          dest, n = os.path.join(target, f"{step}.{n}"), n + 1
+        shutil.move(os.path.join(self.directory, str(step)), dest)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices("kljax_rejected_checkpoints")
+    self._manager.reload()
+    return target
 
   def close(self) -> None:
-    self._manager.close()
+    """Waits for a save in progress (raising CheckpointSaveError if it failed) and closes."""
+    try:
+      self.wait()
+    finally:
+      try:
+        self._manager.close()
+      except Exception:  # noqa: BLE001 - already reported by wait()
+        if not self._failed:
+          raise
+
+
+def _cause(err: BaseException) -> str:
+  text = " ".join(str(err).split())
+  if getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in text:
+    text = f"no space left on device ({text})"
+  return f"{type(err).__name__}: {text[:300]}{'…' if len(text) > 300 else ''}"

@@ -9,9 +9,11 @@ restored from its checkpoint continues exactly as an uninterrupted one would.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
+import os
 import time
 from typing import Any, NamedTuple
 
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 
 from kljax import advantages as adv_lib
@@ -30,6 +33,7 @@ from kljax import logprobs, losses, models, rewards, sharding, text
 from kljax.kl import KLTerm, kl_term, kl_term_names
 from kljax.sampling import sample
 from kljax.train import sft
+from kljax.train import runlock
 from kljax.train.checkpoint import Checkpointer
 from kljax.train.metrics import MetricsWriter
 
@@ -38,8 +42,10 @@ class ConfigError(ValueError):
   """A configuration that cannot run; raised before anything is compiled."""
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Every check that needs no compilation: names, ranges, divisibility, the mesh."""
+def validate(config: ml_collections.ConfigDict, workdir: str | None = None) -> None:
+  """Every check that needs no compilation: names, ranges, divisibility, the mesh, the reward
+  functions' import paths. With `workdir`, also the paths a run on this machine reads and writes
+  (`_check_paths`), so that none fails after the warm start."""
   def bad(field, msg):
     raise ConfigError(f"--config.{field}: {msg}")
 
@@ -85,7 +91,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     sharding.check_divisible(config.batch_size, mesh)
   except ValueError as err:
     bad("batch_size", f"{err} (minibatches of {per_minibatch}).")
+  _check_reward_fns(config)
   _check_reward_fits_dataset(config)
+  if workdir is not None:
+    _check_paths(config, workdir)
 
 
 def _check_reward_fits_dataset(config: ml_collections.ConfigDict) -> None:
@@ -131,6 +140,65 @@ def _longest_prompt(name, data_dir, manual_dir, template, add_bos, tokenizer) ->
   tok = text.HFTokenizer(tokenizer) if tokenizer else text.CharTokenizer()
   longest, i = sft.longest_prompt(tok, examples, prompt_template=template, add_bos=add_bos)
   return longest, i, template.format(**examples[i])
+
+
+def _check_reward_fns(config) -> None:
+  """Each `reward.fns` entry imports, and `reward.weights` has one weight for each."""
+  specs = [s.strip() for s in config.reward.fns.split(",")]
+  for spec in specs:
+    try:
+      rewards.load_reward_fn(spec)
+    except ValueError as err:
+      raise ConfigError(f"--config.reward.fns: {err}") from None
+  weights = str(config.reward.weights).split(",")
+  if len(weights) != len(specs):
+    raise ConfigError(f"--config.reward.weights: {len(weights)} weights for {len(specs)} "
+                      f"functions.")
+  for w in weights:
+    try:
+      float(w)
+    except ValueError:
+      raise ConfigError(f"--config.reward.weights: {w.strip()!r} is not a number.") from None
+
+
+def _check_paths(config, workdir: str) -> None:
+  """The run directory can be created and written, the data directory read (or created), and
+  `model.tokenizer` and `model.init`, when set, load (the checkpoint without its weights)."""
+  _check_dir("--workdir", workdir, write=True)
+  _check_dir("--config.data.data_dir", config.data.data_dir, write=False)
+  if config.data.get("manual_dir"):
+    path = epath.Path(os.path.expanduser(config.data.manual_dir))
+    if not path.is_dir():
+      raise ConfigError(f"--config.data.manual_dir: {path} is not a directory.")
+  if config.model.tokenizer:
+    try:
+      text.HFTokenizer(os.path.expanduser(config.model.tokenizer))
+    except Exception as err:  # noqa: BLE001 - tokenizers raises its own exception types
+      raise ConfigError(f"--config.model.tokenizer: {err}") from None
+  if config.model.init:
+    try:
+      models.check_hf(os.path.expanduser(config.model.init), dtype=config.model.dtype,
+                      param_dtype=config.model.param_dtype)
+    except (OSError, ValueError) as err:  # hf.CheckpointError is a ValueError
+      raise ConfigError(f"--config.model.init: {err}") from None
+
+
+def _check_dir(flag: str, path: str, *, write: bool) -> None:
+  """`path` is a directory, or can be made one: its nearest existing ancestor is a writable
+  directory. With `write`, an existing `path` must be writable too (the data directory need not:
+  it may hold prepared data). Local paths only are checked for permissions."""
+  path = epath.Path(os.path.expanduser(str(path)))
+  existing = path
+  while not existing.exists() and existing.parent != existing:
+    existing = existing.parent
+  if not existing.is_dir():
+    what = "is not a directory" if existing == path else f"cannot be created: {existing} is a file"
+    raise ConfigError(f"{flag}: {path} {what}.")
+  local = "://" not in str(path)
+  if local and (existing != path or write) and not os.access(existing, os.W_OK | os.X_OK):
+    what = ("is not writable" if existing == path else
+            f"cannot be created: {existing} is not writable")
+    raise ConfigError(f"{flag}: {path} {what}.")
 
 
 def _mesh(config) -> jax.sharding.Mesh:
@@ -211,8 +279,6 @@ def build(config: ml_collections.ConfigDict, init_model: nnx.Module | None = Non
       config.kl.term, clip_eps_low=config.loss.clip_eps_low, clip_eps_high=config.loss.clip_eps_high)
   fns = [rewards.load_reward_fn(s.strip()) for s in config.reward.fns.split(",")]
   weights = [float(w) for w in str(config.reward.weights).split(",")]
-  if len(weights) != len(fns):
-    raise ConfigError(f"--config.reward.weights: {len(weights)} weights for {len(fns)} functions.")
   state = TrainState(params, params, replicate(optimizer.init(params), mesh),
                      replicate(beta.init(), mesh), replicate(jnp.zeros((), jnp.int32), mesh))
   return Setup(config, tokenizer, source, graphdef, mesh, optimizer, beta, term, fns, weights), state
@@ -485,46 +551,73 @@ def compile_fns(setup: Setup) -> dict:
 
 
 class NonFiniteError(FloatingPointError):
-  """A loss, gradient or metric became NaN or infinite; the last good checkpoint is kept."""
+  """A loss, gradient or metric became NaN or infinite; the checkpoints on disk are kept."""
+
+
+_SUSPECT_STEPS = 3  # non-finite this soon after a restore: suspect the restored state first
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, init_model=None,
           progress: bool = True, bar_options: dict | None = None) -> list[dict]:
   """Runs (or resumes) a GRPO run in `workdir`; returns the metrics of the steps it ran.
-  `bar_options`: extra `tqdm` arguments for the progress bar (e.g. `desc`, `leave`, `position`)."""
+  `bar_options`: extra `tqdm` arguments for the progress bar (e.g. `desc`, `leave`, `position`).
+
+  Holds `workdir`'s run lock throughout (a second run on it raises `runlock.RunLockedError`),
+  resumes from the newest checkpoint that verifies, and saves asynchronously. Raises
+  `NonFiniteError` on a non-finite metric and `CheckpointError` when no checkpoint verifies or a
+  save fails."""
   from tqdm.auto import tqdm
 
-  setup, state = build(config, init_model)
-  ckpt = Checkpointer(workdir, every=config.checkpoint_every)
-  restored = ckpt.restore(state)
-  start = 0
-  if restored is not None:
-    start, state = restored
+  validate(config, workdir)
   leader = jax.process_index() == 0
-  writer = MetricsWriter(workdir, resume_step=start - 1,
-                         tensorboard=config.metrics.tensorboard) if leader else None
-  fns = compile_fns(setup)
-  history = []
-  bar = tqdm(range(start, config.num_steps), initial=start, total=config.num_steps,
-             **({"desc": "grpo", "unit": "step"} | (bar_options or {})),
-             disable=not (progress and leader))
-  try:
+  with contextlib.ExitStack() as stack:
+    if leader:
+      stack.enter_context(runlock.hold(workdir))
+    setup, state = build(config, init_model)
+    ckpt = Checkpointer(workdir, every=config.checkpoint_every)
+    stack.callback(ckpt.close)
+    restored = ckpt.restore(state)
+    start, notes = 0, {}
+    if restored is not None:
+      start, state = restored.step, restored.state
+      if restored.rejected:  # the first row after the restore says so
+        notes = {"resumed_from_step": float(start),
+                 "checkpoints_rejected": float(len(restored.rejected))}
+    writer = MetricsWriter(workdir, resume_step=start - 1,
+                           tensorboard=config.metrics.tensorboard) if leader else None
+    if writer is not None:
+      stack.callback(writer.close)
+    fns = compile_fns(setup)
+    history = []
+    bar = tqdm(range(start, config.num_steps), initial=start, total=config.num_steps,
+               **({"desc": "grpo", "unit": "step"} | (bar_options or {})),
+               disable=not (progress and leader))
     for step in bar:
       state, metrics = train_step(setup, state, fns)
       bad = [k for k, v in metrics.items() if not math.isfinite(v) and k not in ("exact_rkl",
                                                                                    "exact_fkl")]
       if bad:
-        raise NonFiniteError(
-            f"step {step}: non-finite {', '.join(bad)}; stopping. The last good checkpoint "
-            f"(step {ckpt.latest_step()}) in {ckpt.directory} is intact; lower the learning "
-            f"rate or β, or raise loss.dual_clip / grad_clip.")
+        raise NonFiniteError(_non_finite_message(step, bad, ckpt, start if restored else None))
+      metrics |= notes
+      notes = {}
       if writer is not None:
         writer.write(step, metrics)
       history.append({"step": step, **metrics})
       bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['exact_rkl']:.4f}")
       ckpt.maybe_save(step + 1, state, force=step + 1 == config.num_steps)
-  finally:
-    if writer is not None:
-      writer.close()
-    ckpt.close()
   return history
+
+
+def _non_finite_message(step: int, bad: list[str], ckpt: Checkpointer,
+                        restored_step: int | None) -> str:
+  ckpt.wait()
+  good = ckpt.newest_verified()
+  where = (f"The last checkpoint that verifies is step {good} in {ckpt.directory}" if good is not
+           None else f"No checkpoint in {ckpt.directory} verifies")
+  if restored_step is not None and step - restored_step < _SUSPECT_STEPS:
+    advice = (f"this is {step - restored_step + 1} step(s) after restoring checkpoint step "
+              f"{restored_step}, so the restored state is the first suspect (damaged weights or "
+              f"optimizer state), before the learning rate or β")
+  else:
+    advice = "lower the learning rate or β, or raise loss.dual_clip / grad_clip"
+  return f"step {step}: non-finite {', '.join(bad)}; stopping. {where}; {advice}."

@@ -1,0 +1,126 @@
+"""What verified checkpoints cost: kljax's Checkpointer against orbax alone, on a GRPO state.
+
+  python benchmarks/checkpoint.py                  # presets tiny and 20m, 15 repetitions
+  python benchmarks/checkpoint.py --quick
+
+The state is what a GRPO run saves: policy and reference parameters, AdamW moments, β and the
+step (≈ 4 × the parameter bytes). Both sides use an asynchronous orbax `CheckpointManager` with
+the same options; kljax adds the digest item (CRC-32 of every array, computed in orbax's
+background commit) and, on restore, recomputes and compares it. Reported: median seconds of each
+side, and the median of the per-repetition ratios kljax/orbax.
+
+  stall    the time `save` blocks the training loop (the rest is written in the background)
+  save     until the checkpoint is on disk (`wait_until_finished`)
+  restore  until the restored arrays are ready (kljax: also verified)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from kljax import models
+from kljax.train.checkpoint import Checkpointer
+
+
+def grpo_state(preset: str) -> dict:
+  _, params = nnx.split(models.create(models.preset(preset), seed=0))
+  ref = jax.tree.map(lambda x: x * 1, params)  # distinct arrays, as after the first update
+  return {"params": params, "ref_params": ref, "opt_state": optax.adamw(1e-3).init(params),
+          "beta": jnp.float32(0.05), "step": jnp.int32(0)}
+
+
+def _time(fn) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+class _Orbax:
+  """Orbax alone, with the Checkpointer's options."""
+
+  def __init__(self, directory: str):
+    self.manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        max_to_keep=2, create=True, enable_async_checkpointing=True))
+
+  def save(self, step, state):
+    self.manager.save(step, args=ocp.args.StandardSave(state))
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def restore(self, state):
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    return self.manager.restore(self.manager.latest_step(),
+                                args=ocp.args.StandardRestore(abstract))
+
+
+class _Kljax:
+  def __init__(self, directory: str):
+    self.ckpt = Checkpointer(directory, every=1)
+
+  def save(self, step, state):
+    self.ckpt.maybe_save(step, state)
+
+  def wait(self):
+    self.ckpt.wait()
+
+  def restore(self, state):
+    return self.ckpt.restore(state).state
+
+
+def bench(state, directory: str, reps: int) -> dict[str, dict[str, list[float]]]:
+  """Times of each side, repetition by repetition; the sides alternate within each repetition, so
+  that a change in the machine's load falls on both."""
+  sides = {"orbax": _Orbax(os.path.join(directory, "orbax")),
+           "kljax": _Kljax(os.path.join(directory, "kljax"))}
+  times = {name: {"stall": [], "save": [], "restore": []} for name in sides}
+  for step in range(1, reps + 2):  # the first repetition warms up
+    for name, side in sides.items():
+      t0 = time.perf_counter()
+      side.save(step, state)
+      t1 = time.perf_counter()
+      side.wait()
+      t2 = time.perf_counter()
+      t3 = _time(lambda: jax.block_until_ready(side.restore(state)))
+      if step > 1:
+        for k, v in (("stall", t1 - t0), ("save", t2 - t0), ("restore", t3)):
+          times[name][k].append(v)
+  return times
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--presets", default="tiny,20m")
+  p.add_argument("--reps", type=int, default=15)
+  p.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
+  p.add_argument("--quick", action="store_true")
+  args = p.parse_args()
+  if args.quick:
+    args.presets, args.reps = "tiny", 2
+
+  print(f"{'preset':8} {'MB':>7}  {'':8} {'orbax s':>8} {'kljax s':>8} {'kljax/orbax':>11}")
+  for preset in args.presets.split(","):
+    state = grpo_state(preset)
+    mb = sum(x.nbytes for x in jax.tree.leaves(state)) / 1e6
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+      times = bench(state, tmp, args.reps)
+    base, ours = times["orbax"], times["kljax"]
+    for i, k in enumerate(("stall", "save", "restore")):
+      ratio = statistics.median(b / a for a, b in zip(base[k], ours[k]))  # paired, robust to load
+      print(f"{preset if not i else '':8} {f'{mb:.1f}' if not i else '':>7}  {k:8} "
+            f"{statistics.median(base[k]):8.3f} {statistics.median(ours[k]):8.3f} "
+            f"{ratio:10.2f}x")
+
+
+if __name__ == "__main__":
+  main()
