@@ -90,9 +90,16 @@ def test_short_runs_write_every_metric(data_dir, tmp_path, changes):
 
 
 @pytest.mark.slow
-def test_non_finite_stops_with_the_last_good_checkpoint_intact(data_dir, tmp_path):
+def test_non_finite_stops_with_the_last_good_checkpoint_intact(data_dir, tmp_path, monkeypatch):
+  # A reward that varies within every group whatever the (random) policy writes, so the first
+  # update is non-zero and the huge learning rate blows the parameters up.
+  (tmp_path / "parity_reward.py").write_text(
+      "def parity(prompts, completions, **_):\n"
+      "  return [float(sum(map(ord, c)) % 2) for c in completions]\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
   config = tiny_config(data_dir, num_steps=6, **{"optim.learning_rate": 1e30,
-                                                  "optim.warmup_steps": 0})
+                                                  "optim.warmup_steps": 0,
+                                                  "reward.fns": "parity_reward:parity"})
   with pytest.raises(grpo.NonFiniteError, match=r"non-finite .*The last checkpoint that verifies "
                                                 r"is step (\d).*lower the learning rate") as err:
     grpo.train(config, str(tmp_path), progress=False)
