@@ -271,6 +271,7 @@ def test_known_reward_hacks(name, reward, fields, completion, score):
 def _config(dataset, fns):
   c = grpo_tiny()
   c.data.name, c.reward.fns, c.mesh.devices = dataset, fns, 1
+  c.reward.weights = ",".join("1.0" for _ in fns.split(","))  # one weight per function
   return c
 
 
