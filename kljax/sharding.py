@@ -139,3 +139,22 @@ def check_divisible(batch_size: int, mesh: jax.sharding.Mesh, rules: Rules = DEF
   n = int(np.prod([mesh.shape[a] for a in _rule_table(rules)["batch"]]))
   if batch_size % n:
     raise ValueError(f"batch size {batch_size} must be divisible by the data×fsdp mesh size {n}.")
+
+
+def constrain_batch(x: jax.Array, rules: Rules = DEFAULT_RULES) -> jax.Array:
+  """Keeps an activation's leading (batch) axis sharded over the batch rule's mesh axes.
+
+  Inside `jax.set_mesh(mesh)` this is a `with_sharding_constraint`; without a mesh (one device, or
+  a caller that sets none) it returns `x` unchanged. Without it XLA may resolve the clash between
+  FSDP-sharded weights (embed over `fsdp`) and the batch (also over `fsdp`) by sharding the matmul's
+  contraction and replicating the activations, which multiplies activation memory by the mesh size.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  axes = tuple(a for a in _rule_table(rules)["batch"] if a in mesh.axis_names and mesh.shape[a] > 1)
+  if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+    return x
+  first = axes[0] if len(axes) == 1 else axes
+  return jax.lax.with_sharding_constraint(x, PartitionSpec(first, *([None] * (x.ndim - 1))))
+

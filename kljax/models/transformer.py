@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import ArrayLike
 
+from kljax import sharding
 from kljax.models.config import ModelConfig
 
 _NEG_INF = -1e30  # a large finite negative: fully masked rows stay finite (no NaN from −inf − −inf)
@@ -246,6 +247,7 @@ class Decoder(nnx.Module):
     unroll = 1 if c.scan_layers else True
     if cache is None:
       def body(x, p):
+        x = sharding.constrain_batch(x)
         return self._block(x, p, positions_bt, allowed, inv_freq, None, None)[0], None
 
       if c.remat:
@@ -257,6 +259,7 @@ class Decoder(nnx.Module):
       ks, vs = list(cache.k), list(cache.v)
       layers = self.split_layer_params() if layers is None else layers
       for i in range(c.num_layers):
+        x = sharding.constrain_batch(x)
         x, (ks[i], vs[i], _) = self._block(x, layers[i], positions_bt, allowed, inv_freq,
                                            (ks[i], vs[i], None), index)
       x = rms_norm(x, self.final_norm[...], c.rms_eps)
@@ -265,6 +268,7 @@ class Decoder(nnx.Module):
     def cached_body(carry, layer):
       x, k_all, v_all = carry
       p, i = layer
+      x = sharding.constrain_batch(x)
       x, (k_all, v_all, _) = self._block(x, p, positions_bt, allowed, inv_freq, (k_all, v_all, i),
                                          index)
       return (x, k_all, v_all), None

@@ -257,31 +257,43 @@ def build(config: ml_collections.ConfigDict, init_model: nnx.Module | None = Non
                       f"smaller than the tokenizer's ({tokenizer.vocab_size}).")
   graphdef, params = nnx.split(init_model)
   params = tree_to_devices(params, sharding.state_shardings(params, mesh))
-
-  updates_per_step = config.loss.epochs * config.loss.minibatches
-  total = config.num_steps * updates_per_step
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, config.optim.learning_rate, min(config.optim.warmup_steps, total - 1) or 1, total,
-      end_value=config.optim.learning_rate * config.optim.final_lr_fraction)
-  optimizer = optax.chain(
-      optax.clip_by_global_norm(config.optim.grad_clip),
-      optax.adamw(schedule, b1=config.optim.b1, b2=config.optim.b2,
-                  weight_decay=config.optim.weight_decay))
-  if config.kl.controller == "adaptive":
-    beta = beta_lib.adaptive_beta(max(config.kl.beta, 1e-8), target_kl=config.kl.target_kl,
-                                  horizon=config.kl.horizon)
-  elif config.kl.controller == "linear_warmup":  # an optax schedule over optimizer steps
-    beta = beta_lib.scheduled_beta(optax.linear_schedule(0.0, config.kl.beta,
-                                                         max(config.kl.warmup_steps, 1)))
-  else:
-    beta = beta_lib.constant_beta(config.kl.beta)
-  term = None if config.kl.term == "none" else kl_term(
-      config.kl.term, clip_eps_low=config.loss.clip_eps_low, clip_eps_high=config.loss.clip_eps_high)
+  optimizer, beta, term = make_optimizer(config), make_beta(config), make_term(config)
   fns = [rewards.load_reward_fn(s.strip()) for s in config.reward.fns.split(",")]
   weights = [float(w) for w in str(config.reward.weights).split(",")]
   state = TrainState(params, params, replicate(optimizer.init(params), mesh),
                      replicate(beta.init(), mesh), replicate(jnp.zeros((), jnp.int32), mesh))
   return Setup(config, tokenizer, source, graphdef, mesh, optimizer, beta, term, fns, weights), state
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Global-norm clipping, then AdamW with linear warm-up and cosine decay over every update."""
+  total = config.num_steps * config.loss.epochs * config.loss.minibatches
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, config.optim.learning_rate, min(config.optim.warmup_steps, total - 1) or 1, total,
+      end_value=config.optim.learning_rate * config.optim.final_lr_fraction)
+  return optax.chain(
+      optax.clip_by_global_norm(config.optim.grad_clip),
+      optax.adamw(schedule, b1=config.optim.b1, b2=config.optim.b2,
+                  weight_decay=config.optim.weight_decay))
+
+
+def make_beta(config: ml_collections.ConfigDict) -> beta_lib.BetaController:
+  """The β controller of `kl.controller`."""
+  if config.kl.controller == "adaptive":
+    return beta_lib.adaptive_beta(max(config.kl.beta, 1e-8), target_kl=config.kl.target_kl,
+                                  horizon=config.kl.horizon)
+  if config.kl.controller == "linear_warmup":  # an optax schedule over optimizer steps
+    return beta_lib.scheduled_beta(optax.linear_schedule(0.0, config.kl.beta,
+                                                         max(config.kl.warmup_steps, 1)))
+  return beta_lib.constant_beta(config.kl.beta)
+
+
+def make_term(config: ml_collections.ConfigDict) -> KLTerm | None:
+  """The KL term of `kl.term` (None for "none")."""
+  if config.kl.term == "none":
+    return None
+  return kl_term(config.kl.term, clip_eps_low=config.loss.clip_eps_low,
+                 clip_eps_high=config.loss.clip_eps_high)
 
 
 # ---------------------------------------------------------------- jitted pieces
@@ -588,6 +600,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, init_model=None,
     if writer is not None:
       stack.callback(writer.close)
     fns = compile_fns(setup)
+    # Activations keep their batch sharding inside the model (`sharding.constrain_batch`).
+    stack.enter_context(jax.set_mesh(setup.mesh))
     history = []
     bar = tqdm(range(start, config.num_steps), initial=start, total=config.num_steps,
                **({"desc": "grpo", "unit": "step"} | (bar_options or {})),
