@@ -28,3 +28,12 @@ def test_benchmark_quick(script, args, expect, tmp_path):
                        cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
   assert out.returncode == 0, out.stderr[-3000:]
   assert expect in out.stdout
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_script_runs_quick_on_cpu():
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run(["bash", os.path.join("benchmarks", "gpu.sh"), "--quick"], cwd=REPO,
+                       capture_output=True, text=True, timeout=600, env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "bf16 matmul peak" in out.stdout and "MFU" in out.stdout
