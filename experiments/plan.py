@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--data", type=int, default=1, help="data axis size")
   p.add_argument("--batch", type=int, default=0,
                  help="completions per update (default: 2 per device, at least 8)")
+  p.add_argument("--rollout_batch", type=int, default=0,
+                 help="completions sampled at once (default: --batch)")
   p.add_argument("--prompt_len", type=int, default=256)
   p.add_argument("--new_tokens", type=int, default=512)
   p.add_argument("--dtype", default="bfloat16", help="compute dtype")
@@ -92,6 +94,7 @@ def plan(args: argparse.Namespace) -> dict:
   bs = sharding.batch_sharding(mesh)
   p_, n_ = args.prompt_len, args.new_tokens
   sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=bs)  # noqa: E731
+  rollout = args.rollout_batch or batch
   batch_in = {"tokens": sds((batch, p_ + n_), jnp.int32),
               "attn_mask": sds((batch, p_ + n_), jnp.bool_),
               "mask": sds((batch, n_), jnp.bool_), "advantages": sds((batch, n_), jnp.float32)}
@@ -106,7 +109,7 @@ def plan(args: argparse.Namespace) -> dict:
   scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=rep)  # noqa: E731
   with jax.set_mesh(mesh):
     sampler = _sample.lower(
-        graphdef, params, sds((batch, p_), jnp.int32), sds((batch, p_), jnp.bool_), key,
+        graphdef, params, sds((rollout, p_), jnp.int32), sds((rollout, p_), jnp.bool_), key,
         scalar(jnp.float32), scalar(jnp.float32), scalar(jnp.int32), scalar(jnp.int32),
         max_new_tokens=n_, top_k=0, greedy=False, nucleus=False, samples_per_prompt=1).compile()
   smem = sampler.memory_analysis()
@@ -117,7 +120,7 @@ def plan(args: argparse.Namespace) -> dict:
 
   param_count = int(sum(np.prod(a.shape) for a in jax.tree.leaves(params)))
   p_bytes = per_device(params)
-  b_dev = batch // int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+  b_dev = rollout // int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
   kv_split = mesh.shape["tensor"] if cfg.num_kv_heads % mesh.shape["tensor"] == 0 else 1
   kv = (2 * cfg.num_layers * max(b_dev, 1) * (p_ + n_) * (cfg.num_kv_heads // kv_split)
         * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize)
@@ -133,7 +136,7 @@ def plan(args: argparse.Namespace) -> dict:
   return {
       "preset": args.preset, "devices": mesh.size,
       "mesh": {k: int(v) for k, v in mesh.shape.items()},
-      "batch": batch, "prompt_len": p_, "new_tokens": n_, "dtype": cfg.dtype,
+      "batch": batch, "rollout_batch": rollout, "prompt_len": p_, "new_tokens": n_, "dtype": cfg.dtype,
       "param_dtype": cfg.param_dtype, "remat": bool(cfg.remat),
       "param_count": param_count,
       "per_device_bytes": {
@@ -158,8 +161,8 @@ def render(p: dict) -> str:
   g = lambda x: f"{x / GIB:.2f} GiB" if x >= GIB / 10 else f"{x / (1 << 20):.2f} MiB"  # noqa: E731
   lines = [
       f"{p['preset']}: {p['param_count'] / 1e9:.2f}B parameters on {p['devices']} simulated CPU "
-      f"devices, mesh {p['mesh']}, batch {p['batch']} × ({p['prompt_len']} + {p['new_tokens']}) "
-      f"tokens, {p['param_dtype']} weights, {p['dtype']} compute, remat {p['remat']}",
+      f"devices, mesh {p['mesh']}, update batch {p['batch']} (rollout {p['rollout_batch']}) × "
+      f"({p['prompt_len']} + {p['new_tokens']}) tokens, {p['param_dtype']} weights, {p['dtype']} compute, remat {p['remat']}",
       "per device (analytic from the shardings, except temporaries: XLA:CPU's compiled estimate, "
       "not a TPU/GPU measurement):",
       f"  parameters {g(b['params'])}, optimizer {g(b['optimizer'])}, reference "

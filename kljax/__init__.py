@@ -1,11 +1,12 @@
 """kljax: KL-regularized RL fine-tuning in JAX, where the KL you configure is the KL you descend.
 
-The public surface (see DESIGN.md §3):
+The public surface (README "Using it"; kljax.audit for "which divergence does this code descend?"):
   estimators   k1, k2, k3, exact_kl, count_clamped
   KL terms     as_loss, in_reward, straight_through, kl_term, kl_term_names, KLTerm
   credit       reward_to_go
   β            constant_beta, scheduled_beta, adaptive_beta, beta_controller
-  oracle       kljax.exact
+  oracle       kljax.exact, kljax.oracle
+  audit        kljax.audit (python -m kljax.audit), kljax.audit_gallery
 """
 
 from kljax import exact

@@ -7,7 +7,8 @@ import pytest
 
 import kljax
 
-# The coefficient table of DESIGN.md §1, written in NumPy from the derivation (d = log δ = ref − logp).
+# The coefficient table (README "Which KL does each choice descend?"), written in NumPy from the
+# derivation (d = log δ = ref − logp).
 NP_COEFFICIENT = {
     "k1_in_reward": lambda d: -d,
     "k1_as_loss": lambda d: np.ones_like(d),
