@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--dtype", default="bfloat16", help="compute dtype")
   p.add_argument("--param_dtype", default="float32", help="master-weight dtype")
   p.add_argument("--remat", action="store_true", help="rematerialize blocks in the backward pass")
+  p.add_argument("--no_batch_constraint", action="store_true",
+                 help="compile without jax.set_mesh, so without kljax's activation sharding "
+                      "constraint (shows what it saves)")
   p.add_argument("--json", metavar="FILE", help="write the plan as JSON")
   p.add_argument("--table", metavar="FILE", help="write the README scale table (all presets)")
   return p
@@ -99,7 +102,12 @@ def plan(args: argparse.Namespace) -> dict:
               "attn_mask": sds((batch, p_ + n_), jnp.bool_),
               "mask": sds((batch, n_), jnp.bool_), "advantages": sds((batch, n_), jnp.float32)}
   update = jax.jit(functools.partial(grpo.update, setup), static_argnames=("with_ref",))
-  with jax.set_mesh(mesh):  # activations keep their batch sharding (sharding.constrain_batch)
+  import contextlib
+
+  # Under the mesh, activations keep their batch sharding (sharding.constrain_batch).
+  in_mesh = contextlib.nullcontext if args.no_batch_constraint else functools.partial(jax.set_mesh,
+                                                                                        mesh)
+  with in_mesh():
     compiled = update.lower(params, opt_state, beta_value, batch_in, params, with_ref=True).compile()
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
@@ -107,7 +115,7 @@ def plan(args: argparse.Namespace) -> dict:
 
   key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)
   scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=rep)  # noqa: E731
-  with jax.set_mesh(mesh):
+  with in_mesh():
     sampler = _sample.lower(
         graphdef, params, sds((rollout, p_), jnp.int32), sds((rollout, p_), jnp.bool_), key,
         scalar(jnp.float32), scalar(jnp.float32), scalar(jnp.int32), scalar(jnp.int32),
@@ -138,6 +146,7 @@ def plan(args: argparse.Namespace) -> dict:
       "mesh": {k: int(v) for k, v in mesh.shape.items()},
       "batch": batch, "rollout_batch": rollout, "prompt_len": p_, "new_tokens": n_, "dtype": cfg.dtype,
       "param_dtype": cfg.param_dtype, "remat": bool(cfg.remat),
+      "batch_constraint": not args.no_batch_constraint,
       "param_count": param_count,
       "per_device_bytes": {
           "params": p_bytes, "optimizer": per_device(opt_state), "reference": p_bytes,
