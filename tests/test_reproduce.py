@@ -75,7 +75,9 @@ def test_settings_reject_bad_values():
 @pytest.mark.slow
 def test_reproduce_end_to_end_small(tmp_path):
   settings = reproduce.Settings(seeds=1, steps=3, sft_steps=5, final_window=2, bandit_steps=2000,
-                                bandit_modes=("exact",), data_dir=str(tmp_path / "tfds"))
+                                bandit_modes=("exact",), data_dir=str(tmp_path / "tfds"),
+                                regime_steps=50, sequence_seeds=2, sequence_steps=50,
+                                stress_seeds=1, stress_steps=3, stress_sft_steps=5)
   work = str(tmp_path / "work")
   results = reproduce.run(settings, work, progress=False)
 
@@ -97,8 +99,18 @@ def test_reproduce_end_to_end_small(tmp_path):
   report = open(os.path.join(work, "report.md")).read()
   for n in "1234":
     assert f"**{n}. " in report
+  regimes = on_file["regimes"]
+  assert len(regimes) == len(reproduce.REGIME_TERMS) * 6 * 5
+  assert set(regimes[0]) >= {"term", "pi_ref_best", "beta", "gradients", "final_rkl", "final_fkl",
+                             "reward"}
+  assert set(on_file["sequence"]["terms"]) == set(reproduce.SEQUENCE_TERMS)
+  assert set(on_file["grpo_stress"]["summary"]) == set(settings.stress_variants)
+  assert set(on_file["reward_stage"]) == {"exact_rkl", "reward", "entropy"}
+  assert "Welch" in results["verdicts"]["1_k1_as_loss_no_regularization"]["evidence"] or \
+      "untestable" in results["verdicts"]["1_k1_as_loss_no_regularization"]["evidence"]
   for png in ("grpo_on_policy.png", "grpo_off_policy.png", "trajectory_k2_vs_k1_in_reward.png",
-              "bandit_final_distances.png"):
+              "bandit_final_distances.png", "sequence_study.png", "gradient_noise.png",
+              "grpo_stress.png", *map(reproduce.regime_file, reproduce.REGIME_PAIRS)):
     assert os.path.getsize(os.path.join(work, png)) > 1000
 
   # A second call finds every run finished and trains nothing: the metrics files are untouched.
@@ -170,8 +182,10 @@ def test_regime_boundary_reads_the_grid():
   k2 = [rec("k2_as_loss", p, 0.5, 0.01) for p in (1e-1, 1e-2, 1e-3)]
   k3 = [rec("k3_as_loss", 1e-1, 0.5, 0.05), rec("k3_as_loss", 1e-2, 0.5, 0.2),
         rec("k3_as_loss", 1e-3, 0.5, 1.0)]
-  assert reproduce.regime_boundary(k2 + k3, "k3_as_loss") == {0.5: 1e-2}
-  k3[0]["final_rkl"] = 0.5  # ≥ 10× everywhere
-  assert reproduce.regime_boundary(k2 + k3, "k3_as_loss") == {0.5: 1e-1}
-  k3[2]["final_rkl"] = 0.02  # not at the smallest π_ref: no boundary
-  assert reproduce.regime_boundary(k2 + k3, "k3_as_loss") == {0.5: None}
+  assert reproduce.regime_boundary(k2 + k3, "k3_as_loss") == {0.5: [1e-2, 1e-3]}
+  k3[0]["final_rkl"] = 0.5  # ≥ 10× and ≥ 0.1 nats everywhere
+  assert reproduce.regime_boundary(k2 + k3, "k3_as_loss") == {0.5: [1e-1, 1e-2, 1e-3]}
+  k3[2]["final_rkl"] = 0.09  # 9× : not ≥ 10×
+  assert reproduce.regime_boundary(k2 + k3, "k3_as_loss") == {0.5: [1e-1, 1e-2]}
+  tiny = [rec("k2_as_loss", 1e-3, 1.0, 1e-4), rec("k3_as_loss", 1e-3, 1.0, 0.05)]
+  assert reproduce.regime_boundary(tiny, "k3_as_loss") == {1.0: []}  # 500× but 0.05 nats
