@@ -142,7 +142,8 @@ def grpo_config(settings: Settings, term: str, seed: int, *, off_policy: bool,
 
 
 def run_variants(settings: Settings, workdir: str, variants, *, off_policy: bool = False,
-                 stress: bool = False, progress: bool = True) -> dict[str, list[list[dict]]]:
+                 stress: bool = False, progress: bool = True,
+                 trained: list | None = None) -> dict[str, list[list[dict]]]:
   """GRPO for every (variant, seed) from one shared SFT warm start; returns {variant: [history per
   seed]}. A run lives in WORKDIR/grpo/<on_policy|off_policy>/<variant>/seed<k>: an interrupted one
   resumes from its last checkpoint, a finished one is read back, not rerun."""
@@ -169,6 +170,8 @@ def run_variants(settings: Settings, workdir: str, variants, *, off_policy: bool
     run_dir = os.path.join(workdir, "grpo", block, variant, f"seed{seed}")
     path = os.path.join(run_dir, "metrics.jsonl")
     if not (os.path.exists(path) and len(read_jsonl(path)) >= steps):
+      if trained is not None:
+        trained.append(run_dir)
       grpo.train(cfg(variant, seed), run_dir,
                  init_model=init_model, progress=progress,
                  bar_options={"desc": f"  {variant} seed {seed}", "leave": False, "position": 1})
@@ -679,6 +682,10 @@ def verdicts(oracle_rows, bandit_runs: dict, grpo: dict, off: dict, gaps: list[d
     if c.endswith("+ratio") and (off_tok, c) in o:
       why.append(f"`{c}` is itself biased: {o[(off_tok, c)].to_rkl:.1e} (relative) from ∇RKL in "
                  f"the oracle.")
+  clipped = [c for c in OFF_POLICY if c.endswith("+clipped") and c not in grpo_effect
+             and "kl_grad_zeroed_fraction" in means.get(c, {})]
+  why += [f"`{c}` removed the KL gradient of {100 * means[c]['kl_grad_zeroed_fraction']:.2f}% of "
+          f"the tokens (mean over updates and seeds)." for c in clipped]
   drift = ", ".join(f"{c} {means[c]['ppo_kl']:.1e}" for c in OFF_POLICY if "ppo_kl" in
                     means.get(c, {}))
   out["4_off_policy_correction"] = {
@@ -695,7 +702,8 @@ def verdicts(oracle_rows, bandit_runs: dict, grpo: dict, off: dict, gaps: list[d
           + ("Differences at p < 0.05: " + ", ".join(
               f"{c} ({'higher' if off[c]['exact_rkl'] > off['k2_as_loss']['exact_rkl'] else 'lower'}"
               f" KL than uncorrected)" for c in grpo_effect) + ". " + " ".join(why)
-             if grpo_effect else "No correction changed the end point detectably (p ≥ 0.05).")
+             if grpo_effect else "No correction changed the end point detectably (p ≥ 0.05). "
+             + " ".join(why))
           + (f" Mean per-token KL between π_old and the updated π within a rollout (ppo_kl): "
              f"{drift}." if drift else "")
       )}
@@ -780,7 +788,7 @@ def _claim3(o, bandit_runs: dict, grpo: dict, extra: dict) -> dict:
   stress = extra.get("stress")
   if stress:
     a, b = stress["summary"]["k3_as_loss"], stress["summary"]["k2_as_loss"]
-    found["stressing GRPO (weak warm start, harder task)"] = side(a, b, "exact_rkl")
+    found["stressing GRPO (weak warm start)"] = side(a, b, "exact_rkl")
     st = stress["stability"]
     parts.append(
         f"Stressing GRPO ({stress['description']}): final exact KL k3_as_loss {_ms(a, 'exact_rkl')} "
@@ -1010,7 +1018,10 @@ def write_report(path: str, settings: Settings, results: dict, oracle_md: str, e
       f"\"differs\" means a two-sided Welch t-test over the seeds gives p < {ALPHA} (with "
       f"{settings.seeds} seeds a test of little power: a large p is no evidence of equality). "
       f"Total time "
-      f"{elapsed / 60:.1f} min on {meta['machine']}.", "",
+      f"{elapsed / 60:.1f} min on {meta['machine']}" + (
+          f" (this invocation; {meta['grpo_runs_read_back']} GRPO runs and any cached sequence "
+          f"study were read back from an earlier invocation of the same command)"
+          if meta.get("grpo_runs_read_back") else "") + ".", "",
       "## Verdicts", "",
   ]
   for key, claim in claims.items():
@@ -1076,9 +1087,11 @@ def run(settings: Settings, workdir: str, *, progress: bool = True) -> dict:
   for term in REGIME_PAIRS:
     plot_regime(regimes, term, os.path.join(workdir, regime_file(term)))
 
-  runs = {"on_policy": run_variants(settings, workdir, ON_POLICY, progress=progress),
+  fresh: list[str] = []  # GRPO runs trained (not read back) by this invocation
+  runs = {"on_policy": run_variants(settings, workdir, ON_POLICY, progress=progress,
+                                    trained=fresh),
           "off_policy": run_variants(settings, workdir, OFF_POLICY, off_policy=True,
-                                     progress=progress)}
+                                     progress=progress, trained=fresh)}
   grpo_summary = summarize(runs["on_policy"], settings.final_window)
   off_summary = summarize(runs["off_policy"], settings.final_window)
   gaps = trajectory_gap(runs["on_policy"]["k2_as_loss"], runs["on_policy"]["k1_in_reward"])
@@ -1091,7 +1104,7 @@ def run(settings: Settings, workdir: str, *, progress: bool = True) -> dict:
   plot_sequence(seq, os.path.join(workdir, "sequence_study.png"))
   plot_noise(seq, os.path.join(workdir, "gradient_noise.png"))
   runs["stress"] = run_variants(settings, workdir, settings.stress_variants, stress=True,
-                                progress=progress)
+                                progress=progress, trained=fresh)
   window = min(settings.final_window, settings.stress_steps)
   stress = {"summary": summarize(runs["stress"], window),
             "stability": stability(runs["stress"], window),
@@ -1124,6 +1137,7 @@ def run(settings: Settings, workdir: str, *, progress: bool = True) -> dict:
                               "follows": r.follows} for r in rows if r.setting == s}
                  for s in dict.fromkeys(r.setting for r in rows)},
       "trajectory": [{k: v for k, v in g.items() if not isinstance(v, list)} for g in gaps],
+      "off_policy_means": extra["off_policy_means"],
       "regimes": [{k: r[k] for k in ("term", "pi_ref_best", "beta", "gradients", "final_rkl",
                                      "final_fkl", "reward", "tv_star", "tv_fkl")} for r in regimes],
       "sequence": {k: v for k, v in seq.items() if k not in ("curves", "key")},
@@ -1138,6 +1152,9 @@ def run(settings: Settings, workdir: str, *, progress: bool = True) -> dict:
   }
   elapsed = time.time() - start
   results["meta"]["seconds"] = elapsed
+  results["meta"]["grpo_runs_trained"] = len(fresh)
+  results["meta"]["grpo_runs_read_back"] = sum(len(h) for r in runs.values()
+                                               for h in r.values()) - len(fresh)
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=1, ensure_ascii=False)
   write_report(os.path.join(workdir, "report.md"), settings, results, oracle.markdown(rows),
