@@ -82,9 +82,13 @@ def _metrics(problem: Problem, theta: jax.Array) -> dict[str, jax.Array]:
 
 def _gradient_fn(problem: Problem, term: KLTerm, mode: str, num_samples: int):
   """(theta, old_theta, actions) -> gradient of −(E r − β·KL term), exact or from the actions."""
-  rewards = jnp.asarray(problem.rewards, jnp.float32)
-  ref_logp = jnp.log(jnp.asarray(problem.ref_probs, jnp.float32))
-  beta = problem.beta
+  return _gradient_from(jnp.asarray(problem.rewards, jnp.float32),
+                        jnp.log(jnp.asarray(problem.ref_probs, jnp.float32)), problem.beta,
+                        term, mode, num_samples)
+
+
+def _gradient_from(rewards, ref_logp, beta, term: KLTerm, mode: str, num_samples: int):
+  """`_gradient_fn` with the problem as (possibly traced) arrays, so a grid of problems vmaps."""
 
   if mode == "exact":
 
@@ -278,3 +282,83 @@ def plot_final(results: list[Run], problem: Problem, path: str) -> None:
   fig.tight_layout(rect=(0, 0, 1, 0.93))
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+# ---------------------------------------------------------------- the regime map
+# One rewarded arm (reward 1, the others 0) whose reference probability π_ref(best) is swept: small
+# π_ref(best) is the regime where RL must move mass the reference barely covers (δ = π_ref/π → 0 on
+# that arm). There k3's coefficient 1 − δ saturates at 1 while the reverse-KL coefficient
+# log(π/π_ref) keeps growing, so k3 as loss (→ the forward-KL optimum) lets π move much further.
+
+REGIME_METRICS = ("final_rkl", "final_fkl", "reward", "tv_star", "tv_fkl", "log_ratio_best")
+
+
+def regime_ref_probs(pi_ref_best: float, num_arms: int) -> np.ndarray:
+  """π_ref with π_ref(arm 0) = pi_ref_best and the rest spread evenly over the other arms."""
+  if not 0.0 < pi_ref_best < 1.0:
+    raise ValueError(f"pi_ref_best must be in (0, 1), got {pi_ref_best}.")
+  q = np.full(num_arms, (1.0 - pi_ref_best) / (num_arms - 1))
+  q[0] = pi_ref_best
+  return q
+
+
+def regime_map(
+    term: KLTerm,
+    *,
+    mode: str,
+    pi_ref_best: Iterable[float],
+    betas: Iterable[float],
+    num_arms: int = 10,
+    num_steps: int = 3000,
+    learning_rate: float = 0.1,
+    num_samples: int = 64,
+    final_lr_fraction: float = 0.01,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+  """Trains `term` on every (π_ref(best), β) of the grid (reward 1 on arm 0, 0 elsewhere) and
+  returns {metric: [len(pi_ref_best), len(betas)]} of the final policies (`REGIME_METRICS`):
+  exact KL(π‖π_ref), KL(π_ref‖π), E[r], TV to π* and to the forward-KL optimum, and
+  log(π(best)/π_ref(best)). One compilation per (term, mode): the grid is vmapped.
+  """
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}.")
+  ps, bs = [float(p) for p in pi_ref_best], [float(b) for b in betas]
+  for b in bs:
+    _checks.positive(b, "beta")
+  refs = np.stack([regime_ref_probs(p, num_arms) for p in ps])  # [P, K]
+  rewards = np.zeros(num_arms)
+  rewards[0] = 1.0
+  grid_ref = jnp.asarray(np.repeat(np.log(refs), len(bs), axis=0), jnp.float32)  # [P·B, K]
+  grid_beta = jnp.asarray(np.tile(bs, len(ps)), jnp.float32)
+  r = jnp.asarray(rewards, jnp.float32)
+  opt = optax.adam(optax.cosine_decay_schedule(learning_rate, num_steps, alpha=final_lr_fraction))
+
+  def one(ref_logp, beta, key):
+    grad_fn = _gradient_from(r, ref_logp, beta, term, mode, num_samples)
+
+    def body(carry, k):
+      theta, opt_state = carry
+      actions = jax.random.categorical(k, theta, shape=(num_samples,))
+      updates, opt_state = opt.update(grad_fn(theta, theta, actions), opt_state, theta)
+      return (optax.apply_updates(theta, updates), opt_state), None
+
+    (theta, _), _ = jax.lax.scan(body, (ref_logp, opt.init(ref_logp)),
+                                 jax.random.split(key, num_steps))
+    return jax.nn.log_softmax(theta)
+
+  keys = jax.random.split(jax.random.PRNGKey(seed), grid_ref.shape[0])
+  log_p = np.asarray(jax.jit(jax.vmap(one))(grid_ref, grid_beta, keys), np.float64)
+  if not np.all(np.isfinite(log_p)):
+    raise FloatingPointError(f"{term.name} ({mode}): a final policy is non-finite.")
+  out = {m: np.zeros((len(ps), len(bs))) for m in REGIME_METRICS}
+  for i, q in enumerate(refs):
+    for j, b in enumerate(bs):
+      lp = log_p[i * len(bs) + j]
+      p = np.exp(lp)
+      out["final_rkl"][i, j] = np.sum(p * (lp - np.log(q)))
+      out["final_fkl"][i, j] = np.sum(q * (np.log(q) - lp))
+      out["reward"][i, j] = p @ rewards
+      out["tv_star"][i, j] = exact.tv_distance(p, exact.optimum_reverse(q, rewards, b))
+      out["tv_fkl"][i, j] = exact.tv_distance(p, exact.optimum_forward(q, rewards, b))
+      out["log_ratio_best"][i, j] = lp[0] - np.log(q[0])
+  return out

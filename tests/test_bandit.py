@@ -90,3 +90,29 @@ def test_cli_rejects_bad_config_before_running(tmp_path):
   assert "--config.terms: unknown KL term 'k9_as_loss'" in out.stderr
   out = _cli(f"--workdir={tmp_path}", "--config.inner_steps=7")
   assert out.returncode != 0 and "must be a multiple of --config.inner_steps (7)" in out.stderr
+
+
+def test_regime_map_reaches_the_closed_forms_of_the_hard_regime():
+  """Reward 1 on an arm with π_ref = 1e-4, β = 0.5 (hand derivation, float64 NumPy):
+  k2 as loss → π*(best) = 1e-4·e² / (1 − 1e-4 + 1e-4·e²), reverse KL ≈ 1e-3; k3 as loss → the
+  forward-KL optimum π_i = β q_i / (λ − r_i) with λ − 1 ≈ 1e-4, so π(best) ≈ ½ and KL ≈ 3.9."""
+  q = np.full(10, (1 - 1e-4) / 9)
+  q[0] = 1e-4
+  w = q * np.exp(np.eye(10)[0] / 0.5)
+  star = w / w.sum()
+  rkl_star = np.sum(star * np.log(star / q))
+  lam = 1.0 + np.linspace(1e-6, 1e-3, 200001)  # Σ β q_i / (λ − r_i) = 1, solved on a grid
+  total = 0.5 * q[0] / (lam - 1) + 0.5 * (1 - q[0]) / lam
+  lam = lam[np.argmin(np.abs(total - 1))]
+  fkl_opt = np.concatenate([[0.5 * q[0] / (lam - 1)], 0.5 * q[1:] / lam])
+  rkl_fkl_opt = np.sum(fkl_opt * np.log(fkl_opt / q))
+  assert rkl_star == pytest.approx(1e-3, rel=0.2) and rkl_fkl_opt == pytest.approx(3.9, abs=0.05)
+
+  k2 = bandit.regime_map(kl_term("k2_as_loss"), mode="exact", pi_ref_best=[1e-4], betas=[0.5])
+  k3 = bandit.regime_map(kl_term("k3_as_loss"), mode="exact", pi_ref_best=[1e-4], betas=[0.5])
+  assert k2["final_rkl"][0, 0] == pytest.approx(rkl_star, rel=1e-2)
+  assert k3["final_rkl"][0, 0] == pytest.approx(rkl_fkl_opt, rel=1e-2)
+  assert k2["tv_star"][0, 0] < 1e-3 and k3["tv_fkl"][0, 0] < 1e-3
+  assert k2["final_rkl"].shape == (1, 1)
+  with pytest.raises(ValueError, match=r"pi_ref_best must be in \(0, 1\), got 1.5"):
+    bandit.regime_map(kl_term("k2_as_loss"), mode="exact", pi_ref_best=[1.5], betas=[0.5])

@@ -59,6 +59,8 @@ def _init(path):
         ({"mesh.data": 3, "mesh.devices": 0}, r"--config.mesh: mesh data×fsdp×tensor = 3×1×1 = 3 "
                                               r"does not match the 8 available devices"),
         ({"advantage.estimator": "gae"}, r"--config.advantage.estimator: must be one of grpo"),
+        ({"kl.reward_stage": "pre"}, r"--config.kl.reward_stage: must be one of after_norm, "
+                                     r"before_norm, got 'pre'"),
     ],
 )
 def test_bad_configs_fail_before_compilation(data_dir, changes, match):
@@ -70,6 +72,8 @@ def test_bad_configs_fail_before_compilation(data_dir, changes, match):
 @pytest.mark.parametrize("changes", [
     {},
     {"kl.term": "k1_in_reward_rtg"},
+    {"kl.term": "k1_in_reward", "kl.reward_stage": "before_norm"},
+    {"kl.term": "k1_in_reward", "kl.reward_stage": "before_norm", "loss.epochs": 2},
     {"kl.term": "k2_as_loss+detached_ratio", "loss.epochs": 2, "loss.minibatches": 2,
      "loss.aggregation": "seq-mean-token-sum-norm", "advantage.estimator": "rloo"},
     {"kl.term": "none", "kl.controller": "adaptive", "kl.reset_ref_every": 1},
@@ -87,6 +91,38 @@ def test_short_runs_write_every_metric(data_dir, tmp_path, changes):
   assert Checkpointer(str(tmp_path), every=1).latest_step() == 2
   if changes.get("kl.controller") == "linear_warmup":  # β follows the optax schedule per step
     assert [r["beta"] for r in rows] == pytest.approx([0.0, 0.05])
+
+
+def _whole_sequence_credit(logp, ref_logp, old_logp, mask):
+  """before_norm's KL part with σ_g held fixed: every token's score weighted by sg(Σ_s k1_s)."""
+  import jax.numpy as jnp
+
+  total = jnp.sum((old_logp - ref_logp) * mask, axis=-1, keepdims=True)
+  return jax.lax.stop_gradient(total) * logp
+
+
+def test_reward_stages_follow_what_grpo_py_says():
+  """after_norm (token credit) follows the frozen-prefix ∇RKL, after_norm with reward-to-go and
+  before_norm (whole-sequence credit, σ_g fixed) the sequence ∇RKL, by exact enumeration."""
+  from kljax import audit
+
+  seq = "sequences, on-policy"
+  audit.assert_follows("k1_in_reward", "frozen_reverse", setting=seq, seeds=1)
+  audit.assert_follows("k1_in_reward_rtg", "reverse", setting=seq, seeds=1)
+  audit.assert_follows(_whole_sequence_credit, "reverse", setting=seq, signature="sequence",
+                       seeds=1)
+  with pytest.raises(AssertionError):  # token credit is not the sequence gradient
+    audit.assert_follows("k1_in_reward", "reverse", setting=seq, seeds=1)
+
+
+def test_tokens_hash_tells_batches_apart():
+  a = np.arange(12, dtype=np.int32).reshape(3, 4)
+  assert grpo.tokens_hash(a) == grpo.tokens_hash(a.copy())
+  b = a.copy()
+  b[2, 3] += 1  # one token differs
+  assert grpo.tokens_hash(a) != grpo.tokens_hash(b)
+  assert grpo.tokens_hash(a) != grpo.tokens_hash(a.reshape(4, 3))
+  assert float(int(grpo.tokens_hash(a))) == grpo.tokens_hash(a) < 2.0**53  # exact in float64
 
 
 @pytest.mark.slow

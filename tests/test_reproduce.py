@@ -75,7 +75,9 @@ def test_settings_reject_bad_values():
 @pytest.mark.slow
 def test_reproduce_end_to_end_small(tmp_path):
   settings = reproduce.Settings(seeds=1, steps=3, sft_steps=5, final_window=2, bandit_steps=2000,
-                                bandit_modes=("exact",), data_dir=str(tmp_path / "tfds"))
+                                bandit_modes=("exact",), data_dir=str(tmp_path / "tfds"),
+                                regime_steps=50, sequence_seeds=2, sequence_steps=50,
+                                stress_seeds=1, stress_steps=3, stress_sft_steps=5)
   work = str(tmp_path / "work")
   results = reproduce.run(settings, work, progress=False)
 
@@ -97,8 +99,18 @@ def test_reproduce_end_to_end_small(tmp_path):
   report = open(os.path.join(work, "report.md")).read()
   for n in "1234":
     assert f"**{n}. " in report
+  regimes = on_file["regimes"]
+  assert len(regimes) == len(reproduce.REGIME_TERMS) * 6 * 5
+  assert set(regimes[0]) >= {"term", "pi_ref_best", "beta", "gradients", "final_rkl", "final_fkl",
+                             "reward"}
+  assert set(on_file["sequence"]["terms"]) == set(reproduce.SEQUENCE_TERMS)
+  assert set(on_file["grpo_stress"]["summary"]) == set(settings.stress_variants)
+  assert set(on_file["reward_stage"]) == {"exact_rkl", "reward", "entropy"}
+  assert "Welch" in results["verdicts"]["1_k1_as_loss_no_regularization"]["evidence"] or \
+      "untestable" in results["verdicts"]["1_k1_as_loss_no_regularization"]["evidence"]
   for png in ("grpo_on_policy.png", "grpo_off_policy.png", "trajectory_k2_vs_k1_in_reward.png",
-              "bandit_final_distances.png"):
+              "bandit_final_distances.png", "sequence_study.png", "gradient_noise.png",
+              "grpo_stress.png", *map(reproduce.regime_file, reproduce.REGIME_PAIRS)):
     assert os.path.getsize(os.path.join(work, png)) > 1000
 
   # A second call finds every run finished and trains nothing: the metrics files are untouched.
@@ -106,3 +118,74 @@ def test_reproduce_end_to_end_small(tmp_path):
   before = os.stat(metrics).st_mtime_ns
   reproduce.run(settings, work, progress=False)
   assert os.stat(metrics).st_mtime_ns == before
+
+
+# ---- the verdict machinery: inputs that must fail as well as pass ----
+
+
+def _rows(hashes):
+  return [{"tokens_hash": float(h), "reward_mean": 0.5, "length_mean": 3.0, "grad_norm": 1.0,
+           "exact_rkl": 0.1} for h in hashes]
+
+
+def test_trajectory_gap_compares_the_sampled_tokens():
+  same = reproduce.trajectory_gap([_rows([1, 2, 3])], [_rows([1, 2, 3])])[0]
+  assert same["identical_batches_until_step"] == 3
+  # equal reward and length means but different tokens from step 1: not identical
+  parted = reproduce.trajectory_gap([_rows([1, 2, 3])], [_rows([1, 7, 3])])[0]
+  assert parted["identical_batches_until_step"] == 1
+  with pytest.raises(ValueError, match="tokens_hash"):
+    reproduce.trajectory_gap([[{"reward_mean": 0.5}]], [[{"reward_mean": 0.5}]])
+
+
+def test_identical_batches_check_fails_runs_that_differ_from_step_0():
+  def gap(split, median):
+    return {"identical_batches_until_step": split, "steps": 10,
+            "median_rel_grad_norm_gap_while_identical": median}
+
+  assert reproduce.identical_batches_check([gap(10, 0.0)], [1e-7]) == [True]
+  assert reproduce.identical_batches_check([gap(10, 0.0)], [1e-2]) == [False]
+  assert reproduce.identical_batches_check([gap(4, 1e-7)], [0.3]) == [True]
+  assert reproduce.identical_batches_check([gap(4, 1e-2)], [0.3]) == [False]
+  assert reproduce.identical_batches_check([gap(0, float("nan"))], [0.3]) == [False]
+
+
+def test_seed_statistics_match_scipy_and_hand_values():
+  from scipy import stats
+
+  assert reproduce.seed_std([1.0, 3.0]) == pytest.approx(np.sqrt(2.0))  # ddof = 1, by hand
+  assert np.isnan(reproduce.seed_std([1.0]))
+  x, y = [0.10, 0.12, 0.11], [0.20, 0.26, 0.23, 0.21]
+  w = reproduce.welch(x, y)
+  ref = stats.ttest_ind(x, y, equal_var=False)
+  assert w["t"] == pytest.approx(ref.statistic) and w["p"] == pytest.approx(ref.pvalue)
+  assert w["n_x"] == 3 and w["n_y"] == 4
+  assert w["p"] < reproduce.ALPHA  # clearly apart: differs
+  assert reproduce.welch([0.1, 0.3], [0.2, 0.25])["p"] > reproduce.ALPHA  # overlapping: not
+  assert np.isnan(reproduce.welch([0.1], [0.2, 0.3])["p"])  # one seed: untestable, not "differs"
+  assert reproduce.welch([1.0, 1.0], [1.0, 1.0])["p"] == 1.0
+  assert reproduce.welch([1.0, 1.0], [2.0, 2.0])["p"] == 0.0
+  row = lambda v: {"reward_seeds": v}
+  assert not reproduce._differs(row([0.1]), row([0.9]), "reward")  # untestable → no claim
+
+
+def test_nearest_optimum_has_a_threshold():
+  assert reproduce.nearest_optimum({"tv_star": 0.01, "tv_fkl": 0.3, "tv_zero": 0.6}) == "tv_star"
+  assert reproduce.nearest_optimum({"tv_star": 0.2, "tv_fkl": 0.3, "tv_zero": 0.6}) == "none"
+  assert reproduce.nearest_optimum({"tv_star": 0.2, "tv_fkl": 0.3}, threshold=0.25) == "tv_star"
+
+
+def test_regime_boundary_reads_the_grid():
+  def rec(term, p, b, rkl):
+    return {"term": term, "pi_ref_best": p, "beta": b, "gradients": "exact", "final_rkl": rkl}
+
+  k2 = [rec("k2_as_loss", p, 0.5, 0.01) for p in (1e-1, 1e-2, 1e-3)]
+  k3 = [rec("k3_as_loss", 1e-1, 0.5, 0.05), rec("k3_as_loss", 1e-2, 0.5, 0.2),
+        rec("k3_as_loss", 1e-3, 0.5, 1.0)]
+  assert reproduce.regime_boundary(k2 + k3, "k3_as_loss") == {0.5: [1e-2, 1e-3]}
+  k3[0]["final_rkl"] = 0.5  # ≥ 10× and ≥ 0.1 nats everywhere
+  assert reproduce.regime_boundary(k2 + k3, "k3_as_loss") == {0.5: [1e-1, 1e-2, 1e-3]}
+  k3[2]["final_rkl"] = 0.09  # 9× : not ≥ 10×
+  assert reproduce.regime_boundary(k2 + k3, "k3_as_loss") == {0.5: [1e-1, 1e-2]}
+  tiny = [rec("k2_as_loss", 1e-3, 1.0, 1e-4), rec("k3_as_loss", 1e-3, 1.0, 0.05)]
+  assert reproduce.regime_boundary(tiny, "k3_as_loss") == {1.0: []}  # 500× but 0.05 nats

@@ -62,6 +62,10 @@ def grpo_tiny() -> ml_collections.ConfigDict:
   c.kl = ml_collections.ConfigDict()
   c.kl.term = "k2_as_loss"  # any kljax.kl_term_names(), or "none"
   c.kl.beta = 0.05
+  # in-reward terms only: "after_norm" subtracts β·c_t per token after the group normalization
+  # (exact Thm 5.1; OpenRLHF's order), "before_norm" subtracts β·Σ_t k_t from the reward before it
+  # (verl's order: β/σ_g, whole-sequence credit). The maths: kljax/train/grpo.py, REWARD_STAGES.
+  c.kl.reward_stage = "after_norm"
   c.kl.controller = "constant"  # "linear_warmup" (0 -> beta over kl.warmup_steps), or "adaptive"
   c.kl.warmup_steps = 0
   c.kl.target_kl = 0.05

@@ -38,6 +38,29 @@ from kljax.train.checkpoint import Checkpointer
 from kljax.train.metrics import MetricsWriter
 
 
+# Where an in-reward KL term (placement "reward") enters the advantage; k_t is the term's per-token
+# value, c_t its coefficient (token or reward-to-go credit), σ_g the group's reward std:
+#   "after_norm":  A_{i,t} = (r_i − mean_g r)/σ_g − β·c_{i,t}. The KL part of the gradient is
+#                  β·E[c_t ∇log π(y_t)], independent of the group statistics, so k1_in_reward ≡
+#                  k2_as_loss holds exactly (Thm 5.1). OpenRLHF's order (normalize, then add the
+#                  per-token KL) with reward-to-go credit is k1_in_reward_rtg here.
+#   "before_norm": r'_i = r_i − β·Σ_t k_{i,t}, then A_i = (r'_i − mean_g r')/σ'_g for every token
+#                  (verl's order): whole-sequence credit, each token's score weighted by the whole
+#                  sequence's KL; the effective β is β/σ'_g, so it changes from group to group and
+#                  grows as the group's rewards agree.
+REWARD_STAGES = ("after_norm", "before_norm")
+
+
+def tokens_hash(tokens: np.ndarray) -> float:
+  """A 48-bit hash of a token array (its bytes, dtype and shape) as a float (exact in float64), so
+  that two runs can be checked to have sampled identical batches from their metrics alone."""
+  import hashlib
+
+  x = np.ascontiguousarray(tokens)
+  h = hashlib.sha256(f"{x.dtype}{x.shape}".encode() + x.tobytes()).digest()
+  return float(int.from_bytes(h[:6], "big"))
+
+
 class ConfigError(ValueError):
   """A configuration that cannot run; raised before anything is compiled."""
 
@@ -56,6 +79,9 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None) -> N
       bad("kl.term", f"{err} Or 'none' for no KL term.")
   if not config.kl.beta >= 0 or not math.isfinite(config.kl.beta):
     bad("kl.beta", f"must be a finite number >= 0, got {config.kl.beta}.")
+  if config.kl.get("reward_stage", "after_norm") not in REWARD_STAGES:
+    bad("kl.reward_stage", f"must be one of {', '.join(REWARD_STAGES)}, got "
+        f"{config.kl.reward_stage!r}.")
   if config.kl.controller not in ("constant", "linear_warmup", "adaptive"):
     bad("kl.controller", f"must be 'constant', 'linear_warmup' or 'adaptive', got "
         f"{config.kl.controller!r}.")
@@ -358,7 +384,8 @@ def update(setup: Setup, params, opt_state, beta, batch, ref_params=None, *, wit
     logp = s.logp
     old = jax.lax.stop_gradient(logp) if fused else batch["old_logp"]
     advantages = batch["advantages"]
-    if fused and term is not None and term.placement == "reward":
+    if (fused and term is not None and term.placement == "reward"
+        and c.kl.get("reward_stage", "after_norm") == "after_norm"):
       advantages = advantages - beta * term.coefficient(old, ref_logp, mask=mask)
     pg = losses.ppo_clip_loss(logp, old, advantages, mask,
                               clip_eps_low=c.loss.clip_eps_low, clip_eps_high=c.loss.clip_eps_high,
@@ -369,6 +396,13 @@ def update(setup: Setup, params, opt_state, beta, batch, ref_params=None, *, wit
       loss = loss + beta * agg(term.surrogate(logp, ref_logp, old, mask=mask))
     n = jnp.maximum(jnp.sum(mask), 1)
     aux = {"clip_fraction": jnp.sum(pg.clipped_bt) / n, "ppo_kl": jnp.sum(pg.ppo_kl_bt) / n}
+    if term is not None and term.placement == "loss":
+      # Tokens whose KL-term gradient is exactly zero although π ≠ π_ref there (e.g. the clipped
+      # head once the ratio has left the clip range): the fraction a correction removed.
+      lp0 = jax.lax.stop_gradient(logp)
+      g = jax.grad(lambda l: jnp.sum(term.surrogate(l, ref_logp, old, mask=mask)))(lp0)
+      live = mask.astype(bool) & (lp0 != ref_logp)
+      aux["kl_grad_zeroed_fraction"] = jnp.sum(live & (g == 0)) / jnp.maximum(jnp.sum(live), 1)
     if fused:
       tok = {"logp": logp, "entropy": s.entropy}
       if with_ref:
@@ -471,20 +505,26 @@ def train_step(setup: Setup, state: TrainState, fns: dict) -> tuple[TrainState, 
                          completions, weights=setup.reward_weights, on_error=c.reward.on_error,
                          **fields)
   r = scores.total.reshape(-1, g)
-  group = adv_lib.group_advantages(c.advantage.estimator)(r)
   attn_mask = np.concatenate([prompt_mask, completion_mask], axis=1)
   with_ref = setup.term is not None or c.metrics.exact_kl
   fused = c.loss.epochs == 1 and c.loss.minibatches == 1
   batch_sh = sharding.batch_sharding(setup.mesh)
   mask = completion_mask
   beta = state.beta.beta
-  seq_adv = np.repeat(np.asarray(group.advantages_pg).reshape(-1, 1), mask.shape[1], axis=1)
-  batch = {"tokens": tokens, "attn_mask": attn_mask, "mask": mask, "advantages": seq_adv}
-  if not fused:  # the statistics of the rollout policy, shared by every update of this step
+  in_reward = setup.term is not None and setup.term.placement == "reward"
+  before_norm = in_reward and c.kl.get("reward_stage", "after_norm") == "before_norm"
+  if before_norm or not fused:  # the statistics of the rollout policy, shared by every update
     stats = fns["stats"](state.params, state.ref_params, to_devices(tokens, batch_sh),
                          to_devices(attn_mask, batch_sh), with_ref=with_ref)
     stats = {k: to_host(v) for k, v in stats.items()}
-    if setup.term is not None and setup.term.placement == "reward":
+  if before_norm:  # verl's order: β·Σ_t k_t leaves the reward before the group statistics
+    k_bt = to_host(setup.term.value(stats["logp"], stats["ref_logp"], mask=mask))
+    r = r - to_host(beta) * (k_bt * mask).sum(1).reshape(r.shape)
+  group = adv_lib.group_advantages(c.advantage.estimator)(r)
+  seq_adv = np.repeat(np.asarray(group.advantages_pg).reshape(-1, 1), mask.shape[1], axis=1)
+  batch = {"tokens": tokens, "attn_mask": attn_mask, "mask": mask, "advantages": seq_adv}
+  if not fused:
+    if in_reward and not before_norm:
       # In-reward KL: a per-token penalty fixed at rollout time enters the advantage.
       coef = setup.term.coefficient(stats["logp"], stats["ref_logp"], mask=mask)
       batch["advantages"] = seq_adv - to_host(beta) * to_host(coef)
@@ -528,6 +568,10 @@ def train_step(setup: Setup, state: TrainState, fns: dict) -> tuple[TrainState, 
       "clamped_tokens": float(est.count_clamped(lp, ref_lp, mask=completion_mask)),
       "sampler_logprob_gap": tmean(np.abs(to_host(out.logprobs_bn) - lp)),
       "beta": float(beta), "reward_failures": float(scores.failures),
+      "tokens_hash": tokens_hash(tokens),
+      # the regime indicators: how far above π_ref the sampled tokens / completions sit (nats)
+      "max_log_ratio": float(np.max(np.where(m > 0, lp - ref_lp, 0.0))),
+      "max_seq_log_ratio": float(np.max(((lp - ref_lp) * m).sum(1))),
       # time_logprobs: rewards, advantages and (off-policy) the statistics pass; on-policy the
       # log-prob passes run inside the update
       "time_rollout": t_rollout - t0, "time_logprobs": t_logprobs - t_rollout,
