@@ -1,6 +1,7 @@
 """The reproduction of Liu et al. (arXiv:2510.01555): oracle table, bandit, GRPO, report.
 
-`run(settings, workdir)` does three things and writes `report.md`, `results.json` and PNG figures:
+`run(settings, workdir)` does three things and writes `report.md`, `results.json` and PNG figures
+to `workdir`, a local directory or a URL (gs://…):
 
 1. The oracle table (`kljax.oracle`): every term's exact expected gradient against ∇RKL / ∇FKL.
 2. The bandit (`kljax.bandit`): where each term's optimization ends, against the closed-form optima.
@@ -26,6 +27,8 @@ import time
 from typing import Any
 
 import numpy as np
+
+from kljax import paths
 
 ON_POLICY = ("none", "k1_as_loss", "k2_as_loss", "k3_as_loss", "k1_in_reward", "k1_in_reward_rtg")
 OFF_POLICY = ("k2_as_loss", "k2_as_loss+detached_ratio", "k2_as_loss+ratio", "k2_as_loss+clipped")
@@ -86,7 +89,7 @@ def grpo_config(settings: Settings, term: str, seed: int, *, off_policy: bool):
   c.seed = seed
   c.num_steps = settings.steps
   c.checkpoint_every = max(settings.steps // 4, 1)
-  c.data.data_dir = os.path.expanduser(settings.data_dir)
+  c.data.data_dir = os.fspath(paths.resolve(settings.data_dir))
   c.sft.steps = settings.sft_steps
   c.kl.term = term
   c.kl.beta = settings.beta
@@ -115,17 +118,17 @@ def run_variants(settings: Settings, workdir: str, variants, *, off_policy: bool
   jobs = [(v, s) for v in variants for s in range(settings.seeds)]
   for variant, seed in jobs:  # every config validates before any work
     grpo.validate(grpo_config(settings, variant, seed, off_policy=off_policy))
-  init_model = initial_model(grpo_config(settings, "none", 0, off_policy=False),
-                             os.path.join(workdir, "sft"))
+  workdir = paths.resolve(workdir)
+  init_model = initial_model(grpo_config(settings, "none", 0, off_policy=False), workdir / "sft")
   block = "off_policy" if off_policy else "on_policy"
   out: dict[str, list[list[dict]]] = {}
   bar = tqdm(jobs, desc=f"grpo {block.replace('_', '-')} runs", unit="run",
              disable=not progress)
   for variant, seed in bar:
     bar.set_postfix_str(f"{variant} seed {seed}")
-    run_dir = os.path.join(workdir, "grpo", block, variant, f"seed{seed}")
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not (os.path.exists(path) and len(read_jsonl(path)) >= settings.steps):
+    run_dir = workdir / "grpo" / block / variant / f"seed{seed}"
+    path = run_dir / "metrics.jsonl"
+    if not (path.exists() and len(read_jsonl(path)) >= settings.steps):
       grpo.train(grpo_config(settings, variant, seed, off_policy=off_policy), run_dir,
                  init_model=init_model, progress=progress,
                  bar_options={"desc": f"  {variant} seed {seed}", "leave": False, "position": 1})
@@ -341,7 +344,7 @@ _OPTIMUM = {"tv_star": "reverse-KL optimum π*", "tv_fkl": "forward-KL optimum",
 # ---------------------------------------------------------------- figures and report
 
 
-def plot_curves(runs: dict[str, list[list[dict]]], path: str, title: str, smooth: int = 15) -> None:
+def plot_curves(runs: dict[str, list[list[dict]]], path, title: str, smooth: int = 15) -> None:
   """Mean over seeds (moving average over `smooth` steps) with a ±1 std band, one panel a metric."""
   import matplotlib
 
@@ -365,11 +368,11 @@ def plot_curves(runs: dict[str, list[list[dict]]], path: str, title: str, smooth
   axes[0].legend(fontsize=8)
   fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  paths.save_figure(fig, path, dpi=100)
   plt.close(fig)
 
 
-def plot_trajectory(gaps: list[dict], path: str) -> None:
+def plot_trajectory(gaps: list[dict], path) -> None:
   import matplotlib
 
   matplotlib.use("Agg")
@@ -389,7 +392,7 @@ def plot_trajectory(gaps: list[dict], path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  paths.save_figure(fig, path, dpi=100)
   plt.close(fig)
 
 
@@ -412,7 +415,7 @@ def _bandit_table(bandit_summary: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def write_report(path: str, settings: Settings, results: dict, oracle_md: str, elapsed: float):
+def write_report(path, settings: Settings, results: dict, oracle_md: str, elapsed: float):
   v = results["verdicts"]
   claims = {
       "1_k1_as_loss_no_regularization": "k1 as loss gives no regularization",
@@ -460,8 +463,7 @@ def write_report(path: str, settings: Settings, results: dict, oracle_md: str, e
            "‖g‖ is the norm of the exact expected gradient; distances are relative. *frozen* is "
            "the frozen-prefix ∇RKL (off-policy: prefixes weighted by π_old). A term *follows* a "
            "target within 1e-4.", "", oracle_md]
-  with open(path, "w") as f:
-    f.write("\n".join(text))
+  paths.write_atomic(paths.resolve(path), "\n".join(text))
 
 
 # ---------------------------------------------------------------- the whole job
@@ -478,7 +480,10 @@ def run(settings: Settings, workdir: str, *, progress: bool = True) -> dict:
   for variants, off in ((ON_POLICY, False), (OFF_POLICY, True)):  # bad settings fail first
     for v in variants:
       grpo.validate(grpo_config(settings, v, 0, off_policy=off))
-  os.makedirs(workdir, exist_ok=True)
+  paths.check_reachable(workdir, flag="--workdir")
+  workdir = paths.resolve(workdir)
+  if paths.is_local(workdir):
+    workdir.mkdir(parents=True, exist_ok=True)
   start = time.time()
   rows = oracle.table(settings.oracle_terms)
   problem = bandit.make_problem(num_arms=10, beta=0.3, seed=0)
@@ -489,7 +494,7 @@ def run(settings: Settings, workdir: str, *, progress: bool = True) -> dict:
   for r in bandit_runs:
     d = bandit.final_distances(r, problem)
     bandit_summary[f"{r.term} @ {r.mode}"] = {**d, "nearest": min(d, key=d.get)}
-  bandit.plot_final(bandit_runs, problem, os.path.join(workdir, "bandit_final_distances.png"))
+  bandit.plot_final(bandit_runs, problem, workdir / "bandit_final_distances.png")
   exact_bandit = {k.split(" @ ")[0]: d for k, d in bandit_summary.items() if k.endswith("exact")}
 
   runs = {"on_policy": run_variants(settings, workdir, ON_POLICY, progress=progress),
@@ -498,17 +503,17 @@ def run(settings: Settings, workdir: str, *, progress: bool = True) -> dict:
   grpo_summary = summarize(runs["on_policy"], settings.final_window)
   off_summary = summarize(runs["off_policy"], settings.final_window)
   gaps = trajectory_gap(runs["on_policy"]["k2_as_loss"], runs["on_policy"]["k1_in_reward"])
-  param_gaps = [final_param_distance(*(os.path.join(workdir, "grpo", "on_policy", v, f"seed{s}")
+  param_gaps = [final_param_distance(*(workdir / "grpo" / "on_policy" / v / f"seed{s}"
                                        for v in ("k2_as_loss", "k1_in_reward")))
                 for s in range(settings.seeds)]
   for g, d in zip(gaps, param_gaps):
     g["final_rel_param_distance"] = d
-  plot_curves(runs["on_policy"], os.path.join(workdir, "grpo_on_policy.png"),
+  plot_curves(runs["on_policy"], workdir / "grpo_on_policy.png",
               f"GRPO on-policy, β = {settings.beta}, mean ± std over {settings.seeds} seeds")
-  plot_curves(runs["off_policy"], os.path.join(workdir, "grpo_off_policy.png"),
+  plot_curves(runs["off_policy"], workdir / "grpo_off_policy.png",
               f"GRPO off-policy ({settings.off_policy_epochs} epochs × "
               f"{settings.off_policy_minibatches} minibatches), β = {settings.beta}")
-  plot_trajectory(gaps, os.path.join(workdir, "trajectory_k2_vs_k1_in_reward.png"))
+  plot_trajectory(gaps, workdir / "trajectory_k2_vs_k1_in_reward.png")
 
   results = {
       "grpo": grpo_summary,
@@ -528,8 +533,6 @@ def run(settings: Settings, workdir: str, *, progress: bool = True) -> dict:
   }
   elapsed = time.time() - start
   results["meta"]["seconds"] = elapsed
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=1, ensure_ascii=False)
-  write_report(os.path.join(workdir, "report.md"), settings, results, oracle.markdown(rows),
-               elapsed)
+  paths.write_atomic(workdir / "results.json", json.dumps(results, indent=1, ensure_ascii=False))
+  write_report(workdir / "report.md", settings, results, oracle.markdown(rows), elapsed)
   return results
