@@ -2,7 +2,8 @@
 
   python -m experiments.plot --runs DIR1,DIR2[,...] --out plots/ [--smooth 10]
 
-Reads each DIR/metrics.jsonl; a run is labelled by its directory name.
+Reads each DIR/metrics.jsonl; a run is labelled by its directory name. DIRs and --out may be local
+or URLs (gs://BUCKET/…).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 
 from absl import app, flags
 
+from kljax import paths as paths_lib
 from kljax.train.metrics import read_jsonl
 
 _RUNS = flags.DEFINE_list("runs", None, "Run directories (each with metrics.jsonl).")
@@ -41,7 +43,7 @@ def plot_runs(runs: dict[str, list[dict]], out: str, smooth: int = 1) -> list[st
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  os.makedirs(out, exist_ok=True)
+  out = paths_lib.resolve(out)
   paths = []
   for group, metrics in GROUPS.items():
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
@@ -56,10 +58,10 @@ def plot_runs(runs: dict[str, list[dict]], out: str, smooth: int = 1) -> list[st
       ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
-    path = os.path.join(out, f"{group}.png")
-    fig.savefig(path, dpi=100)
+    path = out / f"{group}.png"
+    paths_lib.save_figure(fig, path, dpi=100)
     plt.close(fig)
-    paths.append(path)
+    paths.append(os.fspath(path))
   return paths
 
 
@@ -67,10 +69,14 @@ def main(argv):
   del argv
   runs = {}
   for d in _RUNS.value:
-    path = os.path.join(d, "metrics.jsonl")
-    if not os.path.exists(path):
+    try:
+      paths_lib.check_reachable(d, flag="--runs")
+    except paths_lib.PathError as err:
+      raise app.UsageError(str(err)) from None
+    path = paths_lib.resolve(d) / "metrics.jsonl"
+    if not path.exists():
       raise app.UsageError(f"--runs: {path} does not exist.")
-    runs[os.path.basename(os.path.normpath(d))] = read_jsonl(path)
+    runs[path.parent.name] = read_jsonl(path)
   for p in plot_runs(runs, _OUT.value, _SMOOTH.value):
     print(p)
 

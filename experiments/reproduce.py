@@ -3,7 +3,8 @@
   python -m experiments.reproduce --workdir runs/reproduce --quick   # ≤ 10 min on 2 CPU cores
   python -m experiments.reproduce --workdir runs/reproduce_full      # the full comparison
 
-Writes DIR/report.md (tables, a verdict per claim of the paper), DIR/results.json, and PNG figures.
+Writes DIR/report.md (tables, a verdict per claim of the paper), DIR/results.json, and PNG figures;
+DIR may be local or a URL (gs://BUCKET/…).
 Each GRPO run lives in DIR/grpo/<variant>/seed<k> with its own checkpoints: rerunning the same
 command after a crash or kill resumes where it stopped and skips finished runs.
 """
@@ -11,7 +12,6 @@ command after a crash or kill resumes where it stopped and skips finished runs.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 from absl import app, flags, logging
@@ -43,13 +43,15 @@ def main(argv):
   try:
     if _SEEDS.value is not None or _STEPS.value is not None:
       settings = settings.replace(label=settings.label + " (modified)")
-    settings = settings.replace(beta=_BETA.value, data_dir=os.path.expanduser(_DATA_DIR.value),
+    settings = settings.replace(beta=_BETA.value, data_dir=_DATA_DIR.value,
                                 **{k: v for k, v in overrides.items() if v is not None})
   except ValueError as err:
     raise app.UsageError(str(err)) from None
   start = time.time()
+  from kljax import paths
+
   results = reproduce.run(settings, _WORKDIR.value, progress=_PROGRESS.value)
-  print(f"done in {time.time() - start:.0f} s: {os.path.join(_WORKDIR.value, 'report.md')}")
+  print(f"done in {time.time() - start:.0f} s: {paths.resolve(_WORKDIR.value) / 'report.md'}")
   print(json.dumps(results["verdicts"], indent=1, ensure_ascii=False))
 
 

@@ -1,6 +1,7 @@
 """Supervised warm start of a tiny preset on a task; writes an HF-format checkpoint.
 
   python -m experiments.sft --workdir DIR [--preset tiny --dataset arithmetic/level1 --steps 400]
+  python -m experiments.sft --workdir gs://BUCKET/sft   # DIR (and --data_dir) may be URLs
   python -m experiments.sft --workdir DIR --dataset countdown/n3 --prompt_len 27 --completion_len 14
 """
 
@@ -25,10 +26,15 @@ flags.mark_flag_as_required("workdir")
 
 def main(argv):
   del argv
-  import os
+  from kljax import paths
 
+  for flag, path in (("--workdir", _WORKDIR.value), ("--data_dir", _DATA_DIR.value)):
+    try:
+      paths.check_reachable(path, flag=flag)
+    except paths.PathError as err:
+      raise app.UsageError(str(err)) from None
   model, losses = train_sft(preset=_PRESET.value, dataset=_DATASET.value,
-                            data_dir=os.path.expanduser(_DATA_DIR.value), steps=_STEPS.value,
+                            data_dir=_DATA_DIR.value, steps=_STEPS.value,
                             batch_size=_BATCH.value, learning_rate=_LR.value,
                             prompt_len=_PROMPT_LEN.value, completion_len=_COMPLETION_LEN.value)
   models.export_hf(model, _WORKDIR.value)

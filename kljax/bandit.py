@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kljax import _checks
+from kljax import _checks, paths
 from kljax import exact
 from kljax.kl import KLTerm, kl_term
 
@@ -227,8 +227,9 @@ def results_table(results: list[Run], problem: Problem) -> str:
   return "\n".join(lines) + "\n"
 
 
-def plot_curves(results: list[Run], path: str) -> None:
-  """TV distance to π* and to the forward-KL optimum over steps, one panel per (mode, target)."""
+def plot_curves(results: list[Run], path) -> None:
+  """TV distance to π* and to the forward-KL optimum over steps, one panel per (mode, target);
+  a PNG at `path` (local or a URL)."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -252,12 +253,13 @@ def plot_curves(results: list[Run], path: str) -> None:
   handles, labels = axes[0, 0].get_legend_handles_labels()
   fig.legend(handles, labels, loc="center right", fontsize=8)
   fig.tight_layout(rect=(0, 0, 0.85, 1))
-  fig.savefig(path, dpi=110)
+  paths.save_figure(fig, path, dpi=110)
   plt.close(fig)
 
 
-def plot_final(results: list[Run], problem: Problem, path: str) -> None:
-  """Grouped bars: final TV distance from π*, the forward-KL optimum and the β=0 optimum."""
+def plot_final(results: list[Run], problem: Problem, path) -> None:
+  """Grouped bars: final TV distance from π*, the forward-KL optimum and the β=0 optimum; a PNG
+  at `path` (local or a URL)."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -280,7 +282,7 @@ def plot_final(results: list[Run], problem: Problem, path: str) -> None:
   handles, names = axes[0, 0].get_legend_handles_labels()
   fig.legend(handles, names, loc="upper center", ncol=3, fontsize=9)
   fig.tight_layout(rect=(0, 0, 1, 0.93))
-  fig.savefig(path, dpi=110)
+  paths.save_figure(fig, path, dpi=110)
   plt.close(fig)
 
 

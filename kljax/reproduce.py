@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from kljax import paths
+
 ON_POLICY = ("none", "k1_as_loss", "k2_as_loss", "k3_as_loss", "k1_in_reward", "k1_in_reward_rtg",
              "k1_in_reward@before_norm")
 OFF_POLICY = ("k2_as_loss", "k2_as_loss+detached_ratio", "k2_as_loss+ratio", "k2_as_loss+clipped")
@@ -119,7 +121,7 @@ def grpo_config(settings: Settings, term: str, seed: int, *, off_policy: bool,
   c.seed = seed
   c.num_steps = settings.steps
   c.checkpoint_every = max(settings.steps // 4, 1)
-  c.data.data_dir = os.path.expanduser(settings.data_dir)
+  c.data.data_dir = os.fspath(paths.resolve(settings.data_dir))
   c.sft.steps = settings.sft_steps
   term, _, stage = term.partition("@")
   c.kl.term = term
@@ -158,8 +160,8 @@ def run_variants(settings: Settings, workdir: str, variants, *, off_policy: bool
   jobs = [(v, s) for v in variants for s in range(seeds)]
   for variant, seed in jobs:  # every config validates before any work
     grpo.validate(cfg(variant, seed))
-  init_model = initial_model(cfg("none", 0), os.path.join(workdir, "sft_stress" if stress else
-                                                          "sft"))
+  workdir = paths.resolve(workdir)
+  init_model = initial_model(cfg("none", 0), workdir / ("sft_stress" if stress else "sft"))
   block = "stress" if stress else "off_policy" if off_policy else "on_policy"
   steps = cfg("none", 0).num_steps
   out: dict[str, list[list[dict]]] = {}
@@ -167,9 +169,9 @@ def run_variants(settings: Settings, workdir: str, variants, *, off_policy: bool
              disable=not progress)
   for variant, seed in bar:
     bar.set_postfix_str(f"{variant} seed {seed}")
-    run_dir = os.path.join(workdir, "grpo", block, variant, f"seed{seed}")
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not (os.path.exists(path) and len(read_jsonl(path)) >= steps):
+    run_dir = workdir / "grpo" / block / variant / f"seed{seed}"
+    path = run_dir / "metrics.jsonl"
+    if not (path.exists() and len(read_jsonl(path)) >= steps):
       if trained is not None:
         trained.append(run_dir)
       grpo.train(cfg(variant, seed), run_dir,
@@ -354,7 +356,7 @@ def plot_regime(regimes: list[dict], term: str, path: str, *, versus: str = "k2_
   fig.suptitle(f"{term} / {versus}: final reverse KL ratio (red: {term} drifts further from "
                f"π_ref; –: neither moved)", fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  paths.save_figure(fig, path, dpi=100)
   plt.close(fig)
 
 
@@ -375,11 +377,10 @@ def run_sequence_study(settings: Settings, workdir: str, *, progress: bool = Tru
 
   from kljax import exact, tabular_rl
 
-  path = os.path.join(workdir, "sequence.json")
+  path = paths.resolve(workdir) / "sequence.json"
   key = {"seeds": settings.sequence_seeds, "steps": settings.sequence_steps, **SEQUENCE}
-  if os.path.exists(path):
-    with open(path) as f:
-      cached = json.load(f)
+  if path.exists():
+    cached = json.loads(path.read_text())
     if cached.get("key") == key:
       return cached
   ref = exact.random_tabular(jax.random.PRNGKey(1), vocab=SEQUENCE["vocab"],
@@ -418,8 +419,7 @@ def run_sequence_study(settings: Settings, workdir: str, *, progress: bool = Tru
     out["noise"][name] = tabular_rl.kl_gradient_noise(
         regime_term(name), pooled, ref, jax.random.PRNGKey(7),
         num_samples=SEQUENCE["num_samples"]).tolist()
-  with open(path, "w") as f:
-    json.dump(out, f)
+  paths.write_atomic(path, json.dumps(out))
   return out
 
 
@@ -449,7 +449,7 @@ def plot_sequence(seq: dict, path: str) -> None:
                f"π_ref(y*) = {seq['ref_prob_target']:.1e}, β = {seq['beta']:g}; mean ± sample std "
                f"over {len(next(iter(seq['terms'].values()))['final_rkl_seeds'])} seeds", fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  paths.save_figure(fig, path, dpi=100)
   plt.close(fig)
 
 
@@ -474,7 +474,7 @@ def plot_noise(seq: dict, path: str) -> None:
   ax.grid(alpha=0.3, which="both")
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  paths.save_figure(fig, path, dpi=100)
   plt.close(fig)
 
 
@@ -846,7 +846,7 @@ def plot_curves(runs: dict[str, list[list[dict]]], path: str, title: str, smooth
   axes[0].legend(fontsize=8)
   fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  paths.save_figure(fig, path, dpi=100)
   plt.close(fig)
 
 
@@ -870,7 +870,7 @@ def plot_trajectory(gaps: list[dict], path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  paths.save_figure(fig, path, dpi=100)
   plt.close(fig)
 
 
@@ -1051,8 +1051,7 @@ def write_report(path: str, settings: Settings, results: dict, oracle_md: str, e
            "‖g‖ is the norm of the exact expected gradient; distances are relative. *frozen* is "
            "the frozen-prefix ∇RKL (off-policy: prefixes weighted by π_old). A term *follows* a "
            "target within 1e-4.", "", oracle_md]
-  with open(path, "w") as f:
-    f.write("\n".join(text))
+  paths.write_atomic(paths.resolve(path), "\n".join(text))
 
 
 # ---------------------------------------------------------------- the whole job
@@ -1069,7 +1068,10 @@ def run(settings: Settings, workdir: str, *, progress: bool = True) -> dict:
   for variants, off in ((ON_POLICY, False), (OFF_POLICY, True)):  # bad settings fail first
     for v in variants:
       grpo.validate(grpo_config(settings, v, 0, off_policy=off))
-  os.makedirs(workdir, exist_ok=True)
+  paths.check_reachable(workdir, flag="--workdir")
+  workdir = paths.resolve(workdir)
+  if paths.is_local(workdir):
+    workdir.mkdir(parents=True, exist_ok=True)
   start = time.time()
   rows = oracle.table(settings.oracle_terms)
   problem = bandit.make_problem(num_arms=10, beta=0.3, seed=0)
@@ -1080,12 +1082,12 @@ def run(settings: Settings, workdir: str, *, progress: bool = True) -> dict:
   for r in bandit_runs:
     d = bandit.final_distances(r, problem)
     bandit_summary[f"{r.term} @ {r.mode}"] = {**d, "nearest": nearest_optimum(d)}
-  bandit.plot_final(bandit_runs, problem, os.path.join(workdir, "bandit_final_distances.png"))
+  bandit.plot_final(bandit_runs, problem, workdir / "bandit_final_distances.png")
   exact_bandit = {k.split(" @ ")[0]: d for k, d in bandit_summary.items() if k.endswith("exact")}
   regimes = run_regimes(modes=settings.bandit_modes, num_steps=settings.regime_steps,
                         progress=progress)
   for term in REGIME_PAIRS:
-    plot_regime(regimes, term, os.path.join(workdir, regime_file(term)))
+    plot_regime(regimes, term, workdir / regime_file(term))
 
   fresh: list[str] = []  # GRPO runs trained (not read back) by this invocation
   runs = {"on_policy": run_variants(settings, workdir, ON_POLICY, progress=progress,
@@ -1095,14 +1097,14 @@ def run(settings: Settings, workdir: str, *, progress: bool = True) -> dict:
   grpo_summary = summarize(runs["on_policy"], settings.final_window)
   off_summary = summarize(runs["off_policy"], settings.final_window)
   gaps = trajectory_gap(runs["on_policy"]["k2_as_loss"], runs["on_policy"]["k1_in_reward"])
-  param_gaps = [final_param_distance(*(os.path.join(workdir, "grpo", "on_policy", v, f"seed{s}")
+  param_gaps = [final_param_distance(*(workdir / "grpo" / "on_policy" / v / f"seed{s}"
                                        for v in ("k2_as_loss", "k1_in_reward")))
                 for s in range(settings.seeds)]
   for g, d in zip(gaps, param_gaps):
     g["final_rel_param_distance"] = d
   seq = run_sequence_study(settings, workdir, progress=progress)
-  plot_sequence(seq, os.path.join(workdir, "sequence_study.png"))
-  plot_noise(seq, os.path.join(workdir, "gradient_noise.png"))
+  plot_sequence(seq, workdir / "sequence_study.png")
+  plot_noise(seq, workdir / "gradient_noise.png")
   runs["stress"] = run_variants(settings, workdir, settings.stress_variants, stress=True,
                                 progress=progress, trained=fresh)
   window = min(settings.final_window, settings.stress_steps)
@@ -1111,19 +1113,19 @@ def run(settings: Settings, workdir: str, *, progress: bool = True) -> dict:
             "description": f"arithmetic level 1 from a {settings.stress_sft_steps}-step warm start, "
                            f"learning rate {settings.stress_learning_rate:g}, β = {settings.beta}, "
                            f"{settings.stress_steps} steps, {settings.stress_seeds} seeds"}
-  plot_curves(runs["stress"], os.path.join(workdir, "grpo_stress.png"),
+  plot_curves(runs["stress"], workdir / "grpo_stress.png",
               f"GRPO stress: {stress['description']}")
   extra = {"regimes": regimes, "sequence": seq, "stress": stress,
            "off_policy_means": run_means(runs["off_policy"], ("ppo_kl", "kl_grad_zeroed_fraction")),
            "warm_max_seq_log_ratio": max((row.get("max_seq_log_ratio", float("nan"))
                                           for h in runs["on_policy"]["k2_as_loss"] for row in h),
                                          default=float("nan"))}
-  plot_curves(runs["on_policy"], os.path.join(workdir, "grpo_on_policy.png"),
+  plot_curves(runs["on_policy"], workdir / "grpo_on_policy.png",
               f"GRPO on-policy, β = {settings.beta}, mean ± std over {settings.seeds} seeds")
-  plot_curves(runs["off_policy"], os.path.join(workdir, "grpo_off_policy.png"),
+  plot_curves(runs["off_policy"], workdir / "grpo_off_policy.png",
               f"GRPO off-policy ({settings.off_policy_epochs} epochs × "
               f"{settings.off_policy_minibatches} minibatches), β = {settings.beta}")
-  plot_trajectory(gaps, os.path.join(workdir, "trajectory_k2_vs_k1_in_reward.png"))
+  plot_trajectory(gaps, workdir / "trajectory_k2_vs_k1_in_reward.png")
 
   results = {
       "grpo": grpo_summary,
@@ -1155,8 +1157,7 @@ def run(settings: Settings, workdir: str, *, progress: bool = True) -> dict:
   results["meta"]["grpo_runs_trained"] = len(fresh)
   results["meta"]["grpo_runs_read_back"] = sum(len(h) for r in runs.values()
                                                for h in r.values()) - len(fresh)
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=1, ensure_ascii=False)
-  write_report(os.path.join(workdir, "report.md"), settings, results, oracle.markdown(rows),
+  paths.write_atomic(workdir / "results.json", json.dumps(results, indent=1, ensure_ascii=False))
+  write_report(workdir / "report.md", settings, results, oracle.markdown(rows),
                elapsed)
   return results

@@ -52,21 +52,24 @@ class CharTokenizer:
 
 
 class HFTokenizer:
-  """A Hugging Face `tokenizer.json` (the `tokenizers` library); special ids from the files."""
+  """A Hugging Face `tokenizer.json` (the `tokenizers` library); special ids from the files.
+  `path`: the file or its directory, local or a URL (gs://…)."""
 
-  def __init__(self, path: str, *, pad_token: str | None = None, bos_token: str | None = None,
-               eos_token: str | None = None):
+  def __init__(self, path: str | os.PathLike, *, pad_token: str | None = None,
+               bos_token: str | None = None, eos_token: str | None = None):
     from tokenizers import Tokenizer as _Tokenizer
 
-    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-    if not os.path.exists(file):
+    from kljax import paths
+
+    path = paths.resolve(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.exists():
       raise FileNotFoundError(f"{file} does not exist (a Hugging Face tokenizer.json is expected).")
-    self._tok = _Tokenizer.from_file(file)
+    self._tok = _Tokenizer.from_str(file.read_text(encoding="utf-8"))
     config = {}
-    config_file = os.path.join(os.path.dirname(file), "tokenizer_config.json")
-    if os.path.exists(config_file):
-      with open(config_file) as f:
-        config = json.load(f)
+    config_file = file.parent / "tokenizer_config.json"
+    if config_file.exists():
+      config = json.loads(config_file.read_text(encoding="utf-8"))
 
     def special(given, key):
       token = given or config.get(key)

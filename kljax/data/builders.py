@@ -3,6 +3,12 @@
   source = kljax.data.load("arithmetic/level2", "train", data_dir=DIR)   # prepares on first use
   source[i] -> {"question": str, "answer": str, ...}
 
+`data_dir` and `manual_dir` may be local or URLs (gs://…). array_record reads and writes local
+files only, so a remote `data_dir` is the shared store of prepared datasets and a local mirror
+(`kljax.paths.mirror`) is what is read: a dataset found in the store is copied down; one that is
+not is prepared locally and copied up, its `dataset_info.json` last, so that a dataset in the
+store with that file is complete.
+
 `kljax_arithmetic` (configs level1..level5) and `kljax_countdown` (n3, n4) are generated
 procedurally from fixed seeds: the same version always holds the same examples, and train and
 test use different seeds. `kljax_gsm8k` reads the official GSM8K JSONL files (downloaded when the
@@ -15,11 +21,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
+from kljax import paths
 from kljax.data import tasks
 from kljax.rewards import extract_answer, parse_number
 
@@ -118,15 +127,15 @@ class KljaxGsm8k(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(builder=self, features=_features("gsm8k"))
 
   def _split_generators(self, dl_manager):
-    manual = dl_manager.manual_dir if dl_manager.manual_dir else None
-    if manual and all(os.path.exists(os.path.join(manual, f"{s}.jsonl")) for s in GSM8K_URLS):
-      paths = {s: os.path.join(manual, f"{s}.jsonl") for s in GSM8K_URLS}
+    manual = _manual(dl_manager)
+    if manual and all((manual / f"{s}.jsonl").exists() for s in GSM8K_URLS):
+      files = {s: manual / f"{s}.jsonl" for s in GSM8K_URLS}
     else:
-      paths = dl_manager.download(GSM8K_URLS)
-    return {s: self._generate_examples(p) for s, p in paths.items()}
+      files = dl_manager.download(GSM8K_URLS)
+    return {s: self._generate_examples(p) for s, p in files.items()}
 
   def _generate_examples(self, path):
-    with open(path) as f:
+    with epath.Path(path).open() as f:
       for i, line in enumerate(f):
         if line.strip():
           obj = json.loads(line)
@@ -139,13 +148,18 @@ OPENR1_URLS = [
     f"train-{i:05d}-of-00010.parquet" for i in range(10)]
 
 
-def _openr1_rows(path: str):
+def _manual(dl_manager) -> epath.Path | None:
+  """The manual directory (local or a URL), or None."""
+  return paths.resolve(dl_manager.manual_dir) if dl_manager.manual_dir else None
+
+
+def _openr1_rows(path: epath.Path):
   """(problem, solution, answer, uuid) rows of one OpenR1-Math parquet or JSONL file; parquet is
   read one row group at a time, and only these four columns (the files also hold long model
   generations)."""
   columns = ["problem", "solution", "answer", "uuid"]
-  if path.endswith(".jsonl"):
-    with open(path) as f:
+  if path.name.endswith(".jsonl"):
+    with path.open() as f:
       for line in f:
         if line.strip():
           obj = json.loads(line)
@@ -156,10 +170,11 @@ def _openr1_rows(path: str):
   except ImportError:
     raise ImportError("reading OpenR1-Math parquet files needs pyarrow: pip install "
                       "'kljax[openr1]' (or pyarrow), or convert them to JSONL.") from None
-  reader = pq.ParquetFile(path)
-  for g in range(reader.num_row_groups):
-    table = reader.read_row_group(g, columns=columns).to_pydict()
-    yield from zip(*(table[c] for c in columns))
+  with path.open("rb") as f:  # a seekable file object: pyarrow reads only what it needs
+    reader = pq.ParquetFile(f)
+    for g in range(reader.num_row_groups):
+      table = reader.read_row_group(g, columns=columns).to_pydict()
+      yield from zip(*(table[c] for c in columns))
 
 
 class KljaxOpenr1Math(tfds.core.GeneratorBasedBuilder):
@@ -187,11 +202,11 @@ class KljaxOpenr1Math(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(builder=self, features=_features("openr1_math"))
 
   def _split_generators(self, dl_manager):
-    manual = dl_manager.manual_dir if dl_manager.manual_dir else None
-    files = sorted(os.path.join(manual, f) for f in os.listdir(manual)
-                   if f.endswith((".parquet", ".jsonl"))) if manual and os.path.isdir(manual) else []
+    manual = _manual(dl_manager)
+    files = sorted(p for p in manual.iterdir() if p.name.endswith((".parquet", ".jsonl"))
+                   ) if manual and manual.is_dir() else []
     if not files:
-      files = [str(p) for p in dl_manager.download(OPENR1_URLS)]
+      files = [epath.Path(p) for p in dl_manager.download(OPENR1_URLS)]
     return {s: self._generate_examples(files, s) for s in ("train", "test")}
 
   def _generate_examples(self, files, split):
@@ -202,7 +217,7 @@ class KljaxOpenr1Math(tfds.core.GeneratorBasedBuilder):
         value = parse_number(answer)
         if value is None or not problem:
           continue
-        key = uuid or f"{os.path.basename(path)}:{i}"
+        key = uuid or f"{path.name}:{i}"
         if (zlib.crc32(key.encode()) % 50 == 0) != (split == "test"):
           continue
         yield key, {"question": problem, "solution": solution,
@@ -251,15 +266,44 @@ def load(name: str, split: str, *, data_dir: str, manual_dir: str | None = None)
   if configs and config not in configs:
     raise ValueError(f"dataset {base!r} needs a config, one of {', '.join(configs)} "
                      f"(e.g. '{base}/{configs[0]}'), got {config or 'none'!r}.")
-  kwargs: dict[str, Any] = {"data_dir": data_dir, "file_format": "array_record"}
+  store = paths.resolve(data_dir)
+  local = store if paths.is_local(store) else paths.mirror(store)
+  kwargs: dict[str, Any] = {"data_dir": os.fspath(local), "file_format": "array_record"}
   if configs:
     kwargs["config"] = config
+  prepare = lambda b: b.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=os.fspath(paths.resolve(manual_dir)) if manual_dir else None))
   builder = cls(**kwargs)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  if local != store:
+    builder = _through_mirror(builder, lambda: cls(**kwargs), prepare, local, store)
+  else:
+    prepare(builder)
   if split not in builder.info.splits:
     raise ValueError(f"{name} has splits {', '.join(builder.info.splits)}, not {split!r}.")
   return Source(builder.as_data_source(split=split))
+
+
+def _through_mirror(builder, new_builder, prepare, local: epath.Path, store: epath.Path):
+  """The builder of a dataset read from the local mirror `local` of the store `store`: copied
+  down if the store has it, else prepared here and copied up (`dataset_info.json` last)."""
+  version_dir = epath.Path(builder.data_dir)  # local/<name>/<config>/<version>
+  remote = store / os.fspath(version_dir)[len(os.fspath(local)):].lstrip("/")
+  info = "dataset_info.json"
+  if not (version_dir / info).exists() and (remote / info).exists():
+    # Each process copies to its own directory and renames it into place (atomic, locally):
+    # processes of one host that share the mirror never read a partial copy.
+    partial = version_dir.with_name(f"{version_dir.name}.incoming.{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    paths.copy_tree(remote, partial)
+    try:
+      partial.rename(version_dir)
+    except OSError:  # another process of this host was first
+      shutil.rmtree(partial, ignore_errors=True)
+    builder = new_builder()  # reads the copied dataset_info.json
+  prepare(builder)  # a no-op when prepared
+  if not (remote / info).exists():
+    paths.copy_tree(version_dir, remote, last=(info,))
+  return builder
 
 
 def batch_indices(size: int, batch_size: int, step: int, *, seed: int) -> np.ndarray:

@@ -1,8 +1,10 @@
 """Hugging Face checkpoint import and export (Llama / Qwen2 `config.json` + safetensors).
 
-`from_hf(path)` reads a local checkpoint directory: `config.json` and either `model.safetensors` or
+`from_hf(path)` reads a checkpoint directory: `config.json` and either `model.safetensors` or
 several shards listed in `model.safetensors.index.json`. `export_hf(model, path)` writes the same
-layout back, so a trained policy can be served by any HF-compatible engine. Nothing is downloaded.
+layout back, so a trained policy can be served by any HF-compatible engine. Nothing is downloaded
+from the Hub. `path` may be local or a URL (gs://…): remote safetensors files are read whole into
+memory, one file at a time (local ones are memory-mapped), and written whole.
 
 Both rope layouts in use are read: top-level `rope_theta` / `rope_scaling` (transformers < 5) and
 `rope_parameters` (newer). HF stores linear weights as [out, in]; kljax stores [in, out] per head.
@@ -12,11 +14,14 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
+from kljax import paths
 from kljax.models.config import ModelConfig, RopeScaling
 from kljax.models.transformer import Decoder, create
 
@@ -195,37 +200,43 @@ def _to_hf(x: np.ndarray, how: str) -> np.ndarray:
   raise AssertionError(how)
 
 
-def _tensor_files(path: str) -> dict[str, str]:
+def _safetensors_names(file: epath.Path) -> list[str]:
+  """The tensor names of a safetensors file, from its header alone (8 bytes of little-endian
+  length, then that many bytes of JSON): a remote file is not downloaded."""
+  with file.open("rb") as f:
+    (n,) = struct.unpack("<Q", f.read(8))
+    header = json.loads(f.read(n))
+  return [k for k in header if k != "__metadata__"]
+
+
+def _tensor_files(path: epath.Path) -> dict[str, epath.Path]:
   """HF tensor name -> safetensors file holding it."""
-  index = os.path.join(path, _INDEX)
-  if os.path.exists(index):
-    with open(index) as f:
-      weight_map = json.load(f).get("weight_map")
+  index = path / _INDEX
+  if index.exists():
+    weight_map = json.loads(index.read_text()).get("weight_map")
     if not weight_map:
       raise CheckpointError(f"{index}: no 'weight_map'.")
-    files = {os.path.join(path, name) for name in weight_map.values()}
-    absent = sorted(f for f in files if not os.path.exists(f))
+    files = {path / name for name in weight_map.values()}
+    absent = sorted(os.fspath(f) for f in files if not f.exists())
     if absent:
       raise CheckpointError(f"{index} lists shard(s) that do not exist: {', '.join(absent)}.")
-    return {k: os.path.join(path, v) for k, v in weight_map.items()}
-  single = os.path.join(path, _SINGLE)
-  if os.path.exists(single):
-    from safetensors import safe_open
-
-    with safe_open(single, framework="numpy") as f:
-      return {k: single for k in f.keys()}
+    return {k: path / v for k, v in weight_map.items()}
+  single = path / _SINGLE
+  if single.exists():
+    return {k: single for k in _safetensors_names(single)}
   raise CheckpointError(
       f"{path}: neither {_SINGLE} nor {_INDEX} found (only safetensors checkpoints are read)."
   )
 
 
-def _open(path: str, *, dtype: str, param_dtype: str | None):
+def _open(path: str | os.PathLike, *, dtype: str, param_dtype: str | None):
   """(config, layout, tensor files) of a checkpoint directory whose every tensor is present."""
-  config_path = os.path.join(path, "config.json")
-  if not os.path.exists(config_path):
+  path = paths.resolve(path)
+  config_path = path / "config.json"
+  if not config_path.exists():
     raise CheckpointError(f"{config_path} does not exist.")
-  with open(config_path) as f:
-    config = config_from_hf(json.load(f), dtype=dtype, param_dtype=param_dtype)
+  config = config_from_hf(json.loads(config_path.read_text()), dtype=dtype,
+                          param_dtype=param_dtype)
   layout = _layout(config)
   files = _tensor_files(path)
   missing = [name for name in layout if name not in files]
@@ -252,8 +263,6 @@ def from_hf(path: str, *, dtype: str = "float32", param_dtype: str | None = None
     CheckpointError naming the missing file, the unsupported config field, or the tensor whose
     shape disagrees with the config.
   """
-  from safetensors import safe_open
-
   config, layout, files = _open(path, dtype=dtype, param_dtype=param_dtype)
   model = create(config)
   targets = {target for target, _, _, _ in layout.values()}
@@ -262,13 +271,13 @@ def from_hf(path: str, *, dtype: str = "float32", param_dtype: str | None = None
   for name in layout:
     by_file.setdefault(files[name], []).append(name)
   for file, names in by_file.items():
-    with safe_open(file, framework="numpy") as f:
+    with _read_tensors(file) as f:
       for name in names:
         target, layer, hf_shape, how = layout[name]
         x = f.get_tensor(name)
         if tuple(x.shape) != hf_shape:
           raise CheckpointError(
-              f"tensor {name} in {os.path.basename(file)} has shape {list(x.shape)}, but the config "
+              f"tensor {name} in {file.name} has shape {list(x.shape)}, but the config "
               f"implies {list(hf_shape)}."
           )
         dest = arrays[target] if layer is None else arrays[target][layer]
@@ -279,12 +288,49 @@ def from_hf(path: str, *, dtype: str = "float32", param_dtype: str | None = None
   return model
 
 
-def export_hf(model: Decoder, path: str, *, max_shard_bytes: int = 4 << 30) -> None:
-  """Writes `config.json` and float32 safetensors (sharded, with an index, above `max_shard_bytes`)."""
-  from safetensors.numpy import save_file
+class _InMemory:
+  """The `safe_open` interface over a dict of arrays (a remote file read whole)."""
+
+  def __init__(self, tensors: dict[str, np.ndarray]):
+    self._tensors = tensors
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self._tensors = {}
+
+  def get_tensor(self, name: str) -> np.ndarray:
+    return self._tensors[name]
+
+
+def _read_tensors(file: epath.Path):
+  """A context manager with `get_tensor(name)`: `safe_open` (memory-mapped) on a local file;
+  the whole file read into memory from a URL."""
+  if paths.is_local(file):
+    from safetensors import safe_open
+
+    return safe_open(os.fspath(file), framework="numpy")
+  from safetensors.numpy import load
+
+  return _InMemory(load(file.read_bytes()))
+
+
+def export_hf(model: Decoder, path: str | os.PathLike, *, max_shard_bytes: int = 4 << 30) -> None:
+  """Writes `config.json` and float32 safetensors (sharded, with an index, above `max_shard_bytes`)
+  to a local directory or a URL."""
+  from safetensors.numpy import save, save_file
+
+  def write(tensors, name):
+    if paths.is_local(path):
+      save_file(tensors, os.fspath(path / name), metadata={"format": "pt"})
+    else:
+      (path / name).write_bytes(save(tensors, metadata={"format": "pt"}))
 
   config = model.config
-  os.makedirs(path, exist_ok=True)
+  path = paths.resolve(path)
+  if paths.is_local(path):
+    path.mkdir(parents=True, exist_ok=True)
   tensors = {}
   for name, (target, layer, _, how) in _layout(config).items():
     value = np.asarray(getattr(model, target)[...].astype(jnp.float32))
@@ -294,8 +340,6 @@ def export_hf(model: Decoder, path: str, *, max_shard_bytes: int = 4 << 30) -> N
     tensors[name] = np.ascontiguousarray(_to_hf(value, how))
   hf_config = config_to_hf(config)
   hf_config["torch_dtype"] = "float32"
-  with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump(hf_config, f, indent=2)
 
   shards, current, size = [], {}, 0
   for name, value in tensors.items():
@@ -305,17 +349,18 @@ def export_hf(model: Decoder, path: str, *, max_shard_bytes: int = 4 << 30) -> N
     current[name] = value
     size += value.nbytes
   shards.append(current)
-  for stale in (_SINGLE, _INDEX):
-    if os.path.exists(os.path.join(path, stale)):
-      os.remove(os.path.join(path, stale))
+  for stale in ("config.json", _SINGLE, _INDEX):
+    (path / stale).unlink(missing_ok=True)
   if len(shards) == 1:
-    save_file(shards[0], os.path.join(path, _SINGLE), metadata={"format": "pt"})
-    return
-  weight_map = {}
-  for i, shard in enumerate(shards):
-    fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    save_file(shard, os.path.join(path, fname), metadata={"format": "pt"})
-    weight_map.update({name: fname for name in shard})
-  total = sum(v.nbytes for v in tensors.values())
-  with open(os.path.join(path, _INDEX), "w") as f:
-    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    write(shards[0], _SINGLE)
+  else:
+    weight_map = {}
+    for i, shard in enumerate(shards):
+      fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+      write(shard, fname)
+      weight_map.update({name: fname for name in shard})
+    total = sum(v.nbytes for v in tensors.values())
+    (path / _INDEX).write_text(json.dumps({"metadata": {"total_size": total},
+                                           "weight_map": weight_map}, indent=2))
+  # last: a directory with config.json is complete (the warm start is reused if it exists)
+  (path / "config.json").write_text(json.dumps(hf_config, indent=2))

@@ -10,6 +10,12 @@ while training goes on. A save that fails in the background is reported at the n
 does not match is moved to WORKDIR/rejected_checkpoints and the next older one is tried. The data
 order and the random keys are functions of (seed, step), so the step is the whole of the data
 position and RNG state, and it is covered by the digest like every other array.
+
+WORKDIR may be a local directory or a URL (`gs://bucket/run`): orbax receives the URL unchanged,
+and every process writes its shards and its digest to that one shared location and restores from
+it. On an object store orbax marks a finished checkpoint with a `commit_success.txt` object
+instead of renaming a temporary directory; a step without it is not a checkpoint (a save that was
+stopped), and the next save of that step replaces it.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from kljax import paths
 
 _DIGEST_VERSION = 1
 
@@ -209,13 +217,13 @@ class Checkpointer:
   """Saves every `every` steps into DIR/checkpoints (asynchronously), keeps the last `keep` (at
   least two, so that a damaged one has a predecessor), restores the newest that verifies."""
 
-  def __init__(self, workdir: str, *, every: int, keep: int = 2):
+  def __init__(self, workdir: str | os.PathLike, *, every: int, keep: int = 2):
     if every < 1:
       raise ValueError(f"checkpoint_every must be >= 1, got {every}.")
     if keep < 2:
       raise ValueError(f"keep must be >= 2 (a damaged checkpoint needs a predecessor), got {keep}.")
-    self.workdir = os.path.abspath(workdir)
-    self.directory = os.path.join(self.workdir, "checkpoints")
+    self.workdir = paths.resolve(workdir)  # a URL stays a URL
+    self.directory = self.workdir / "checkpoints"
     self.every = every
     self._manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(
@@ -252,16 +260,24 @@ class Checkpointer:
       self._manager.wait_until_finished()
     except Exception as err:  # noqa: BLE001
       self._raise_save_error(step, err)
-    if not (epath.Path(self.directory) / str(step)).exists():  # orbax skipped its finalization
+    if not self._finalized(step):  # orbax skipped its finalization
       self._raise_save_error(step, _OrbaxSaveTracebacks.last or RuntimeError(
           "orbax did not finalize it"))
+
+  def _finalized(self, step: int) -> bool:
+    """Whether checkpoint `step` was finished: renamed from its temporary directory (local), or
+    marked by orbax's commit_success.txt (object stores, where a step directory exists from the
+    save's first write)."""
+    path = self.directory / str(step)
+    return (path / "commit_success.txt").exists() if not paths.is_local(path) else path.exists()
 
   def _raise_save_error(self, step: int, err: BaseException):
     global _a_save_failed
     _a_save_failed = self._failed = True
     self._pending = None
     try:
-      free = f"{shutil.disk_usage(self.directory).free / 2**20:.1f} MiB free"
+      free = (f"{shutil.disk_usage(self.directory).free / 2**20:.1f} MiB free"
+              if paths.is_local(self.directory) else "an object store")
     except OSError:
       free = "free space unknown"
     good = self.newest_verified()
@@ -281,7 +297,7 @@ class Checkpointer:
   def _read(self, step: int, abstract) -> Any:
     """The state of checkpoint `step`, verified against its digest; _Unverified says why not."""
     problem, out = None, None
-    if not (epath.Path(self.directory) / str(step) / "digest").exists():
+    if not (self.directory / str(step) / "digest").exists():
       problem = "it has no digest (written by an older kljax, or damaged)"
     else:
       try:
@@ -350,15 +366,14 @@ class Checkpointer:
         "optimizer). Nothing was moved. Copy intact checkpoints back if you have them; to start "
         "this run over from step 0, move the checkpoints directory aside or use a new --workdir.")
 
-  def _move_aside(self, steps: list[int]) -> str:
-    target = os.path.join(self.workdir, "rejected_checkpoints")
+  def _move_aside(self, steps: list[int]) -> epath.Path:
+    target = self.workdir / "rejected_checkpoints"
     if jax.process_index() == 0:
-      os.makedirs(target, exist_ok=True)
       for step in steps:
-        dest, n = os.path.join(target, str(step)), 1
-        while os.path.exists(dest):
-          dest, n = os.path.join(target, f"{step}.{n}"), n + 1
-        shutil.move(os.path.join(self.directory, str(step)), dest)
+        dest, n = target / str(step), 1
+        while dest.exists():
+          dest, n = target / f"{step}.{n}", n + 1
+        paths.move(self.directory / str(step), dest)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
 

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import math
 import os
+import socket
 import time
 from typing import Any, NamedTuple
 
@@ -22,18 +23,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from etils import epath
 from flax import nnx
 
 from kljax import advantages as adv_lib
 from kljax import beta as beta_lib
 from kljax import data as data_lib
 from kljax import estimators as est
-from kljax import logprobs, losses, models, rewards, sharding, text
+from kljax import logprobs, losses, models, paths, rewards, sharding, text
 from kljax.kl import KLTerm, kl_term, kl_term_names
 from kljax.sampling import sample
-from kljax.train import sft
-from kljax.train import runlock
+from kljax.train import multihost, runlock, sft
 from kljax.train.checkpoint import Checkpointer
 from kljax.train.metrics import MetricsWriter
 
@@ -67,10 +66,13 @@ class ConfigError(ValueError):
 
 def validate(config: ml_collections.ConfigDict, workdir: str | None = None) -> None:
   """Every check that needs no compilation: names, ranges, divisibility, the mesh, the reward
-  functions' import paths. With `workdir`, also the paths a run on this machine reads and writes
+  functions' import paths, and that every path's scheme (gs://…) can be reached here (its package
+  is installed). With `workdir`, also the paths a run on this machine reads and writes
   (`_check_paths`), so that none fails after the warm start."""
   def bad(field, msg):
     raise ConfigError(f"--config.{field}: {msg}")
+
+  _check_schemes(config, workdir)
 
   if config.kl.term != "none" and config.kl.term not in kl_term_names():
     try:
@@ -187,41 +189,81 @@ def _check_reward_fns(config) -> None:
       raise ConfigError(f"--config.reward.weights: {w.strip()!r} is not a number.") from None
 
 
+def _run_paths(config, workdir) -> list[tuple[str, str]]:
+  """(flag, path) of every path a run reads or writes that is set."""
+  out = [("--workdir", workdir), ("--config.data.data_dir", config.data.data_dir),
+         ("--config.data.manual_dir", config.data.get("manual_dir")),
+         ("--config.model.tokenizer", config.model.tokenizer),
+         ("--config.model.init", config.model.init)]
+  return [(flag, str(path)) for flag, path in out if path]
+
+
+def _check_schemes(config, workdir) -> None:
+  """Each URL among the run's paths has its package installed (gcsfs for gs://), so that a
+  missing one is named before anything is compiled or prepared."""
+  for flag, path in _run_paths(config, workdir):
+    try:
+      paths.check_reachable(path, flag=flag)
+    except paths.PathError as err:
+      raise ConfigError(str(err)) from None
+
+
 def _check_paths(config, workdir: str) -> None:
   """The run directory can be created and written, the data directory read (or created), and
   `model.tokenizer` and `model.init`, when set, load (the checkpoint without its weights)."""
   _check_dir("--workdir", workdir, write=True)
   _check_dir("--config.data.data_dir", config.data.data_dir, write=False)
   if config.data.get("manual_dir"):
-    path = epath.Path(os.path.expanduser(config.data.manual_dir))
-    if not path.is_dir():
+    path = paths.resolve(config.data.manual_dir)
+    if not _reached("--config.data.manual_dir", path.is_dir):
       raise ConfigError(f"--config.data.manual_dir: {path} is not a directory.")
   if config.model.tokenizer:
     try:
-      text.HFTokenizer(os.path.expanduser(config.model.tokenizer))
+      text.HFTokenizer(config.model.tokenizer)
     except Exception as err:  # noqa: BLE001 - tokenizers raises its own exception types
       raise ConfigError(f"--config.model.tokenizer: {err}") from None
   if config.model.init:
     try:
-      models.check_hf(os.path.expanduser(config.model.init), dtype=config.model.dtype,
+      models.check_hf(config.model.init, dtype=config.model.dtype,
                       param_dtype=config.model.param_dtype)
     except (OSError, ValueError) as err:  # hf.CheckpointError is a ValueError
       raise ConfigError(f"--config.model.init: {err}") from None
 
 
+def _reached(flag: str, fn):
+  """`fn()`, with an error of the store (no bucket, no credentials, no network) as a ConfigError
+  naming `flag`."""
+  try:
+    return fn()
+  except Exception as err:  # noqa: BLE001 - gcsfs, google-auth and aiohttp raise many types
+    said = " ".join(str(err).split())[:300]
+    raise ConfigError(f"{flag}: cannot reach it: {type(err).__name__}: {said}") from None
+
+
 def _check_dir(flag: str, path: str, *, write: bool) -> None:
   """`path` is a directory, or can be made one: its nearest existing ancestor is a writable
   directory. With `write`, an existing `path` must be writable too (the data directory need not:
-  it may hold prepared data). Local paths only are checked for permissions."""
-  path = epath.Path(os.path.expanduser(str(path)))
+  it may hold prepared data). On an object store (gs://…), where directories exist only while
+  objects lie under them: the bucket exists, `path` is not an object, and with `write` a probe
+  object can be written and deleted (credentials allow writing), all before the warm start."""
+  path = paths.resolve(path)
+  if not paths.is_local(path):
+    bucket = paths.bucket(path)
+    if not _reached(flag, bucket.exists):
+      raise ConfigError(f"{flag}: {path}: the bucket {bucket} does not exist.")
+    if _reached(flag, path.is_file):
+      raise ConfigError(f"{flag}: {path} is not a directory (an object of that name exists).")
+    if write:
+      probe = path / f".kljax_write_probe.{socket.gethostname()}.{os.getpid()}"
+      _reached(flag, lambda: (probe.write_text("kljax"), probe.unlink()))
+    return
   existing = path
   while not existing.exists() and existing.parent != existing:
     existing = existing.parent
   if not existing.is_dir():
     what = "is not a directory" if existing == path else f"cannot be created: {existing} is a file"
     raise ConfigError(f"{flag}: {path} {what}.")
-  local = "://" not in str(path)
-  if local and (existing != path or write) and not os.access(existing, os.W_OK | os.X_OK):
+  if (existing != path or write) and not os.access(existing, os.W_OK | os.X_OK):
     what = ("is not writable" if existing == path else
             f"cannot be created: {existing} is not writable")
     raise ConfigError(f"{flag}: {path} {what}.")
@@ -618,17 +660,23 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, init_model=None,
   """Runs (or resumes) a GRPO run in `workdir`; returns the metrics of the steps it ran.
   `bar_options`: extra `tqdm` arguments for the progress bar (e.g. `desc`, `leave`, `position`).
 
-  Holds `workdir`'s run lock throughout (a second run on it raises `runlock.RunLockedError`),
-  resumes from the newest checkpoint that verifies, and saves asynchronously. Raises
-  `NonFiniteError` on a non-finite metric and `CheckpointError` when no checkpoint verifies or a
-  save fails."""
+  `workdir` may be local or a URL (gs://bucket/run) that every process reaches: process 0 holds
+  its run lock throughout (a second run on it raises `runlock.RunLockedError`) and writes the
+  metrics; every process writes its checkpoint shards there. Resumes from the newest checkpoint
+  that verifies, and saves asynchronously. With several processes, process 0 prepares the dataset
+  while the others wait. Raises `NonFiniteError` on a non-finite metric and `CheckpointError`
+  when no checkpoint verifies or a save fails."""
   from tqdm.auto import tqdm
 
   validate(config, workdir)
   leader = jax.process_index() == 0
   with contextlib.ExitStack() as stack:
-    if leader:
-      stack.enter_context(runlock.hold(workdir))
+    with multihost.leader_first("to take the run lock"):
+      if leader:
+        stack.enter_context(runlock.hold(workdir))
+    _check_shared(workdir)
+    with multihost.leader_first("to prepare the dataset"):
+      check_prompt_lengths(config)  # reads the train split: prepares it on first use
     setup, state = build(config, init_model)
     ckpt = Checkpointer(workdir, every=config.checkpoint_every)
     stack.callback(ckpt.close)
@@ -662,8 +710,29 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, init_model=None,
         writer.write(step, metrics)
       history.append({"step": step, **metrics})
       bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['exact_rkl']:.4f}")
-      ckpt.maybe_save(step + 1, state, force=step + 1 == config.num_steps)
+      last = step + 1 == config.num_steps
+      if writer is not None and (last or (step + 1) % config.checkpoint_every == 0):
+        writer.sync()  # object stores: the metrics of every step the checkpoint holds, first
+      ckpt.maybe_save(step + 1, state, force=last)
   return history
+
+
+def _check_shared(workdir) -> None:
+  """With several processes: each sees the lock process 0 holds, i.e. all reach the same run
+  directory, as orbax's multi-process checkpoints need (a local --workdir on each host would give
+  each host a part of every checkpoint)."""
+  if jax.process_count() == 1:
+    return
+  lock = paths.resolve(workdir) / runlock.LOCK_FILE
+  seen = lock.exists()
+  from jax.experimental import multihost_utils
+
+  if not np.all(multihost_utils.process_allgather(np.int32(seen))):
+    raise ConfigError(
+        f"--workdir: {workdir} is not shared: "
+        + ("this process" if not seen else "another process")
+        + f" does not see {lock}, which process 0 holds. Every process must reach the same run "
+        "directory: shared storage such as gs://BUCKET/RUN, or a network filesystem.")
 
 
 def _non_finite_message(step: int, bad: list[str], ckpt: Checkpointer,

@@ -1,69 +1,115 @@
-"""Per-step metrics: JSONL (one object a step) and TensorBoard event files."""
+"""Per-step metrics: JSONL (one object a step) and TensorBoard event files, on local disk or an
+object store."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 from typing import Mapping
+
+from kljax import paths
 
 
 class MetricsWriter:
-  """Appends to DIR/metrics.jsonl and DIR/tensorboard; a resumed run first drops lines past the
-  restored step, so the file always holds one line per completed step.
+  """Writes DIR/metrics.jsonl and DIR/tensorboard; a resumed run first drops rows past the
+  restored step, so the file always holds one row per completed step.
 
-  A partial last line (a run stopped while appending it) is cut off with a notice. The file is
-  rewritten through a temporary file and a rename, so a stop during the rewrite loses nothing.
+  Local DIR: every row is appended and flushed as it is written. A partial last line (a run
+  stopped while appending it) is cut off with a notice. The file is rewritten through a temporary
+  file and a rename, so a stop during the rewrite loses nothing.
+
+  Object store (DIR = gs://…, which has no appends: gcsfs would silently overwrite): the rows are
+  kept in memory and TensorBoard writes to a local temporary directory; `sync` uploads
+  metrics.jsonl whole, as one object write (atomic: a reader sees the previous file or the new
+  one, never a part), then the event files. The trainer calls `sync` before each checkpoint save
+  begins and at the end (`close`), so the metrics on storage hold a row for every step before the
+  newest checkpoint; rows past it (a run stopped before that save finished) are dropped when the
+  run resumes, as on local disk. Between checkpoints, the rows written since the last one live
+  only in the process: a killed run recomputes them, identically, when it resumes.
+
   TensorBoard event files are never appended to across starts (each start writes a new file)."""
 
-  def __init__(self, workdir: str, *, resume_step: int = 0, tensorboard: bool = True):
-    os.makedirs(workdir, exist_ok=True)
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(self.path):
-      with open(self.path) as f:
-        rows, torn = _parse(f.read(), self.path)
+  def __init__(self, workdir: str | os.PathLike, *, resume_step: int = 0,
+               tensorboard: bool = True):
+    self.workdir = paths.resolve(workdir)
+    self.path = self.workdir / "metrics.jsonl"
+    self._local = paths.is_local(self.workdir)
+    if self._local:
+      self.workdir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    if self.path.exists():
+      rows, torn = _parse(self.path.read_text(), self.path)
       if torn:
         print(f"kljax: {self.path}: cut off a partial last line ({len(torn)} characters, "
               f"{torn[:40]!r}…), left by a run stopped while writing it.", file=sys.stderr,
               flush=True)
-      tmp = self.path + ".tmp"
-      with open(tmp, "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows if row["step"] <= resume_step)
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp, self.path)
-    self._file = open(self.path, "a")
-    self._tb = None
+      rows = [row for row in rows if row["step"] <= resume_step]
+      paths.write_atomic(self.path, _lines(rows))
+    self._rows = [] if self._local else rows  # object store: every row, uploaded whole
+    self._file = open(self.path, "a") if self._local else None
+    self._tb = self._tb_local = None
     if tensorboard:
       from tensorboardX import SummaryWriter
 
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      tb_dir = self.workdir / "tensorboard"
+      if not self._local:  # written here, uploaded by `sync`
+        self._tb_local = paths.resolve(tempfile.mkdtemp(prefix="kljax-tensorboard-"))
+      self._tb = SummaryWriter(os.fspath(self._tb_local or tb_dir))
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-    self._file.write(json.dumps(row) + "\n")
-    self._file.flush()
+    if self._file is not None:
+      self._file.write(json.dumps(row) + "\n")
+      self._file.flush()
+    else:
+      self._rows.append(row)
     if self._tb is not None:
       for k, v in row.items():
         if k != "step" and math.isfinite(v):
           self._tb.add_scalar(k, v, step)
       self._tb.flush()
 
+  def sync(self) -> None:
+    """Object store: uploads metrics.jsonl (one atomic object write) and the TensorBoard event
+    files as they are now. Local: nothing to do (every row is already on disk)."""
+    if self._local:
+      return
+    paths.write_atomic(self.path, _lines(self._rows))
+    if self._tb is not None:
+      self._tb.flush()
+      for rel, p in paths.files_under(self._tb_local):
+        paths.write_atomic(self.workdir / "tensorboard" / rel, p.read_bytes())
+
   def close(self) -> None:
-    self._file.close()
+    """Closes the files; on an object store, uploads what was written since the last `sync`."""
+    if self._file is not None:
+      self._file.close()
     if self._tb is not None:
       self._tb.close()
+    if not self._local:
+      try:
+        self.sync()
+      finally:
+        if self._tb_local is not None:
+          shutil.rmtree(self._tb_local, ignore_errors=True)
 
 
-def read_jsonl(path: str) -> list[dict]:
-  """The rows of a JSONL file; a partial last line (a write in progress, or torn by a stop) is
-  skipped."""
-  with open(path) as f:
-    return _parse(f.read(), path)[0]
+def _lines(rows: list[dict]) -> str:
+  return "".join(json.dumps(row) + "\n" for row in rows)
 
 
-def _parse(text: str, path: str) -> tuple[list[dict], str]:
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+  """The rows of a JSONL file (local or a URL); a partial last line (a write in progress, or torn
+  by a stop) is skipped."""
+  path = paths.resolve(path)
+  return _parse(path.read_text(), path)[0]
+
+
+def _parse(text: str, path) -> tuple[list[dict], str]:
   """(rows, torn): the complete lines' objects and a partial last line ('' if none). A line other
   than the last that is not JSON was not torn by a stop: ValueError naming it."""
   lines = text.split("\n")

@@ -127,14 +127,13 @@ def initial_model(config, directory: str):
   on `config.data.name` trained once and cached as an HF checkpoint in `directory`, on prompts and
   answers of the run's lengths (`data.max_prompt_len`, `rollout.max_new_tokens`).
 
-  Raises `grpo.ConfigError` before training when a prompt needs more than `data.max_prompt_len`
-  tokens."""
-  import os
-
+  Both may be local or URLs (gs://…). Raises `grpo.ConfigError` before training when a prompt
+  needs more than `data.max_prompt_len` tokens."""
+  from kljax import paths
   from kljax.train import grpo
 
-  path = config.model.init or directory
-  if not config.model.init and not os.path.exists(os.path.join(path, "config.json")):
+  path = paths.resolve(config.model.init or directory)
+  if not config.model.init and not (path / "config.json").exists():
     grpo.check_prompt_lengths(config)  # names the flag to raise
     model, losses = train_sft(preset=config.model.preset, dataset=config.data.name,
                               data_dir=config.data.data_dir, steps=config.sft.steps,
