@@ -12,6 +12,7 @@ command after a crash or kill resumes where it stopped and skips finished runs.
 from __future__ import annotations
 
 import json
+import os
 import time
 
 from absl import app, flags, logging

@@ -189,3 +189,18 @@ def test_regime_boundary_reads_the_grid():
   assert reproduce.regime_boundary(k2 + k3, "k3_as_loss") == {0.5: [1e-1, 1e-2]}
   tiny = [rec("k2_as_loss", 1e-3, 1.0, 1e-4), rec("k3_as_loss", 1e-3, 1.0, 0.05)]
   assert reproduce.regime_boundary(tiny, "k3_as_loss") == {1.0: []}  # 500× but 0.05 nats
+
+
+def test_cli_reaches_its_settings_and_reports_bad_ones_plainly(tmp_path):
+  # The README's main job: the entry point runs up to the settings (compile cache included) and a
+  # bad value is one usage line, not a traceback.
+  import subprocess
+  import sys
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-m", "experiments.reproduce", "--quick", "--workdir",
+                        str(tmp_path / "w"), "--steps", "0", "--compile_cache",
+                        str(tmp_path / "cache")], cwd=repo, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode != 0
+  assert "steps must be >= 1, got 0" in out.stderr and "Traceback" not in out.stderr, out.stderr
