@@ -34,18 +34,9 @@ from kljax import models, sharding
 from kljax.sampling import sample
 from kljax.train import grpo
 from kljax.train.config import grpo_tiny
+from sampler import _median_time  # benchmarks/sampler.py: this script's directory is on sys.path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _median_time(fn, reps: int) -> float:
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def matmul_peak(n: int, reps: int) -> float:
