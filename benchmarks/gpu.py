@@ -22,7 +22,6 @@ import datetime
 import functools
 import json
 import os
-import statistics
 import time
 
 import jax
