@@ -5,7 +5,7 @@ The public surface (README "Using it"; kljax.audit for "which divergence does th
   KL terms     as_loss, in_reward, straight_through, kl_term, kl_term_names, KLTerm
   credit       reward_to_go
   β            constant_beta, scheduled_beta, adaptive_beta, beta_controller
-  oracle       kljax.exact, kljax.oracle
+  exact check  kljax.exact (enumeration), kljax.gradient_table (which divergence each term follows)
   audit        kljax.audit (python -m kljax.audit), kljax.audit_gallery
 """
 

@@ -1,4 +1,4 @@
-"""The exact-gradient oracle: enumerable policies, exact expected gradients, closed-form optima.
+"""Exact enumeration: tabular policies, exact expected gradients, analytic divergence gradients, optima.
 
 A *tabular policy* is a tuple of conditional-logit tables `(θ_0, …, θ_{T−1})` with
 θ_t of shape `(V,)*(t+1)`: π(y_t | y_<t) = softmax(θ_t[y_0, …, y_{t−1}, :]). A categorical policy is

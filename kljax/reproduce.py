@@ -2,7 +2,7 @@
 
 `run(settings, workdir)` does three things and writes `report.md`, `results.json` and PNG figures:
 
-1. The oracle table (`kljax.oracle`): every term's exact expected gradient against ∇RKL / ∇FKL.
+1. The gradient table (`kljax.gradient_table`): every term's exact expected gradient against ∇RKL / ∇FKL.
 2. The bandit (`kljax.bandit`): where each term's optimization ends, against the closed-form optima,
    and the regime map for claim 3 (one rewarded arm whose π_ref is swept with β).
 3. GRPO from one supervised warm start on the arithmetic task, one run per (variant, seed), the same
@@ -1061,7 +1061,7 @@ def run(settings: Settings, workdir: str, *, progress: bool = True) -> dict:
   """Runs everything (resuming finished parts) and writes the report; returns results.json."""
   import platform
 
-  from kljax import bandit, oracle
+  from kljax import bandit, gradient_table
 
   from kljax.train import grpo
 
@@ -1073,7 +1073,7 @@ def run(settings: Settings, workdir: str, *, progress: bool = True) -> dict:
   if paths.is_local(workdir):
     workdir.mkdir(parents=True, exist_ok=True)
   start = time.time()
-  rows = oracle.table(settings.oracle_terms)
+  rows = gradient_table.table(settings.oracle_terms)
   problem = bandit.make_problem(num_arms=10, beta=0.3, seed=0)
   bandit_runs = bandit.run_all(problem, BANDIT_TERMS, modes=settings.bandit_modes,
                                num_steps=settings.bandit_steps, learning_rate=0.1,
@@ -1158,6 +1158,6 @@ def run(settings: Settings, workdir: str, *, progress: bool = True) -> dict:
   results["meta"]["grpo_runs_read_back"] = sum(len(h) for r in runs.values()
                                                for h in r.values()) - len(fresh)
   paths.write_atomic(workdir / "results.json", json.dumps(results, indent=1, ensure_ascii=False))
-  write_report(workdir / "report.md", settings, results, oracle.markdown(rows),
+  write_report(workdir / "report.md", settings, results, gradient_table.markdown(rows),
                elapsed)
   return results

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from kljax import exact, oracle, reproduce
+from kljax import exact, gradient_table, reproduce
 
 
 @pytest.mark.parametrize("name, label", [
@@ -22,7 +22,7 @@ from kljax import exact, oracle, reproduce
     ("k1_value_k3_grad", "1 − δ"),
 ])
 def test_coefficient_identification(name, label):
-  assert oracle.identify_coefficient(name) == label
+  assert gradient_table.identify_coefficient(name) == label
 
 
 def test_frozen_prefix_gradient_with_old_prefixes_matches_numpy():
@@ -46,7 +46,7 @@ def test_frozen_prefix_gradient_with_old_prefixes_matches_numpy():
 
 
 def test_oracle_rows_name_what_each_term_follows():
-  rows = {(r.setting, r.term): r for r in oracle.table(
+  rows = {(r.setting, r.term): r for r in gradient_table.table(
       ["k1_as_loss", "k2_as_loss", "k3_as_loss", "k1_in_reward_rtg", "k2_as_loss+detached_ratio"])}
   assert rows[("one token, on-policy", "k1_as_loss")].follows == "0"
   assert rows[("one token, on-policy", "k2_as_loss")].follows == "∇RKL"
@@ -60,7 +60,7 @@ def test_oracle_rows_name_what_each_term_follows():
       "frozen-prefix ∇RKL"
   assert ("sequence, sequence-level terms, on-policy", "k1_in_reward_rtg") not in rows
   with pytest.raises(ValueError, match="unknown KL term"):
-    oracle.table(["k4_as_loss"])
+    gradient_table.table(["k4_as_loss"])
 
 
 def test_settings_reject_bad_values():

@@ -1,4 +1,4 @@
-"""The oracle table: what every KL term's expected gradient is, measured exactly with `jax.grad`.
+"""The gradient table: which divergence each KL term's expected gradient equals, measured exactly.
 
 For each term and each setting (one-token or autoregressive policy, on- or off-policy, per-token or
 sequence-level surrogate) the exact expected gradient g of `kljax.exact.expected_gradient` is
