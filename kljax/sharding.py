@@ -3,8 +3,25 @@
 One code path from 1 CPU device to a TPU pod: a `jax.make_mesh` mesh with named axes
 (`data`, `fsdp`, `tensor`), parameters that carry logical axis names (see `kljax.models`), and a rules
 table mapping each logical name to mesh axes. A mesh axis is used for an array dimension only when
-it divides that dimension; otherwise the dimension is replicated over it (e.g. 2 KV heads on a
-tensor axis of 4), so any preset runs on any mesh.
+it divides that dimension, so any preset runs on any mesh.
+
+When it does not divide, what happens depends on the axis's role:
+
+* Compute axes (`tensor`) lay out the matmuls themselves (Megatron column/row splits), so moving
+  them to another dimension would change the computation's partitioning: the dimension is
+  replicated over them (e.g. 2 KV heads on a tensor axis of 4).
+* Storage axes (`STORAGE_AXES`: `fsdp`) only decide where a weight lives between uses: FSDP
+  gathers it before the matmul, so any dimension serves equally well. Such an axis falls back to
+  the array's largest other dimension that it divides (never `layers`, which the layer scan slices
+  one entry at a time; never a dimension with no rule). E.g. qwen2.5-0.5b on fsdp=256: the MLP
+  weights [L, 896, 4864] shard 4864 = 256·19 instead of the 896-wide embed dimension.
+* A dimension with no factor that the axis divides (151,936 = 2⁷·1187 over 256) still replicates.
+  For the vocabulary, `ModelConfig.vocab_multiple` pads the embedding's rows to a multiple (as
+  MaxText does: 151,936 → 152,064 = 256·594); the padded rows are never read (the unembedding
+  is sliced back to the real vocabulary, so the padded logits do not exist). Where no dimension of
+  an array divides the storage axis (qwen2.5-0.5b's attention weights [24, 896, 14, 64] on 256),
+  use a mesh whose fsdp axis does (data 2 × fsdp 128); `experiments.plan` lists what stays
+  replicated.
 """
 
 from __future__ import annotations
@@ -18,6 +35,11 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
+# Mesh axes that only place weights between uses (see the module docstring): they may fall back to
+# another dimension of the array when their rule's dimension is not divisible.
+STORAGE_AXES = ("fsdp",)
+# Logical dimensions a storage axis never falls back to: the layer scan slices `layers` per step.
+_NO_FALLBACK = ("layers",)
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
@@ -79,24 +101,41 @@ def logical_to_spec(
 ) -> PartitionSpec:
   """PartitionSpec for an array whose dimensions carry `logical` names.
 
-  Mesh axes of size 1, axes already used by an earlier dimension, and axes that do not divide the
-  dimension are dropped (that dimension is replicated over them).
+  Mesh axes of size 1 and axes already used by an earlier dimension are dropped. An axis that does
+  not divide its dimension is dropped too (that dimension is replicated over it), except a storage
+  axis (`STORAGE_AXES`), which moves to the largest other dimension it divides (module docstring).
   """
   table = _rule_table(rules)
   used: set[str] = set()
-  spec = []
+  chosen: list[list[str]] = []
+  misfits: list[str] = []
   for name, size in zip(logical, shape):
     if name is not None and name not in table:
       raise ValueError(f"logical axis {name!r} has no sharding rule; rules cover {sorted(table)}.")
-    chosen = []
+    axes: list[str] = []
     for axis in table.get(name, ()) if name is not None else ():
       n = mesh.shape[axis]
-      if n == 1 or axis in used or size % (math.prod(mesh.shape[a] for a in chosen) * n):
+      if n == 1 or axis in used:
         continue
-      chosen.append(axis)
-    used.update(chosen)
-    spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
-  return PartitionSpec(*spec)
+      if size % (math.prod(mesh.shape[a] for a in axes) * n):
+        if axis in STORAGE_AXES:
+          misfits.append(axis)
+        continue
+      axes.append(axis)
+    used.update(axes)
+    chosen.append(axes)
+  for axis in misfits:
+    if axis in used:
+      continue
+    n = mesh.shape[axis]
+    candidates = [i for i, (name, size) in enumerate(zip(logical, shape))
+                  if name is not None and name not in _NO_FALLBACK
+                  and size % (math.prod(mesh.shape[a] for a in chosen[i]) * n) == 0]
+    if candidates:
+      best = max(candidates, key=lambda i: shape[i])
+      chosen[best].append(axis)
+      used.add(axis)
+  return PartitionSpec(*(None if not a else a[0] if len(a) == 1 else tuple(a) for a in chosen))
 
 
 def state_shardings(state: nnx.State, mesh: jax.sharding.Mesh, rules: Rules = DEFAULT_RULES):

@@ -100,3 +100,59 @@ def test_sampler_runs_sharded_along_data():
                temperature=0.0)
   np.testing.assert_array_equal(out.tokens_bt, ref.tokens_bt)
   assert len(out.tokens_bt.sharding.device_set) == 8
+
+
+# 60-wide embeddings and a 100-token vocabulary: neither divides an fsdp axis of 8.
+ODD = models.preset("tiny").replace(d_model=60, vocab_size=100)
+
+
+def test_storage_axis_falls_back_to_a_dimension_it_divides():
+  mesh = sharding.make_mesh(data=1, fsdp=8, tensor=1)
+  # embed 60 is not a multiple of 8: fsdp moves to the largest dimension it divides.
+  assert sharding.logical_to_spec(("layers", "embed", "mlp"), (2, 60, 128), mesh) == P(
+      None, None, "fsdp")
+  assert sharding.logical_to_spec(("layers", "embed", "heads", "head_dim"), (2, 60, 4, 16),
+                                  mesh) == P(None, None, None, "fsdp")
+  # never the scanned layer axis, even when it divides; nothing divides: replicated.
+  assert sharding.logical_to_spec(("layers", "embed", "heads"), (8, 60, 3), mesh) == P(
+      None, None, None)
+  # with tensor: the fallback dimension must divide by both axes' product (128 = 4·2·16).
+  mesh = sharding.make_mesh(data=1, fsdp=2, tensor=4)
+  assert sharding.logical_to_spec(("layers", "embed", "mlp"), (2, 5, 128), mesh) == P(
+      None, None, ("tensor", "fsdp"))
+  # a compute axis does not move (tensor still replicates 2 KV heads; fsdp keeps embed).
+  assert sharding.logical_to_spec(("layers", "embed", "kv_heads", "head_dim"), (2, 64, 2, 16),
+                                  mesh) == P(None, "fsdp", None, None)
+
+
+def test_indivisible_model_is_an_eighth_per_device_and_computes_alike(batch, tmp_path):
+  from kljax.models import hf
+
+  hf.export_hf(models.create(ODD, seed=3), tmp_path)
+  single = hf.from_hf(tmp_path)
+  padded = hf.from_hf(tmp_path, vocab_multiple=8)  # 100 -> 104 rows: 8 divides them
+  assert padded.embed[...].shape == (104, 60) and single.embed[...].shape == (100, 60)
+  mesh = sharding.make_mesh(data=1, fsdp=8, tensor=1)
+  padded = sharding.shard_module(padded, mesh)
+  state = nnx.state(padded)
+  # Expected from the shapes alone: everything splits 8 ways except the norm vectors.
+  norms = sum(int(np.prod(getattr(padded, n)[...].shape)) * 4
+              for n in ("attn_norm", "mlp_norm", "final_norm"))
+  total = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state))
+  per_device = sharding.bytes_per_device(state)
+  assert len(per_device) == 8
+  assert set(per_device.values()) == {(total - norms) // 8 + norms}
+
+  tokens, mask = batch
+  tokens = tokens % ODD.vocab_size
+  ref_loss, ref_grads = nnx.value_and_grad(_loss)(single, tokens, mask)
+  placed = jax.device_put((tokens, mask), sharding.batch_sharding(mesh))
+  loss, grads = nnx.jit(nnx.value_and_grad(_loss))(padded, *placed)
+  assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
+  g, ref_g = np.asarray(grads.embed[...]), np.asarray(ref_grads.embed[...])
+  np.testing.assert_allclose(g[:100], ref_g, atol=1e-5 * np.abs(ref_g).max())
+  assert not g[100:].any()  # the padded rows are never read
+  # and the HF files written from the padded model are the unpadded ones
+  hf.export_hf(padded, tmp_path / "again")
+  np.testing.assert_array_equal(np.asarray(hf.from_hf(tmp_path / "again").embed[...]),
+                                np.asarray(single.embed[...]))

@@ -40,6 +40,10 @@ class ModelConfig:
     scan_layers: run the stacked layers with `jax.lax.scan` (compile time independent of depth);
       False unrolls them (faster on CPU for shallow models; slow to compile for deep ones).
     model_type: "llama" or "qwen2" (what `export_hf` writes).
+    vocab_multiple: the embedding (and untied unembedding) store `padded_vocab` rows, the
+      vocabulary rounded up to this multiple, so that a large mesh axis divides them (151,936 =
+      2⁷·1187 → 152,064 = 256·594 for 256 devices). The extra rows are never read: the
+      unembedding is sliced back to `vocab_size`, so logits, sampling and HF files are unchanged.
   """
 
   vocab_size: int
@@ -59,9 +63,10 @@ class ModelConfig:
   remat: bool = False
   scan_layers: bool = True
   model_type: Literal["llama", "qwen2"] = "llama"
+  vocab_multiple: int = 1
 
   def __post_init__(self):
-    for field in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+    for field in ("vocab_multiple", "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                   "mlp_dim"):
       if int(getattr(self, field)) < 1:
         raise ValueError(f"ModelConfig.{field} must be >= 1, got {getattr(self, field)}.")
@@ -80,6 +85,11 @@ class ModelConfig:
         )
     if self.model_type not in ("llama", "qwen2"):
       raise ValueError(f"ModelConfig.model_type must be 'llama' or 'qwen2', got {self.model_type!r}.")
+
+  @property
+  def padded_vocab(self) -> int:
+    """Rows of the stored embedding: `vocab_size` rounded up to a multiple of `vocab_multiple`."""
+    return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
   @property
   def jnp_param_dtype(self):

@@ -253,17 +253,20 @@ def check_hf(path: str, *, dtype: str = "float32", param_dtype: str | None = Non
   return _open(path, dtype=dtype, param_dtype=param_dtype)[0]
 
 
-def from_hf(path: str, *, dtype: str = "float32", param_dtype: str | None = None) -> Decoder:
+def from_hf(path: str, *, dtype: str = "float32", param_dtype: str | None = None,
+            vocab_multiple: int = 1) -> Decoder:
   """Loads a local HF Llama/Qwen2 checkpoint directory into a `Decoder`.
 
   Args:
     path: directory with `config.json` and safetensors weights (one file, or shards + index).
     dtype: compute dtype; param_dtype: storage dtype (defaults to `dtype`).
+    vocab_multiple: pad the stored vocabulary to this multiple (`ModelConfig.vocab_multiple`).
   Raises:
     CheckpointError naming the missing file, the unsupported config field, or the tensor whose
     shape disagrees with the config.
   """
   config, layout, files = _open(path, dtype=dtype, param_dtype=param_dtype)
+  config = config.replace(vocab_multiple=vocab_multiple)
   model = create(config)
   targets = {target for target, _, _, _ in layout.values()}
   arrays = {name: np.zeros(getattr(model, name)[...].shape, np.float32) for name in targets}
@@ -281,6 +284,8 @@ def from_hf(path: str, *, dtype: str = "float32", param_dtype: str | None = None
               f"implies {list(hf_shape)}."
           )
         dest = arrays[target] if layer is None else arrays[target][layer]
+        if target in ("embed", "lm_head"):  # the real vocabulary; padded rows stay zero
+          dest = dest[:config.vocab_size] if target == "embed" else dest[:, :config.vocab_size]
         dest[...] = _to_kljax(x.astype(np.float32), how, dest.shape)
   pd = config.jnp_param_dtype
   for name, value in arrays.items():
@@ -335,6 +340,10 @@ def export_hf(model: Decoder, path: str | os.PathLike, *, max_shard_bytes: int =
   for name, (target, layer, _, how) in _layout(config).items():
     value = np.asarray(getattr(model, target)[...].astype(jnp.float32))
     value = value if layer is None else value[layer]
+    if target == "embed":  # drop the padded rows (ModelConfig.vocab_multiple)
+      value = value[:config.vocab_size]
+    elif target == "lm_head":
+      value = value[:, :config.vocab_size]
     # float32 on disk whatever the parameter dtype: exact for bfloat16/float16 parameters, and
     # readable without a bfloat16-aware numpy.
     tensors[name] = np.ascontiguousarray(_to_hf(value, how))

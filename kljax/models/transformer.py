@@ -124,7 +124,7 @@ class Decoder(nnx.Module):
     c = config
     pd = c.jnp_param_dtype
     L, D, H, K, Hd, F, V = (c.num_layers, c.d_model, c.num_heads, c.num_kv_heads, c.head_dim,
-                            c.mlp_dim, c.vocab_size)
+                            c.mlp_dim, c.padded_vocab)
     normal = nnx.initializers.normal(stddev=0.02)
     fan_in = lambda fan: nnx.initializers.normal(stddev=1.0 / math.sqrt(fan))
     ones, zeros = nnx.initializers.ones, nnx.initializers.zeros
@@ -150,8 +150,10 @@ class Decoder(nnx.Module):
   # ---- pieces ----
 
   def unembedding(self) -> jax.Array:
-    """The output projection [D, V] (the transposed embedding when tied)."""
-    return self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
+    """The output projection [D, V] (the transposed embedding when tied), without padded rows."""
+    c = self.config
+    w = self.embed[...].T if c.tie_embeddings else self.lm_head[...]
+    return w if c.padded_vocab == c.vocab_size else w[:, :c.vocab_size]
 
   def _layer_params(self) -> dict[str, jax.Array]:
     names = ["attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down"]
