@@ -47,11 +47,16 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--dtype", default="bfloat16", help="compute dtype")
   p.add_argument("--param_dtype", default="float32", help="master-weight dtype")
   p.add_argument("--remat", action="store_true", help="rematerialize blocks in the backward pass")
+  p.add_argument("--vocab_multiple", type=int, default=1,
+                 help="pad the stored vocabulary to a multiple of this (ModelConfig.vocab_multiple), "
+                      "so that the fsdp axis divides it")
   p.add_argument("--no_batch_constraint", action="store_true",
                  help="compile without jax.set_mesh, so without kljax's activation sharding "
                       "constraint (shows what it saves)")
   p.add_argument("--json", metavar="FILE", help="write the plan as JSON")
   p.add_argument("--table", metavar="FILE", help="write the README scale table (all presets)")
+  p.add_argument("--only", nargs="+", metavar="PRESET@DEVICES", default=(),
+                 help="with --table: recompute only these rows of the existing FILE")
   return p
 
 
@@ -72,7 +77,7 @@ def plan(args: argparse.Namespace) -> dict:
 
   mesh = sharding.make_mesh(data=args.data, fsdp=args.fsdp, tensor=args.tensor)
   cfg = models.preset(args.preset, dtype=args.dtype, param_dtype=args.param_dtype,
-                      remat=args.remat)
+                      remat=args.remat, vocab_multiple=args.vocab_multiple)
   batch = args.batch or max(8, 2 * mesh.size)
   c = grpo_tiny()
   c.batch_size, c.data.max_prompt_len, c.rollout.max_new_tokens = batch, args.prompt_len, args.new_tokens
@@ -146,6 +151,7 @@ def plan(args: argparse.Namespace) -> dict:
       "mesh": {k: int(v) for k, v in mesh.shape.items()},
       "batch": batch, "rollout_batch": rollout, "prompt_len": p_, "new_tokens": n_, "dtype": cfg.dtype,
       "param_dtype": cfg.param_dtype, "remat": bool(cfg.remat),
+      "vocab_multiple": cfg.vocab_multiple, "padded_vocab": cfg.padded_vocab,
       "batch_constraint": not args.no_batch_constraint,
       "param_count": param_count,
       "per_device_bytes": {
@@ -171,7 +177,8 @@ def render(p: dict) -> str:
   lines = [
       f"{p['preset']}: {p['param_count'] / 1e9:.2f}B parameters on {p['devices']} simulated CPU "
       f"devices, mesh {p['mesh']}, update batch {p['batch']} (rollout {p['rollout_batch']}) × "
-      f"({p['prompt_len']} + {p['new_tokens']}) tokens, {p['param_dtype']} weights, {p['dtype']} compute, remat {p['remat']}",
+      f"({p['prompt_len']} + {p['new_tokens']}) tokens, {p['param_dtype']} weights, {p['dtype']} compute, remat {p['remat']}"
+      + (f", vocabulary padded to {p['padded_vocab']}" if p.get("vocab_multiple", 1) > 1 else ""),
       "per device (analytic from the shardings, except temporaries: XLA:CPU's compiled estimate, "
       "not a TPU/GPU measurement):",
       f"  parameters {g(b['params'])}, optimizer {g(b['optimizer'])}, reference "
@@ -208,34 +215,50 @@ def _run_one(argv: list[str]) -> None:
       json.dump(result, f, indent=1)
 
 
+def _row(r: dict) -> str:
+  b = r["per_device_bytes"]
+  return (f"| {r['preset']} | {r['devices']} | {r['batch']} | {'on' if r['remat'] else 'off'} "
+          f"| {b['params'] / GIB:.2f} | {b['optimizer'] / GIB:.2f} | {b['temp'] / GIB:.2f} "
+          f"| {b['total'] / GIB:.2f} | "
+          + " | ".join("fits" if r["fits"][name] else "no" for name, _ in CAPACITIES) + " |")
+
+
 def _table(path: str, args: argparse.Namespace) -> None:
+  """Every preset × device count; the vocabulary padded to a multiple of the device count (a
+  no-op wherever the device count already divides it). `--only` recomputes the rows named."""
   import tempfile
 
+  only = {tuple(o.rsplit("@", 1)) for o in args.only}
+  keys = [(preset, str(n)) for n in TABLE_DEVICES for preset in TABLE_PRESETS]
+  unknown = only - set(keys)
+  if unknown:
+    raise SystemExit(f"error: --only {sorted(unknown)} is not a row of the table (PRESET@DEVICES "
+                     f"with devices in {TABLE_DEVICES}).")
+  old = {}
+  if only:
+    with open(path) as f:
+      for line in f.read().splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        old[(cells[0], cells[1])] = line
   rows = []
-  for n in TABLE_DEVICES:
-    for preset in TABLE_PRESETS:
-      attempts = [[], ["--remat"]]
-      result = None
-      for extra in attempts:
-        with tempfile.NamedTemporaryFile(suffix=".json") as f:
-          cmd = [sys.executable, "-m", "experiments.plan", "--preset", preset, "--devices", str(n),
-                 "--fsdp", str(n), "--prompt_len", str(args.prompt_len), "--new_tokens",
-                 str(args.new_tokens), "--json", f.name, *extra]
-          print("$", " ".join(cmd[1:]), flush=True)
-          subprocess.run(cmd, check=True)
-          with open(f.name) as fh:
-            result = json.load(fh)
-        if all(result["fits"].values()):
-          break
-      rows.append(result)
+  for preset, n in keys:
+    if only and (preset, n) not in only:
+      rows.append(old[(preset, n)])
+      continue
+    for extra in ([], ["--remat"]):
+      with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        cmd = [sys.executable, "-m", "experiments.plan", "--preset", preset, "--devices", n,
+               "--fsdp", n, "--prompt_len", str(args.prompt_len), "--new_tokens",
+               str(args.new_tokens), "--vocab_multiple", n, "--json", f.name, *extra]
+        print("$", " ".join(cmd[1:]), flush=True)
+        subprocess.run(cmd, check=True)
+        with open(f.name) as fh:
+          result = json.load(fh)
+      if all(result["fits"].values()):
+        break
+    rows.append(_row(result))
   out = ["| preset | devices (fsdp) | batch | remat | params/dev | optimizer/dev | update temp "
-         "| peak/dev | TPU v5e 16 GiB | TPU v4 32 GiB | H100 80 GiB |", "|---" * 11 + "|"]
-  for r in rows:
-    b = r["per_device_bytes"]
-    out.append(f"| {r['preset']} | {r['devices']} | {r['batch']} | {'on' if r['remat'] else 'off'} "
-               f"| {b['params'] / GIB:.2f} | {b['optimizer'] / GIB:.2f} | {b['temp'] / GIB:.2f} "
-               f"| {b['total'] / GIB:.2f} | "
-               + " | ".join("fits" if r["fits"][name] else "no" for name, _ in CAPACITIES) + " |")
+         "| peak/dev | TPU v5e 16 GiB | TPU v4 32 GiB | H100 80 GiB |", "|---" * 11 + "|", *rows]
   with open(path, "w") as f:
     f.write("\n".join(out) + "\n")
   print(f"wrote {path}")
