@@ -28,13 +28,17 @@ import sys
 import tempfile
 import time
 
+# Runnable as a script from anywhere, the kljax beside it first.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 PRESET = "qwen2.5-0.5b"
 DEVICES = 8
 
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--layers", type=int, default=0, help="decoder layers (0: the preset's 24)")
+  p.add_argument("--layers", type=int, default=0, help="decoder layers (0: the preset's)")
+  p.add_argument("--preset", default=PRESET, help="a smaller preset checks the script quickly")
   p.add_argument("--steps", type=int, default=3, help="GRPO iterations (a checkpoint before the last)")
   p.add_argument("--prompts", type=int, default=4)
   p.add_argument("--group", type=int, default=4, help="completions per prompt (G)")
@@ -54,17 +58,30 @@ def _config(args, init: str):
   c.batch_size = args.prompts * args.group
   c.rollout.group_size, c.rollout.max_new_tokens = args.group, args.new_tokens
   c.data.data_dir = args.data_dir
-  c.model.preset, c.model.init = PRESET, init
+  c.model.preset, c.model.init = args.preset, init
   c.model.dtype, c.model.param_dtype, c.model.remat = "bfloat16", "float32", True
   c.mesh.data, c.mesh.fsdp, c.mesh.devices = 1, DEVICES, DEVICES
   c.metrics.tensorboard = False
   return c
 
 
+def replicated_bytes(c) -> int:
+  """float32 bytes of the parameters with no dimension on fsdp: the norm vectors ([L, D] twice and
+  [D]) and the q/k/v biases ([L, H·Hd + 2·K·Hd]); every other parameter has an embed axis."""
+  return 4 * ((2 * c.num_layers + 1) * c.d_model
+              + (c.num_layers * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim if c.qkv_bias else 0))
+
+
+def expected_per_device(c) -> int:
+  """Parameter bytes per device under fsdp=8, from the shapes alone (≈ total/8)."""
+  total = 4 * c.num_params()
+  return (total - replicated_bytes(c)) // DEVICES + replicated_bytes(c)
+
+
 def _child_init(args, workdir: str) -> None:
   from kljax import models
 
-  cfg = models.preset(PRESET)
+  cfg = models.preset(args.preset)
   if args.layers:
     cfg = cfg.replace(num_layers=args.layers)
   model = models.create(cfg, seed=0)
@@ -89,11 +106,8 @@ def _child_train(args, workdir: str) -> None:
   state = nnx.state(model)
   total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
   per_device = sorted(sharding.bytes_per_device(state).values())
-  # ≈ total/8: everything but the norm vectors ([L, D] twice and [D], float32) splits 8 ways.
-  c = model.config
-  norms = (2 * c.num_layers + 1) * c.d_model * 4
   assert len(per_device) == DEVICES, per_device
-  assert per_device[0] == per_device[-1] == (total - norms) // DEVICES + norms, (per_device, total)
+  assert per_device[0] == per_device[-1] == expected_per_device(model.config), (per_device, total)
   print(json.dumps({"load_s": load_s, "param_bytes_total": total,
                     "param_bytes_per_device": per_device[-1]}), flush=True)
   history = grpo.train(config, workdir, init_model=model, progress=False)
@@ -105,25 +119,27 @@ def _spawn(args, child: str, workdir: str, log: str, *, kill_when: str | None = 
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}")
   argv = [sys.executable, os.path.abspath(__file__), "--child", child, "--workdir", workdir,
-          *[f"--{k}={getattr(args, k)}" for k in ("layers", "steps", "prompts", "group",
+          *[f"--{k}={getattr(args, k)}" for k in ("layers", "preset", "steps", "prompts", "group",
                                                   "new_tokens", "data_dir")]]
   t0 = time.perf_counter()
   with open(log, "w") as out:
     proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
     killed_at = None
-    if kill_when is not None:
-      while proc.poll() is None and not os.path.exists(kill_when):
-        time.sleep(0.05)
-      if proc.poll() is None:
+    while True:  # os.wait4, not Popen.poll, so that the child's rusage is ours to read
+      pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+      if pid:
+        break
+      if kill_when is not None and killed_at is None and os.path.exists(kill_when):
         proc.send_signal(signal.SIGKILL)
         killed_at = time.perf_counter() - t0
-    _, status, usage = os.wait4(proc.pid, 0)
+      time.sleep(0.05)
+    proc.returncode = os.waitstatus_to_exitcode(status)
   wall = time.perf_counter() - t0
   with open(log) as f:
     text = f.read()
   lines = [json.loads(s) for s in text.splitlines() if s.startswith("{")]
   info = {k: v for line in lines for k, v in line.items()}
-  code = os.waitstatus_to_exitcode(status)
+  code = proc.returncode
   if kill_when is None and code != 0:
     raise SystemExit(f"phase {child} failed with status {code}:\n{text[-3000:]}")
   return {"wall_s": wall, "killed_at_s": killed_at, "exit": code,
@@ -135,6 +151,7 @@ def main(argv=None) -> dict | None:
   if args.steps < 2:
     raise SystemExit("error: --steps must be >= 2 (a checkpoint, then an iteration to kill).")
   workdir = args.workdir or tempfile.mkdtemp(prefix="kljax-real-shape-")
+  os.makedirs(workdir, exist_ok=True)
   if args.child == "init":
     return _child_init(args, workdir)
   if args.child == "train":
@@ -145,8 +162,10 @@ def main(argv=None) -> dict | None:
   ckpt = os.path.join(workdir, "checkpoints", str(args.steps - 1))
   init = _spawn(args, "init", workdir, os.path.join(workdir, "init.log"))
   killed = _spawn(args, "train", workdir, os.path.join(workdir, "killed.log"), kill_when=ckpt)
-  if killed["exit"] != -signal.SIGKILL:
-    raise SystemExit(f"the run was not killed (status {killed['exit']}):\n{killed['log'][-3000:]}")
+  if killed["killed_at_s"] is None or killed["exit"] != -signal.SIGKILL:
+    raise SystemExit(f"the run ended (status {killed['exit']}, peak RSS "
+                     f"{killed['peak_rss_gib']:.1f} GiB) before checkpoint {args.steps - 1} "
+                     f"appeared:\n{killed['log'][-3000:]}")
   done_before = [int(r["step"]) for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
   if done_before != list(range(args.steps - 1)):
     raise SystemExit(f"killed run: metrics of steps {done_before}, expected 0..{args.steps - 2}.")
@@ -156,12 +175,15 @@ def main(argv=None) -> dict | None:
       args.steps - 1]:
     raise SystemExit(f"resume: steps {[r['step'] for r in rows]}, ran {resumed['steps_run']}.")
 
-  layers = args.layers or 24
+  from kljax import models
+
+  shape = models.preset(args.preset)
+  layers = args.layers or shape.num_layers
   gib = 2**30
   per_dev, total = killed["param_bytes_per_device"], killed["param_bytes_total"]
   out = [
-      f"benchmarks/real_shape.py: GRPO at {PRESET}'s shape ({layers} layers, vocabulary 151,936, "
-      f"tied embeddings, {init['param_count']:,} parameters), {DEVICES} simulated CPU devices "
+      f"benchmarks/real_shape.py: GRPO at {args.preset}'s shape ({layers} layers, vocabulary "
+      f"{shape.vocab_size:,}, tied embeddings: {shape.tie_embeddings}, {init['param_count']:,} parameters), {DEVICES} simulated CPU devices "
       f"(fsdp={DEVICES}), float32 master weights, bfloat16 compute, remat on",
       f"batch {args.prompts} prompts × G={args.group} × {args.new_tokens} new tokens, "
       f"{args.steps} iterations, checkpoint at step {args.steps - 1}, SIGKILL, resume",

@@ -30,15 +30,18 @@ import sys
 import tempfile
 import time
 
+# Runnable as a script from anywhere, the kljax beside it first.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 PROMPT_LEN, NEW_TOKENS, PROMPTS, GROUP, BETA = 16, 32, 4, 4, 0.04
 PRESET = "qwen2.5-0.5b"
 
 
-def _shape(layers: int) -> dict:
+def _shape(args):
   from kljax import models
 
-  cfg = models.preset(PRESET, dtype="float32", param_dtype="float32")
-  return cfg.replace(num_layers=layers) if layers else cfg
+  cfg = models.preset(args.preset, dtype="float32", param_dtype="float32")
+  return cfg.replace(num_layers=args.layers) if args.layers else cfg
 
 
 def _forward_flops(cfg, tokens: float) -> float:
@@ -68,7 +71,7 @@ def _kljax(args) -> dict:
   mm = jax.jit(lambda x, y: x @ y)
   peak = 2 * 2048**3 / _best(lambda: mm(a, a).block_until_ready(), 5)
 
-  cfg = _shape(args.layers)
+  cfg = _shape(args)
   model = models.create(cfg, seed=0)
   c = grpo_tiny()
   c.data.data_dir, c.data.max_prompt_len = args.data_dir, PROMPT_LEN
@@ -121,7 +124,7 @@ def _trl(args) -> dict:
   a = torch.randn(2048, 2048)
   peak = 2 * 2048**3 / _best(lambda: a @ a, 5)
 
-  cfg = _shape(args.layers)
+  cfg = _shape(args)
   torch.manual_seed(0)
   vocab = {f"t{i}": i for i in range(cfg.vocab_size)}
   tok = Tokenizer(models.WordLevel(vocab, unk_token="t3"))
@@ -201,7 +204,7 @@ def _trl(args) -> dict:
 
 
 def _child(side: str, args) -> dict:
-  argv = [sys.executable, os.path.abspath(__file__), "--side", side, "--layers", str(args.layers),
+  argv = [sys.executable, os.path.abspath(__file__), "--side", side, "--layers", str(args.layers), "--preset", args.preset,
           "--iters", str(args.iters), "--sampler_reps", str(args.sampler_reps),
           "--data_dir", args.data_dir]
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one plain CPU device
@@ -217,6 +220,7 @@ def _child(side: str, args) -> dict:
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--layers", type=int, default=0, help="decoder layers (0: the preset's 24)")
+  p.add_argument("--preset", default=PRESET, help="a smaller Qwen2 preset checks the script quickly")
   p.add_argument("--iters", type=int, default=2, help="timed GRPO iterations per side")
   p.add_argument("--sampler_reps", type=int, default=2)
   p.add_argument("--data_dir", default=os.path.expanduser("~/.cache/kljax/tfds"))
@@ -228,7 +232,7 @@ def main(argv=None) -> None:
     return
 
   k, t = _child("kljax", args), _child("trl", args)
-  cfg = _shape(args.layers)
+  cfg = _shape(args)
   med = statistics.median
   gen_len = med(i["length"] for i in k["iters"])
   fwd = _forward_flops(cfg, PROMPTS * GROUP * (PROMPT_LEN + gen_len))
@@ -239,7 +243,7 @@ def main(argv=None) -> None:
   k_tps, t_tps = n_tokens / k["sampler_s"], n_tokens / t["generate_s"]
   update_frac = flops["update+reference"] / med(i["update+reference"] for i in k["iters"]) / k["peak"]
   lines = [
-      f"benchmarks/vs_trl_real.py: {PRESET} shape ({cfg.num_layers} layers, vocabulary "
+      f"benchmarks/vs_trl_real.py: {args.preset} shape ({cfg.num_layers} layers, vocabulary "
       f"{cfg.vocab_size:,}, {cfg.num_params():,} parameters), float32 on both sides, "
       f"{os.cpu_count()} CPU cores; torch {t['torch']}; jax backend {k['backend']}",
       f"GRPO: {PROMPTS} prompts × G={GROUP} × {NEW_TOKENS} new tokens after {PROMPT_LEN}-token "

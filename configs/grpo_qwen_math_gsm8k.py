@@ -14,6 +14,18 @@ Launch on every host of a TPU pod slice (e.g. v5e-32, 8 hosts), the same command
 below puts every chip on `fsdp` (parameters, gradients and optimizer state are split over all of
 them, and so is the batch). On a single GPU or TPU VM, drop `--distributed`.
 
+Planned for a TPU v5e-32 slice (32 chips × 16 GiB). The memory plan of this config's shapes (the
+update's batch is 512 / 4 minibatches = 128 completions; the rollout samples all 512):
+
+  python -m experiments.plan --preset qwen2.5-math-1.5b --devices 32 --fsdp 32 --batch 128 \
+      --rollout_batch 512 --prompt_len 384 --new_tokens 1024 --remat \
+      --json experiments/results/plan/grpo_qwen_math_gsm8k_v5e-32.json
+
+printed, per chip: parameters 0.18 GiB, optimizer 0.36 GiB, reference 0.18 GiB, gradients 0.18 GiB,
+KV cache 0.60 GiB, update temporaries 2.82 GiB, sampler temporaries 5.85 GiB; peak 6.57 GiB (fits
+v5e's 16 GiB). Temporaries are XLA:CPU's compiled estimate on 32 simulated devices, not a TPU
+measurement: the plan leaves more than half of each chip free as headroom.
+
 The paper's own prompts (OpenR1-Math-220k) are in configs/grpo_qwen_math_openr1.py.
 """
 

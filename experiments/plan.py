@@ -47,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--dtype", default="bfloat16", help="compute dtype")
   p.add_argument("--param_dtype", default="float32", help="master-weight dtype")
   p.add_argument("--remat", action="store_true", help="rematerialize blocks in the backward pass")
+  p.add_argument("--layers", type=int, default=0, help="decoder layers (0: the preset's)")
   p.add_argument("--vocab_multiple", type=int, default=1,
                  help="pad the stored vocabulary to a multiple of this (ModelConfig.vocab_multiple), "
                       "so that the fsdp axis divides it")
@@ -78,6 +79,8 @@ def plan(args: argparse.Namespace) -> dict:
   mesh = sharding.make_mesh(data=args.data, fsdp=args.fsdp, tensor=args.tensor)
   cfg = models.preset(args.preset, dtype=args.dtype, param_dtype=args.param_dtype,
                       remat=args.remat, vocab_multiple=args.vocab_multiple)
+  if args.layers:
+    cfg = cfg.replace(num_layers=args.layers)
   batch = args.batch or max(8, 2 * mesh.size)
   c = grpo_tiny()
   c.batch_size, c.data.max_prompt_len, c.rollout.max_new_tokens = batch, args.prompt_len, args.new_tokens
