@@ -3,12 +3,13 @@
   pip install "trl==1.16.*"
   flock /tmp/kljax-heavy.lock python benchmarks/vs_trl_real.py [--out FILE] [--layers N]
 
+(≈ 7 minutes on 2 CPU cores: one warm-up and `--iters` timed iterations a side.)
+
 Same shape on both sides: Qwen2 with vocabulary 151,936, d 896, 24 layers, 14 heads, 2 KV heads,
-MLP 4,864, tied embeddings, randomly initialised, float32 weights and compute on both sides (bfloat16
-matmuls are not faster on this CPU for either library), no gradient checkpointing, one CPU device
-(XLA) / the process's threads (PyTorch). GRPO: 4 prompts × G=4 completions of 32 new tokens after
-16-token prompts, β = 0.04 with a reference model (k3 as a loss, TRL's default), one optimizer step
-per iteration. Sampler: the same 16 prompts × 32 new tokens, temperature 1, no top-k/top-p, kljax's
+MLP 4,864, tied embeddings, randomly initialised, float32 weights and compute on both sides, no
+gradient checkpointing, one CPU device (XLA) / the process's threads (PyTorch). GRPO: `--prompts`
+(2) prompts × G=4 completions of 32 new tokens after 16-token prompts, β = 0.04 with a reference model (k3 as a loss, TRL's default), one optimizer step
+per iteration. Sampler: the same prompts × 32 new tokens, temperature 1, no top-k/top-p, kljax's
 `sample` against `model.generate(do_sample=True, top_k=0)` with its KV cache.
 
 The two libraries run one after the other in separate processes (both models with AdamW do not fit
@@ -33,7 +34,7 @@ import time
 # Runnable as a script from anywhere, the kljax beside it first.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-PROMPT_LEN, NEW_TOKENS, PROMPTS, GROUP, BETA = 16, 32, 4, 4, 0.04
+PROMPT_LEN, NEW_TOKENS, GROUP, BETA = 16, 32, 4, 0.04
 PRESET = "qwen2.5-0.5b"
 
 
@@ -49,10 +50,10 @@ def _forward_flops(cfg, tokens: float) -> float:
   return 2 * matmul_params * tokens
 
 
-def _prompts(vocab: int):
+def _prompts(vocab: int, n: int):
   import numpy as np
 
-  return np.random.default_rng(1).integers(4, vocab, (PROMPTS * GROUP, PROMPT_LEN))
+  return np.random.default_rng(1).integers(4, vocab, (n, PROMPT_LEN))
 
 
 # ---------------------------------------------------------------- kljax
@@ -75,7 +76,8 @@ def _kljax(args) -> dict:
   model = models.create(cfg, seed=0)
   c = grpo_tiny()
   c.data.data_dir, c.data.max_prompt_len = args.data_dir, PROMPT_LEN
-  c.batch_size, c.rollout.group_size, c.rollout.max_new_tokens = PROMPTS * GROUP, GROUP, NEW_TOKENS
+  c.batch_size, c.rollout.group_size = args.prompts * GROUP, GROUP
+  c.rollout.max_new_tokens = NEW_TOKENS
   c.kl.term, c.kl.beta = "k3_as_loss", BETA
   c.num_steps, c.metrics.exact_kl, c.metrics.tensorboard, c.mesh.devices = 10**6, False, False, 1
   setup, state = grpo.build(c, init_model=model)
@@ -91,7 +93,7 @@ def _kljax(args) -> dict:
                       "rewards": m["time_logprobs"], "update+reference": m["time_update"],
                       "length": m["length_mean"]})
 
-  prompt = jnp.asarray(_prompts(cfg.vocab_size), jnp.int32)
+  prompt = jnp.asarray(_prompts(cfg.vocab_size, args.prompts * GROUP), jnp.int32)
   mask = jnp.ones_like(prompt, bool)
   run = lambda: sample(model, prompt, mask, jax.random.PRNGKey(0), max_new_tokens=NEW_TOKENS,
                        eos_id=cfg.vocab_size - 1).tokens_bt.block_until_ready()
@@ -140,7 +142,8 @@ def _trl(args) -> dict:
   model_dir = tempfile.mkdtemp()
   Qwen2ForCausalLM(config).save_pretrained(model_dir)
   tokenizer.save_pretrained(model_dir)
-  prompts = [" ".join(f"t{int(i)}" for i in row) for row in _prompts(cfg.vocab_size)]
+  prompts = [" ".join(f"t{int(i)}" for i in row)
+             for row in _prompts(cfg.vocab_size, args.prompts * GROUP)]
   dataset = Dataset.from_dict({"prompt": prompts * 16})
 
   def reward(completions, **_):
@@ -148,7 +151,7 @@ def _trl(args) -> dict:
 
   timings: list[dict] = []
   train_args = GRPOConfig(
-      output_dir=tempfile.mkdtemp(), per_device_train_batch_size=PROMPTS * GROUP,
+      output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.prompts * GROUP,
       num_generations=GROUP, max_completion_length=NEW_TOKENS, beta=BETA, bf16=False,
       use_cpu=True, gradient_checkpointing=False, max_steps=args.iters + 1, logging_steps=10**6,
       report_to=[], save_strategy="no", learning_rate=1e-5, temperature=1.0,
@@ -186,7 +189,7 @@ def _trl(args) -> dict:
   trainer.training_step = timed_step
   trainer.train()
   hf_model = trainer.model
-  ids = torch.as_tensor(_prompts(cfg.vocab_size))
+  ids = torch.as_tensor(_prompts(cfg.vocab_size, args.prompts * GROUP))
 
   def run():
     with torch.no_grad():
@@ -205,7 +208,8 @@ def _trl(args) -> dict:
 
 def _child(side: str, args) -> dict:
   argv = [sys.executable, os.path.abspath(__file__), "--side", side, "--layers", str(args.layers), "--preset", args.preset,
-          "--iters", str(args.iters), "--sampler_reps", str(args.sampler_reps),
+          "--iters", str(args.iters), "--prompts", str(args.prompts),
+          "--sampler_reps", str(args.sampler_reps),
           "--data_dir", args.data_dir]
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one plain CPU device
   t = time.perf_counter()
@@ -221,8 +225,9 @@ def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--layers", type=int, default=0, help="decoder layers (0: the preset's 24)")
   p.add_argument("--preset", default=PRESET, help="a smaller Qwen2 preset checks the script quickly")
-  p.add_argument("--iters", type=int, default=2, help="timed GRPO iterations per side")
-  p.add_argument("--sampler_reps", type=int, default=2)
+  p.add_argument("--prompts", type=int, default=2, help="prompts per iteration (× G=4)")
+  p.add_argument("--iters", type=int, default=1, help="timed GRPO iterations per side")
+  p.add_argument("--sampler_reps", type=int, default=1)
   p.add_argument("--data_dir", default=os.path.expanduser("~/.cache/kljax/tfds"))
   p.add_argument("--out", default="")
   p.add_argument("--side", choices=("kljax", "trl"), help=argparse.SUPPRESS)
@@ -235,18 +240,18 @@ def main(argv=None) -> None:
   cfg = _shape(args)
   med = statistics.median
   gen_len = med(i["length"] for i in k["iters"])
-  fwd = _forward_flops(cfg, PROMPTS * GROUP * (PROMPT_LEN + gen_len))
+  fwd = _forward_flops(cfg, args.prompts * GROUP * (PROMPT_LEN + gen_len))
   flops = {"generate": fwd, "reference": fwd, "update": 3 * fwd, "rollout": fwd, "rewards": 0.0,
            "update+reference": 4 * fwd}
   k_total, t_total = med(i["total"] for i in k["iters"]), med(i["total"] for i in t["iters"])
-  n_tokens = PROMPTS * GROUP * NEW_TOKENS
+  n_tokens = args.prompts * GROUP * NEW_TOKENS
   k_tps, t_tps = n_tokens / k["sampler_s"], n_tokens / t["generate_s"]
   update_frac = flops["update+reference"] / med(i["update+reference"] for i in k["iters"]) / k["peak"]
   lines = [
       f"benchmarks/vs_trl_real.py: {args.preset} shape ({cfg.num_layers} layers, vocabulary "
       f"{cfg.vocab_size:,}, {cfg.num_params():,} parameters), float32 on both sides, "
       f"{os.cpu_count()} CPU cores; torch {t['torch']}; jax backend {k['backend']}",
-      f"GRPO: {PROMPTS} prompts × G={GROUP} × {NEW_TOKENS} new tokens after {PROMPT_LEN}-token "
+      f"GRPO: {args.prompts} prompts × G={GROUP} × {NEW_TOKENS} new tokens after {PROMPT_LEN}-token "
       f"prompts, β={BETA}; {len(k['iters'])} timed iterations a side after one warm-up; "
       f"mean completion length (kljax) {gen_len:.1f}",
       f"matmul peak (2048³ float32): XLA {k['peak'] / 1e9:.0f} GFLOP/s, torch "
@@ -266,7 +271,7 @@ def main(argv=None) -> None:
     lines.append(f"  {phase:16s} {s:7.2f} s  {rate}")
   lines += [
       "",
-      f"sampler, {PROMPTS * GROUP} × {NEW_TOKENS} new tokens: kljax {k['sampler_s']:.2f} s "
+      f"sampler, {args.prompts * GROUP} × {NEW_TOKENS} new tokens: kljax {k['sampler_s']:.2f} s "
       f"({k_tps:.0f} tokens/s), HF generate {t['generate_s']:.2f} s ({t_tps:.0f} tokens/s)",
       "",
       f"kljax / TRL time per iteration: {k_total / t_total:.2f} (target ≤ 0.70)",
