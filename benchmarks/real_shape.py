@@ -7,14 +7,16 @@ Three phases, each its own process (so each has its own peak memory):
           fewer for a quick check) written as an HF safetensors checkpoint (`kljax.models.export_hf`);
   killed  `kljax.train.grpo.train` from that checkpoint (`model.init`), mesh fsdp=8, bfloat16
           compute, float32 master weights, remat on, `--steps` iterations of `--prompts` × G=`--group`
-          × `--new_tokens` new tokens, a checkpoint every `--steps - 1` steps; SIGKILL as soon as that
-          checkpoint is on disk (the last iteration is then under way);
+          × `--new_tokens` new tokens, a checkpoint every `--steps - 1` steps (waited for, not left
+          in the background); SIGKILL as soon as that checkpoint is on disk (the last iteration is
+          then under way);
   resumed the same command again: it restores the checkpoint and runs the last iteration.
 
 Reported per phase: wall time, peak host memory (the child's `ru_maxrss` from `os.wait4`, so the
 killed process counts too), and from the trainer's metrics the seconds of each iteration's
 rollout, statistics and update. The killed phase also asserts that every device holds ≈ 1/8 of the
-parameters (`kljax.sharding.bytes_per_device`; only the norm vectors are replicated).
+parameters (`kljax.sharding.bytes_per_device`; only the norm vectors and q/k/v biases are
+replicated).
 """
 
 from __future__ import annotations
@@ -95,7 +97,20 @@ def _child_train(args, workdir: str) -> None:
 
   from kljax import sharding
   from kljax.train import grpo
+  from kljax.train.checkpoint import Checkpointer
   from kljax.train.sft import initial_model
+
+  save = Checkpointer.maybe_save
+
+  def save_and_wait(self, step, state, *, force=False):
+    # The checkpoint is on disk before the next iteration starts, so the parent's SIGKILL lands
+    # inside that iteration (with an asynchronous save, a short iteration could finish first).
+    saved = save(self, step, state, force=force)
+    if saved:
+      self.wait()
+    return saved
+
+  Checkpointer.maybe_save = save_and_wait
 
   config = _config(args, os.path.join(workdir, "init"))
   t0 = time.perf_counter()

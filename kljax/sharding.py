@@ -50,7 +50,8 @@ Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 # then gathers the few tokens' activations [N, D] for the logits matmul and keeps the logits split
 # over the vocabulary, where an embed-split table made every device hold the whole vocabulary-sized
 # weight, its gradient and their float32 copies (qwen2.5-0.5b, fsdp=8, 1 layer, 8 sequences of 12
-# tokens: 2.92 GiB of update temporaries per device before, 0.18 GiB after; XLA:CPU's figures).
+# tokens: 2.92 GiB of update temporaries per device before, 0.18 GiB after: XLA:CPU's figures from
+# benchmarks/vocab_sharding.py).
 DEFAULT_RULES: Rules = (
     ("batch", ("data", "fsdp")),
     ("vocab", ("tensor", "fsdp")),
