@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--prompts", type=int, default=4)
   p.add_argument("--group", type=int, default=4, help="completions per prompt (G)")
   p.add_argument("--new_tokens", type=int, default=32)
+  p.add_argument("--param_dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="master weights (and Adam's moments, which follow them)")
   p.add_argument("--data_dir", default="~/.cache/kljax/tfds", help="the TFDS directory")
   p.add_argument("--workdir", default="", help="(default: a temporary directory)")
   p.add_argument("--out", default="", help="also write the report to this file")
@@ -61,22 +63,23 @@ def _config(args, init: str):
   c.rollout.group_size, c.rollout.max_new_tokens = args.group, args.new_tokens
   c.data.data_dir = args.data_dir
   c.model.preset, c.model.init = args.preset, init
-  c.model.dtype, c.model.param_dtype, c.model.remat = "bfloat16", "float32", True
+  c.model.dtype, c.model.param_dtype, c.model.remat = "bfloat16", args.param_dtype, True
   c.mesh.data, c.mesh.fsdp, c.mesh.devices = 1, DEVICES, DEVICES
   c.metrics.tensorboard = False
   return c
 
 
 def replicated_bytes(c) -> int:
-  """float32 bytes of the parameters with no dimension on fsdp: the norm vectors ([L, D] twice and
-  [D]) and the q/k/v biases ([L, H·Hd + 2·K·Hd]); every other parameter has an embed axis."""
-  return 4 * ((2 * c.num_layers + 1) * c.d_model
-              + (c.num_layers * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim if c.qkv_bias else 0))
+  """Bytes of the parameters with no dimension on fsdp: the norm vectors ([L, D] twice and [D]) and
+  the q/k/v biases ([L, H·Hd + 2·K·Hd]); every other parameter has a vocab or embed axis."""
+  return c.jnp_param_dtype.itemsize * (
+      (2 * c.num_layers + 1) * c.d_model
+      + (c.num_layers * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim if c.qkv_bias else 0))
 
 
 def expected_per_device(c) -> int:
   """Parameter bytes per device under fsdp=8, from the shapes alone (≈ total/8)."""
-  total = 4 * c.num_params()
+  total = c.jnp_param_dtype.itemsize * c.num_params()
   return (total - replicated_bytes(c)) // DEVICES + replicated_bytes(c)
 
 
@@ -134,8 +137,8 @@ def _spawn(args, child: str, workdir: str, log: str, *, kill_when: str | None = 
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}")
   argv = [sys.executable, os.path.abspath(__file__), "--child", child, "--workdir", workdir,
-          *[f"--{k}={getattr(args, k)}" for k in ("layers", "preset", "steps", "prompts", "group",
-                                                  "new_tokens", "data_dir")]]
+          *[f"--{k}={getattr(args, k)}" for k in ("layers", "preset", "param_dtype", "steps",
+                                                  "prompts", "group", "new_tokens", "data_dir")]]
   t0 = time.perf_counter()
   with open(log, "w") as out:
     proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -199,7 +202,8 @@ def main(argv=None) -> dict | None:
   out = [
       f"benchmarks/real_shape.py: GRPO at {args.preset}'s shape ({layers} layers, vocabulary "
       f"{shape.vocab_size:,}, tied embeddings: {shape.tie_embeddings}, {init['param_count']:,} parameters), {DEVICES} simulated CPU devices "
-      f"(fsdp={DEVICES}), float32 master weights, bfloat16 compute, remat on",
+      f"(fsdp={DEVICES}), {args.param_dtype} master weights and Adam moments, bfloat16 compute, "
+      "remat on",
       f"batch {args.prompts} prompts × G={args.group} × {args.new_tokens} new tokens, "
       f"{args.steps} iterations, checkpoint at step {args.steps - 1}, SIGKILL, resume",
       f"host: {os.cpu_count()} CPU cores; command: python benchmarks/real_shape.py "

@@ -19,14 +19,14 @@ _SPEC.loader.exec_module(real_shape)
 @pytest.mark.slow
 def test_real_vocabulary_run_saves_survives_a_kill_and_resumes(data_dir, tmp_path):
   result = real_shape.main(["--layers", "1", "--steps", "2", "--prompts", "2", "--group", "4",
-                            "--new_tokens", "4", "--data_dir", data_dir,
+                            "--new_tokens", "4", "--param_dtype", "bfloat16", "--data_dir", data_dir,
                             "--workdir", str(tmp_path)])
   cfg = models.preset("qwen2.5-0.5b").replace(num_layers=1)
-  # Parameter bytes from the published shapes (HF count, float32), independent of the trainer:
+  # Parameter bytes from the published shapes (HF count, bfloat16), independent of the trainer:
   # all but the norm vectors and q/k/v biases split 8 ways.
-  total = cfg.num_params() * 4
+  total = cfg.num_params() * 2
   L, D, H, K, Hd = cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  replicated = 4 * ((2 * L + 1) * D + L * (H + 2 * K) * Hd)
+  replicated = 2 * ((2 * L + 1) * D + L * (H + 2 * K) * Hd)
   killed, resumed = result["killed"], result["resumed"]
   assert killed["param_bytes_total"] == total
   assert killed["param_bytes_per_device"] == (total - replicated) // 8 + replicated

@@ -468,7 +468,10 @@ def update(setup: Setup, params, opt_state, beta, batch, ref_params=None, *, wit
 
 
 def to_devices(x, sharding_):
-  """A global array with `sharding_` from a host value that every process holds in full."""
+  """A global array with `sharding_` from a host value that every process holds in full (an array
+  already placed that way is kept as it is, not copied: a large warm start is not held twice)."""
+  if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding_, x.ndim):
+    return x
   x = np.asarray(x)
   return jax.make_array_from_callback(x.shape, sharding_, lambda index: x[index])
 
