@@ -22,7 +22,7 @@ update's batch is 512 / 4 minibatches = 128 completions; the rollout samples all
       --json experiments/results/plan/grpo_qwen_math_gsm8k_v5e-32.json
 
 printed, per chip: parameters 0.18 GiB, optimizer 0.36 GiB, reference 0.18 GiB, gradients 0.18 GiB,
-KV cache 0.60 GiB, update temporaries 2.82 GiB, sampler temporaries 5.85 GiB; peak 6.57 GiB (fits
+KV cache 0.60 GiB, update temporaries 4.81 GiB, sampler temporaries 5.01 GiB; peak 6.08 GiB (fits
 v5e's 16 GiB). Temporaries are XLA:CPU's compiled estimate on 32 simulated devices, not a TPU
 measurement: the plan leaves more than half of each chip free as headroom.
 

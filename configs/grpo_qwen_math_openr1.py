@@ -15,6 +15,16 @@ Launch on every host of a TPU pod slice, the same command on each (one run per K
     python -m experiments.grpo --distributed --config configs/grpo_qwen_math_openr1.py \\
       --workdir gs://$BUCKET/runs/openr1_k2 --config.kl.term=k2_as_loss"
 
+Planned for a TPU v5e-32 slice (32 chips × 16 GiB), like the GSM8K config but with 512-token prompts:
+
+  python -m experiments.plan --preset qwen2.5-math-1.5b --devices 32 --fsdp 32 --batch 128 \
+      --rollout_batch 512 --prompt_len 512 --new_tokens 1024 --remat \
+      --json experiments/results/plan/grpo_qwen_math_openr1_v5e-32.json
+
+printed, per chip: parameters 0.18 GiB, optimizer 0.36 GiB, reference 0.18 GiB, gradients 0.18 GiB,
+KV cache 0.66 GiB, update temporaries 4.91 GiB, sampler temporaries 6.23 GiB; peak 6.95 GiB (fits
+v5e's 16 GiB; XLA:CPU's compiled estimate, not a TPU measurement).
+
 The `openr1_math` dataset keeps the problems whose reference answer is a number (so the exact
 numeric reward can check them) and holds out 2% as `test`; it is prepared on first use from
 `data.manual_dir`.
