@@ -1,7 +1,13 @@
 """The GRPO trainer: rollouts → rewards → group advantages → log-probs → PPO-clip + β·KL term.
 
 Reads top to bottom: setup (tokenizer, data, models, mesh, optimizer, KL), the jitted pieces
-(sequence statistics, the minibatch update), one step, and the loop with checkpoints and metrics.
+(the reference pass, sequence statistics, the loss built by `make_loss_fn`, the minibatch update),
+one step in named stages (rollout → score → rollout_stats → advantages → prepare_batch →
+update_epochs → step_metrics → next_state), and the loop with checkpoints and metrics.
+
+Without a reference model (kl.term = "none" and metrics.exact_kl off) the metrics that compare the
+policy to the reference (`REFERENCE_METRICS`: k1, k2, k3, the exact KL, the log-ratio extremes,
+the clamped count) are NaN in metrics.jsonl: absent, never a false zero.
 
 Randomness is a function of (seed, step) and the data order a function of the step, so a run
 restored from its checkpoint continues exactly as an uninterrupted one would.
