@@ -93,7 +93,6 @@ def _kljax(args) -> dict:
                       "rewards": m["time_logprobs"], "update+reference": m["time_update"],
                       "length": m["length_mean"]})
 
-  model.config = model.config.replace(scan_layers=False)  # as the trainer's rollout decodes
   prompt = jnp.asarray(_prompts(cfg.vocab_size, args.prompts * GROUP), jnp.int32)
   mask = jnp.ones_like(prompt, bool)
   run = lambda: sample(model, prompt, mask, jax.random.PRNGKey(0), max_new_tokens=NEW_TOKENS,
