@@ -29,7 +29,7 @@ from kljax import advantages as adv_lib
 from kljax import beta as beta_lib
 from kljax import data as data_lib
 from kljax import estimators as est
-from kljax import logprobs, losses, models, paths, rewards, sharding, text
+from kljax import logprobs, losses, models, offpolicy, paths, rewards, sharding, text
 from kljax.kl import KLTerm, kl_term, kl_term_names
 from kljax.sampling import sample
 from kljax.train import multihost, runlock, sft
@@ -48,6 +48,7 @@ from kljax.train.metrics import MetricsWriter
 #                  sequence's KL; the effective β is β/σ'_g, so it changes from group to group and
 #                  grows as the group's rewards agree.
 REWARD_STAGES = ("after_norm", "before_norm")
+ROLLOUT_DTYPES = ("float32", "bfloat16")
 
 
 def tokens_hash(tokens: np.ndarray) -> float:
@@ -96,6 +97,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None) -> N
   if config.rollout.group_size < 2:
     bad("rollout.group_size", f"must be >= 2 (advantages compare completions of one prompt), got "
         f"{config.rollout.group_size}.")
+  _validate_rollout_policy(config, bad)
   if config.batch_size % config.rollout.group_size:
     bad("batch_size", f"{config.batch_size} completions a step must be a multiple of "
         f"rollout.group_size ({config.rollout.group_size}); e.g. "
@@ -123,6 +125,27 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None) -> N
   _check_reward_fits_dataset(config)
   if workdir is not None:
     _check_paths(config, workdir)
+
+
+def _validate_rollout_policy(config, bad) -> None:
+  """rollout.staleness, rollout.dtype, rollout.correction, rollout.correction_cap, correct_kl."""
+  r = config.rollout
+  k = r.get("staleness", 0)
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+    bad("rollout.staleness", f"must be an integer >= 0 (how many steps the sampler's parameters "
+        f"lag the trainer's), got {k!r}.")
+  if r.get("dtype", "float32") not in ROLLOUT_DTYPES:
+    bad("rollout.dtype", f"must be one of {', '.join(ROLLOUT_DTYPES)}, got {r.dtype!r}.")
+  if r.get("correction", "none") not in offpolicy.CORRECTIONS:
+    bad("rollout.correction", f"must be one of {', '.join(offpolicy.CORRECTIONS)}, got "
+        f"{r.correction!r}.")
+  cap = r.get("correction_cap", 2.0)
+  if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 1:
+    bad("rollout.correction_cap", f"must be a number > 1 (the ratio bound C), got {cap!r}.")
+  if (not r.get("correct_kl", True) and config.kl.term != "none"
+      and kl_term(config.kl.term).placement == "reward"):
+    bad("rollout.correct_kl", f"False applies to loss-placed KL terms only; {config.kl.term} "
+        f"rides in the advantage, which the correction weighs with the policy gradient.")
 
 
 def _check_reward_fits_dataset(config: ml_collections.ConfigDict) -> None:
@@ -292,6 +315,7 @@ class Setup:
   term: KLTerm | None
   reward_fns: list
   reward_weights: list[float]
+  correction: Any = None  # kljax.offpolicy weights fn of rollout.correction; None for "none"
 
 
 class TrainState(NamedTuple):
@@ -300,6 +324,9 @@ class TrainState(NamedTuple):
   opt_state: Any
   beta: beta_lib.BetaState
   step: jax.Array
+  # rollout.staleness = k: the parameters of steps s−k, …, s−1 (the sampler uses the first), so a
+  # checkpoint restores the sampler's lag exactly; () when k = 0.
+  stale_params: Any = ()
 
 
 def make_tokenizer(config) -> text.Tokenizer:
@@ -329,8 +356,10 @@ def build(config: ml_collections.ConfigDict, init_model: nnx.Module | None = Non
   fns = [rewards.load_reward_fn(s.strip()) for s in config.reward.fns.split(",")]
   weights = [float(w) for w in str(config.reward.weights).split(",")]
   state = TrainState(params, params, replicate(optimizer.init(params), mesh),
-                     replicate(beta.init(), mesh), replicate(jnp.zeros((), jnp.int32), mesh))
-  return Setup(config, tokenizer, source, graphdef, mesh, optimizer, beta, term, fns, weights), state
+                     replicate(beta.init(), mesh), replicate(jnp.zeros((), jnp.int32), mesh),
+                     (params,) * config.rollout.get("staleness", 0))  # steps < k sample with θ_0
+  return Setup(config, tokenizer, source, graphdef, mesh, optimizer, beta, term, fns, weights,
+               make_correction(config)), state
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -343,6 +372,27 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
       optax.clip_by_global_norm(config.optim.grad_clip),
       optax.adamw(schedule, b1=config.optim.b1, b2=config.optim.b2,
                   weight_decay=config.optim.weight_decay))
+
+
+def make_correction(config: ml_collections.ConfigDict):
+  """The μ → π_old weights of `rollout.correction` (None for "none")."""
+  name = config.rollout.get("correction", "none")
+  if name == "none":
+    return None
+  return offpolicy.sampler_correction(name, cap=config.rollout.get("correction_cap", 2.0))
+
+
+def sampler_model(setup: Setup, params) -> nnx.Module:
+  """The rollout policy μ: `params` as a model that computes in `rollout.dtype` (bfloat16: the
+  floating parameters rounded to bfloat16, activations and matmuls in bfloat16)."""
+  dtype = setup.config.rollout.get("dtype", "float32")
+  if dtype == "float32":
+    return nnx.merge(setup.graphdef, params)
+  cast = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                      params)
+  model = nnx.merge(setup.graphdef, cast)
+  model.config = model.config.replace(dtype=dtype, param_dtype=dtype)
+  return model
 
 
 def make_beta(config: ml_collections.ConfigDict) -> beta_lib.BetaController:
@@ -433,9 +483,13 @@ def update(setup: Setup, params, opt_state, beta, batch, ref_params=None, *, wit
                               clip_eps_low=c.loss.clip_eps_low, clip_eps_high=c.loss.clip_eps_high,
                               dual_clip=c.loss.dual_clip or None)
     agg = functools.partial(losses.aggregate, mask_bt=mask, mode=c.loss.aggregation)
-    loss = agg(pg.loss_bt)
+    # μ ≠ π_old (stale or bfloat16 rollouts): every per-token loss weighted by the detached w.
+    w = (1.0 if setup.correction is None else
+         setup.correction(old, batch["sampler_logp"], mask).weights_bt)
+    loss = agg(w * pg.loss_bt)
     if term is not None and term.placement == "loss":
-      loss = loss + beta * agg(term.surrogate(logp, ref_logp, old, mask=mask))
+      w_kl = w if c.rollout.get("correct_kl", True) else 1.0
+      loss = loss + beta * agg(w_kl * term.surrogate(logp, ref_logp, old, mask=mask))
     n = jnp.maximum(jnp.sum(mask), 1)
     aux = {"clip_fraction": jnp.sum(pg.clipped_bt) / n, "ppo_kl": jnp.sum(pg.ppo_kl_bt) / n}
     if term is not None and term.placement == "loss":
@@ -531,7 +585,8 @@ def train_step(setup: Setup, state: TrainState, fns: dict) -> tuple[TrainState, 
   except ValueError:
     rows, n = (prompt, prompt_mask), 1
   placed = [to_devices(x, sharding.batch_sharding(setup.mesh)) for x in rows]
-  policy = nnx.merge(setup.graphdef, state.params)
+  # rollout.staleness = k: θ_{step−k} (θ_0 for the first k steps); rollout.dtype: its dtype.
+  policy = sampler_model(setup, state.stale_params[0] if state.stale_params else state.params)
   out = sample(policy, *placed, jax.random.fold_in(key, 0), max_new_tokens=c.rollout.max_new_tokens,
                eos_id=setup.tokenizer.eos_id, pad_id=setup.tokenizer.pad_id,
                temperature=c.rollout.temperature, top_k=c.rollout.top_k, top_p=c.rollout.top_p,
@@ -565,6 +620,9 @@ def train_step(setup: Setup, state: TrainState, fns: dict) -> tuple[TrainState, 
   group = adv_lib.group_advantages(c.advantage.estimator)(r)
   seq_adv = np.repeat(np.asarray(group.advantages_pg).reshape(-1, 1), mask.shape[1], axis=1)
   batch = {"tokens": tokens, "attn_mask": attn_mask, "mask": mask, "advantages": seq_adv}
+  sampler_logp = to_host(out.logprobs_bn)  # log μ of the sampled tokens
+  if setup.correction is not None:
+    batch["sampler_logp"] = sampler_logp
   if not fused:
     if in_reward and not before_norm:
       # In-reward KL: a per-token penalty fixed at rollout time enters the advantage.
@@ -622,6 +680,11 @@ def train_step(setup: Setup, state: TrainState, fns: dict) -> tuple[TrainState, 
   }
   for k in auxes[0]:
     metrics[k] = float(np.mean([float(a[k]) for a in auxes]))
+  # sampler → trainer: ESS of the ratios π_old/μ, the corrected fraction (the mean |log μ − log
+  # π_old| is sampler_logprob_gap above)
+  weights = (setup.correction or offpolicy.no_correction)(lp, sampler_logp, completion_mask)
+  metrics |= {k: float(v) for k, v in
+              offpolicy.diagnostics(lp, sampler_logp, completion_mask, weights).items()}
   metrics["param_norm"] = float(auxes[-1]["param_norm"])  # after the step's last update
   # adaptive: n_steps counts samples (Ziegler et al.); a schedule counts GRPO steps
   per_update = n if c.kl.controller == "adaptive" else 1
@@ -630,7 +693,8 @@ def train_step(setup: Setup, state: TrainState, fns: dict) -> tuple[TrainState, 
   ref_params = state.ref_params
   if c.kl.reset_ref_every and (step + 1) % c.kl.reset_ref_every == 0:
     ref_params = params
-  return TrainState(params, ref_params, opt_state, beta_state, state.step + 1), metrics
+  stale = (*state.stale_params[1:], state.params) if state.stale_params else ()
+  return TrainState(params, ref_params, opt_state, beta_state, state.step + 1, stale), metrics
 
 
 def compile_fns(setup: Setup) -> dict:
