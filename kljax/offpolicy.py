@@ -75,7 +75,7 @@ def _inputs(old_logp, sampler_logp, mask):
 def _check_cap(cap: float) -> float:
   c = float(cap)
   if not c > 1.0:  # also rejects NaN
-    raise ValueError(f"cap must be a number > 1 (the ratio bound C; inf for plain IS), got {cap!r}.")
+    raise ValueError(f"cap must be a number > 1 (the ratio bound C; inf: plain IS), got {cap!r}.")
   return c
 
 

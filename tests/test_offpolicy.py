@@ -1,4 +1,4 @@
-"""Sampler → trainer corrections (kljax.offpolicy) against NumPy closed forms and exact enumeration."""
+"""Sampler → trainer corrections (kljax.offpolicy): NumPy closed forms, exact enumeration, GRPO."""
 
 import math
 

@@ -43,7 +43,7 @@ def grpo_tiny() -> ml_collections.ConfigDict:
   c.rollout.top_p = 1.0
   # Three policies (kljax/offpolicy.py): the sampler μ may differ from π_old, the trainer's policy.
   c.rollout.staleness = 0  # k >= 0: sample with the parameters of k steps ago (async rollouts)
-  c.rollout.dtype = "float32"  # the sampler's dtype: "bfloat16" samples in bf16, trains in float32
+  c.rollout.dtype = "float32"  # "float32": the trainer's model as is; "bfloat16": a bf16 copy
   c.rollout.correction = "none"  # none | tis_token | tis_sequence | mis_token | mis_sequence
   c.rollout.correction_cap = 2.0  # C > 1: truncate at C (tis), keep ratios in [1/C, C] (mis)
   c.rollout.correct_kl = True  # weight a loss-placed KL term too (False: the policy gradient only)

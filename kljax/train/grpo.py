@@ -383,8 +383,8 @@ def make_correction(config: ml_collections.ConfigDict):
 
 
 def sampler_model(setup: Setup, params) -> nnx.Module:
-  """The rollout policy μ: `params` as a model that computes in `rollout.dtype` (bfloat16: the
-  floating parameters rounded to bfloat16, activations and matmuls in bfloat16)."""
+  """The rollout policy μ: `params` as the trainer's model ("float32": unchanged, in the model's
+  own dtypes), or rounded to bfloat16 with activations and matmuls in bfloat16 ("bfloat16")."""
   dtype = setup.config.rollout.get("dtype", "float32")
   if dtype == "float32":
     return nnx.merge(setup.graphdef, params)
