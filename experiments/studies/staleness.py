@@ -81,7 +81,7 @@ def run_grpo(quick: bool, workdir, *, data_dir: str = "~/.cache/kljax/tfds", bet
   from kljax.train.metrics import read_jsonl
   from kljax.train.sft import initial_model
 
-  steps, seeds = (40, 1) if quick else (150, 2)
+  steps, seeds = (30, 1) if quick else (150, 2)
   workdir = paths.resolve(workdir)
   runs = variants(quick)
   cfg = lambda ch, s: grpo_config(ch, steps=steps, seed=s, data_dir=data_dir, beta=beta)
@@ -290,6 +290,10 @@ def main(argv) -> None:
   del argv
   import json
 
+  if _COMPILE_CACHE.value:  # the runs compile the same programs: each once, not once per run
+    from experiments.reproduce import enable_compile_cache
+
+    enable_compile_cache(os.path.expanduser(_COMPILE_CACHE.value))
   out = paths.resolve(_OUT.value)
   results = run(_QUICK.value, _WORKDIR.value, progress=True)
   paths.write_atomic(out / "staleness.json", json.dumps(results, indent=1).encode())
@@ -305,4 +309,6 @@ if __name__ == "__main__":
   _QUICK = flags.DEFINE_bool("quick", True, "Quick mode (≤ 90 s of compute) or the full study.")
   _WORKDIR = flags.DEFINE_string("workdir", "/tmp/kljax_staleness", "Runs and the SFT cache.")
   _OUT = flags.DEFINE_string("out", "experiments/results/quick", "Where the JSON, PNG and md go.")
+  _COMPILE_CACHE = flags.DEFINE_string("compile_cache", "~/.cache/kljax/jax_cache",
+                                       "JAX's persistent compilation cache ('' disables it).")
   app.run(main)
