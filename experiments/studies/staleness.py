@@ -291,9 +291,9 @@ def main(argv) -> None:
   import json
 
   if _COMPILE_CACHE.value:  # the runs compile the same programs: each once, not once per run
-    from experiments.reproduce import enable_compile_cache
-
-    enable_compile_cache(os.path.expanduser(_COMPILE_CACHE.value))
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_COMPILE_CACHE.value))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   out = paths.resolve(_OUT.value)
   results = run(_QUICK.value, _WORKDIR.value, progress=True)
   paths.write_atomic(out / "staleness.json", json.dumps(results, indent=1).encode())
