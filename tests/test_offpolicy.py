@@ -237,7 +237,11 @@ def test_staleness_samples_with_old_parameters_and_resumes_exactly(data_dir, sft
   from kljax.train.metrics import read_jsonl
 
   init = models.from_hf(sft_dir)
-  cfg = lambda **ch: _tiny(data_dir, **{"rollout.staleness": 2, "num_steps": 5, **ch})
+  # a large learning rate, so that θ_2 samples other tokens than θ_0 with the same key, held
+  # constant after one warm-up step, so that a run of 3 steps follows the schedule of one of 5
+  cfg = lambda **ch: _tiny(data_dir, **{"rollout.staleness": 2, "num_steps": 5,
+                                        "optim.learning_rate": 0.02, "optim.warmup_steps": 1,
+                                        "optim.final_lr_fraction": 1.0, **ch})
   grpo.train(cfg(), str(tmp_path / "stale"), init_model=init, progress=False)
   grpo.train(cfg(**{"optim.learning_rate": 0.0, "rollout.staleness": 0}), str(tmp_path / "frozen"),
              init_model=init, progress=False)
