@@ -29,6 +29,11 @@ Off-policy corrections for as-loss terms (y ~ π_old), with their on-policy coef
                     it is cut to zero; on the other side of the range it flows, as in PPO.
 In-reward terms are importance-weighted by ρ whenever `old_logp` is given.
 
+Value clamp ("k3_as_loss+value_clamp", verl's default `low_var_kl` used as a loss): the surrogate is
+clip(k3, −10, 10). Inside the clamp its gradient is k3's, so on-policy it follows the frozen-prefix
+∇FKL like "k3_as_loss"; where k3 > 10 (log δ > ≈2.61 or < ≈−11) the gradient is zero, and
+`term.count_clamped(logp, ref_logp, mask=...)` counts those tokens for the metrics.
+
 Masks: where `mask` is False the inputs are replaced by 0 *before* any maths, so a −inf log-prob at
 a padded position gives a 0 output and a 0 gradient, never a NaN. Clamps follow the rule of
 `kljax.estimators` (only what would overflow; never a zero gradient that is finite in exact
