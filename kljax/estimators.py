@@ -43,6 +43,15 @@ def _pair(logp: ArrayLike, ref_logp: ArrayLike) -> tuple[jax.Array, jax.Array]:
   return logp.astype(dtype), ref_logp.astype(dtype)
 
 
+def _count(hit: jax.Array, mask: ArrayLike | None) -> jax.Array:
+  """The number of True elements of `hit` where `mask` (same shape) is True; int32 scalar."""
+  if mask is not None:
+    mask = jnp.asarray(mask)
+    _checks.same_shape(logp=hit, mask=mask)
+    hit = hit & mask.astype(bool)
+  return jnp.sum(hit, dtype=jnp.int32)
+
+
 def exp_clamped(x: jax.Array, clamp: float) -> jax.Array:
   """exp(x) for x ≤ clamp, continued by its tangent line e^clamp·(1 + x − clamp) above it.
 
@@ -74,12 +83,7 @@ def count_clamped(
   """
   logp, ref_logp = _pair(logp, ref_logp)
   _checks.positive(clamp, "clamp")
-  hit = (ref_logp - logp) > clamp
-  if mask is not None:
-    mask = jnp.asarray(mask)
-    _checks.same_shape(logp=logp, mask=mask)
-    hit = hit & mask.astype(bool)
-  return jnp.sum(hit, dtype=jnp.int32)
+  return _count((ref_logp - logp) > clamp, mask)
 
 
 def k1(logp: ArrayLike, ref_logp: ArrayLike) -> jax.Array:
@@ -152,12 +156,7 @@ def count_value_clamped(
   Their gradient is zero. Elements where `mask` is False are not counted.
   """
   _checks.positive(bound, "bound")
-  hit = k3(logp, ref_logp) > bound
-  if mask is not None:
-    mask = jnp.asarray(mask)
-    _checks.same_shape(logp=hit, mask=mask)
-    hit = hit & mask.astype(bool)
-  return jnp.sum(hit, dtype=jnp.int32)
+  return _count(k3(logp, ref_logp) > bound, mask)
 
 
 def importance_ratio(
