@@ -22,7 +22,7 @@ import optax
 from kljax import _checks, paths
 from kljax import exact
 from kljax.advantages import leave_one_out
-from kljax.estimators import importance_ratio, kl_from_log_probs
+from kljax.estimators import kl_from_log_probs
 from kljax.kl import KLTerm, kl_term
 
 MODES = ("exact", "sampled")
@@ -131,7 +131,10 @@ def _sampled_gradient(rewards, ref_logp, beta, term: KLTerm, num_samples: int):
 
     def loss(t):
       lp = jax.nn.log_softmax(t)[actions]
-      reward_part = jnp.mean(advantage * importance_ratio(lp, old_lp))
+      # ρ = exp(lp − old_lp), unclamped: `estimators.importance_ratio` would give the same values,
+      # but its gradient rounds differently under XLA, and the committed reproduction's sampled
+      # bandit runs then drift (TV to π* moves by up to 4e-4 after 3000 steps).
+      reward_part = jnp.mean(advantage * jnp.exp(lp - old_lp))
       return -reward_part + beta * jnp.mean(term.surrogate(lp, ref_logp[actions], old_lp))
 
     return jax.grad(loss)(theta)
