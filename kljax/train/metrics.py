@@ -125,3 +125,39 @@ def _parse(text: str, path) -> tuple[list[dict], str]:
                          f"damaged, not torn by a stop; fix or remove that line.") from None
       torn = line
   return rows, torn
+
+
+def window_means(rows: list[dict], key: str, *, fraction: float = 0.1
+                 ) -> tuple[tuple[int, int, float], tuple[int, int, float]] | None:
+  """((first_step, last_step, mean), …) of `key` over the first and the last `fraction` of `rows`
+  (at least one row each; non-finite values skipped): a start-to-end comparison that a single noisy
+  step cannot swing. None when no row has a finite `key`."""
+  if not 0 < fraction <= 1:
+    raise ValueError(f"fraction must be in (0, 1], got {fraction}.")
+  rows = [r for r in rows if key in r and math.isfinite(r[key])]
+  if not rows:
+    return None
+  n = max(1, round(len(rows) * fraction))
+
+  def mean(part):
+    return part[0]["step"], part[-1]["step"], sum(r[key] for r in part) / len(part)
+
+  return mean(rows[:n]), mean(rows[-n:])
+
+
+def summary(rows: list[dict], *, fraction: float = 0.1) -> str:
+  """One line comparing the first and last `fraction` of a GRPO run's steps: the reward's means and
+  the exact KL(π‖π_ref) at the end, e.g.
+  "reward 0.212 (mean of steps 0–29) -> 0.412 (steps 270–299); exact KL(π‖π_ref) 0.0031 (steps
+  270–299)"."""
+  span = lambda a, b: f"step {a}" if a == b else f"steps {a}–{b}"
+  parts = []
+  reward = window_means(rows, "reward_mean", fraction=fraction)
+  if reward is not None:
+    (a0, b0, r0), (a1, b1, r1) = reward
+    parts.append(f"reward {r0:.3f} (mean of {span(a0, b0)}) -> {r1:.3f} (mean of {span(a1, b1)})")
+  kl = window_means(rows, "exact_rkl", fraction=fraction)
+  if kl is not None:
+    _, (a1, b1, k1) = kl
+    parts.append(f"exact KL(π‖π_ref) {k1:.4f} (mean of {span(a1, b1)})")
+  return "; ".join(parts)
