@@ -37,9 +37,9 @@ def quiet_logs() -> None:
 
 @functools.lru_cache(maxsize=None)
 def field_docs(path: str | None = None) -> dict[str, str]:
-  """{"kl.beta": "KL coefficient β …", …}: each `c.<field> = <default>  # <meaning>` line of the
-  default config's source (kljax/train/config.py, or `path`), the trailing comment being the
-  field's one-line meaning."""
+  """{"kl.beta": "KL coefficient β …", …}: each `c.<field> = <default>  # <meaning>` line (any name
+  for `c`) of the GRPO defaults' source (kljax/train/config.py) or of `path`, the trailing comment
+  being the field's one-line meaning."""
   if path is None:
     from kljax.train import config as config_module
 
@@ -67,7 +67,7 @@ def _assigned_field(line: list[tokenize.TokenInfo]) -> str | None:
   if "=" not in names:
     return None
   target = names[:names.index("=")]
-  if len(target) < 3 or target[0] != "c" or target[1] != ".":
+  if len(target) < 3 or not target[0].isidentifier() or target[1] != ".":
     return None
   parts = "".join(target[2:]).split(".")
   return ".".join(parts) if all(p.isidentifier() for p in parts) else None
@@ -97,7 +97,8 @@ def describe_config(config, *, docs: dict[str, str] | None = None) -> str:
   lines = []
   for key, value in leaves.items():
     meaning = docs.get(key, "")
-    lines.append(f"  {key:<{width}}{shown[key]:<{vwidth}}{meaning}".rstrip())
+    value = shown[key] if len(shown[key]) <= 60 else shown[key][:57] + "…"
+    lines.append(f"  {key:<{width}}{value:<{vwidth - 2}}  {meaning}".rstrip())
   return "\n".join(lines)
 
 
@@ -152,15 +153,16 @@ def _prog(argv: list[str]) -> str:
   return f"python -m {spec.name}" if spec is not None and spec.name else os.path.basename(argv[0])
 
 
-def define_config_file(name: str, default: str, help_string: str):
+def define_config_file(name: str, default: str, help_string: str, *, docs: str | None = None):
   """`ml_collections.config_flags.DEFINE_config_file`, with the command line's `--<name>.KEY=VALUE`
   overrides checked first: config_flags applies them while the flag is defined (at import, when
   `--<name>` is not given), and a misspelled KEY would be a traceback there. `run` lists this
-  config's fields in `--help`."""
+  config's fields in `--help`, with the meanings `field_docs(docs)` reads (default: the GRPO
+  defaults, kljax/train/config.py)."""
   from absl import flags
   from ml_collections import config_flags
 
-  _CONFIG_FLAGS[name] = default
+  _CONFIG_FLAGS[name] = (default, docs)
   argv = sys.argv[1:]
   keys = _override_keys(argv, name)
   if keys and not any(a in HELP_ARGS for a in argv):
@@ -181,7 +183,8 @@ def define_config_file(name: str, default: str, help_string: str):
   return holder
 
 
-_CONFIG_FLAGS: dict[str, str] = {}  # name -> default config file, of define_config_file's flags
+# name -> (default config file, source of the fields' meanings) of define_config_file's flags
+_CONFIG_FLAGS: dict[str, tuple[str, str | None]] = {}
 
 
 def _load_or_fail(prog: str, name: str, spec: str):
@@ -200,8 +203,8 @@ def parse(argv: list[str]) -> list[str]:
   prog = _prog(argv)
   fv = flags.FLAGS
   if any(a in HELP_ARGS or a.startswith("--help=") for a in argv[1:]):
-    configs = {name: _load_or_fail(prog, name, _config_spec(argv[1:], name, default))
-               for name, default in _CONFIG_FLAGS.items() if name in fv}
+    configs = {name: (_load_or_fail(prog, name, _config_spec(argv[1:], name, default)), docs)
+               for name, (default, docs) in _CONFIG_FLAGS.items() if name in fv}
     print(usage(fv, configs=configs, full="--helpfull" in argv[1:]))
     sys.exit(0)
   try:
@@ -214,14 +217,15 @@ def parse(argv: list[str]) -> list[str]:
 
 def usage(fv, *, configs: dict | None = None, full: bool = False) -> str:
   """The help text: the main module's docstring, its flags, and the fields of `configs` ({flag
-  name: ConfigDict})."""
+  name: (ConfigDict, source of the meanings or None for kljax/train/config.py)})."""
   main = sys.modules.get("__main__")
   parts = [(getattr(main, "__doc__", None) or "").strip()]
   parts.append("flags:\n" + (fv.get_help() if full else fv.main_module_help()).strip("\n"))
-  for name, config in (configs or {}).items():
+  for name, (config, docs) in (configs or {}).items():
+    source = os.path.relpath(docs) if docs else "kljax/train/config.py"
     parts.append(f"config fields (override any with --{name}.FIELD=VALUE; values of the chosen "
-                 f"--{name} file, meanings from kljax/train/config.py):\n"
-                 + describe_config(config))
+                 f"--{name} file, meanings from {source}):\n"
+                 + describe_config(config, docs=field_docs(docs)))
   return "\n\n".join(p for p in parts if p)
 
 
