@@ -37,7 +37,7 @@ def bar(iterable: Iterable | None = None, **kwargs: Any):
 
 
 class LogLines:
-  """The part of tqdm's interface kljax uses (iteration, `update`, `set_postfix`,
+  """The part of tqdm's interface kljax uses (iteration, `update`, `set_postfix[_str]`,
   `set_description`, `close`, a context manager), written as plain log lines (see the module doc).
 
   Arguments tqdm takes that only concern drawing (`position`, `leave`, `dynamic_ncols`, …) are
@@ -92,6 +92,10 @@ class LogLines:
     del refresh
     items = dict(ordered_dict or {}) | kwargs
     self.postfix = ", ".join(f"{k}={v}" for k, v in items.items())
+
+  def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+    del refresh
+    self.postfix = str(s)
 
   def set_description(self, desc: str | None = None, refresh: bool = True) -> None:
     del refresh
