@@ -62,9 +62,8 @@ def main(argv):
   done = finished_step(config, workdir)
   if done is not None:
     if leader:
-      print(f"run complete: {workdir} holds the checkpoint of step {done} (num_steps = "
-            f"{config.num_steps}); nothing to do. Metrics in {workdir / 'metrics.jsonl'}; "
-            f"raise --config.num_steps to continue it.")
+      print(f"run complete: {done} of {config.num_steps} steps done (checkpoint step {done} in "
+            f"{workdir / 'checkpoints'}); nothing to do: raise --config.num_steps to continue it.")
       _print_summary(workdir)
     return
   try:
