@@ -5,6 +5,7 @@ import glob
 import io
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -211,3 +212,45 @@ def test_without_wandb_nothing_changes_and_asking_for_it_names_the_extra(tmp_pat
   assert metrics.read_jsonl(tmp_path / "metrics.jsonl") == [{"step": 0, "reward_mean": 1.0}]
   with pytest.raises(ValueError, match=r"pip install 'kljax\[wandb\]'"):
     metrics.MetricsWriter(tmp_path / "w", tensorboard=False, wandb_project="kljax-test")
+
+
+# ---------------------------------------------------------------- a run, piped
+
+
+@pytest.mark.slow
+def test_a_piped_run_logs_plain_lines_and_a_rerun_says_it_is_complete(data_dir, tmp_path):
+  workdir = tmp_path / "run"
+  args = ["experiments.grpo", "--config", "configs/grpo_tiny.py", f"--workdir={workdir}",
+          f"--config.data.data_dir={data_dir}", "--config.sft.steps=4", "--config.sft.batch_size=16",
+          "--config.num_steps=4", "--config.checkpoint_every=2", "--config.batch_size=16",
+          "--config.rollout.group_size=4", "--config.rollout.max_new_tokens=3",
+          "--config.metrics.tensorboard=False", "--config.mesh.devices=1",
+          "--config.metrics.wandb=True"]
+  env = dict(os.environ, WANDB_SILENT="true")
+  out = _run(*args, timeout=900, env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  log = out.stdout + out.stderr
+  assert "\r" not in log
+  assert "sft: 4/4 step (100%)" in log and "grpo: 4/4 step (100%)" in log, log
+  # absl's INFO lines (TFDS's "Load dataset info", JAX's "Unable to initialize backend") start
+  # with I and the date: none reach the log.
+  assert not re.search(r"^[IW]\d{4} \d\d:\d\d", log, re.M), log
+  assert "Traceback" not in log
+
+  rows = metrics.read_jsonl(workdir / "metrics.jsonl")
+  assert [r["step"] for r in rows] == [0, 1, 2, 3]
+  # 4 steps: the first and last 10% are one step each (at least one row a window)
+  first, last = rows[0]["reward_mean"], rows[-1]["reward_mean"]
+  assert f"reward {first:.3f} (mean of step 0) -> {last:.3f} (mean of step 3)" in out.stdout
+
+  history = _wandb_history(str(workdir))
+  assert [h["_step"] for h in history] == [0, 1, 2, 3]
+  for h, row in zip(history, rows):
+    assert h["reward_mean"] == pytest.approx(row["reward_mean"])
+    assert h["exact_rkl"] == pytest.approx(row["exact_rkl"])
+
+  again = _run(*args, timeout=300, env=env)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert again.stdout.startswith("run complete: 4 of 4 steps done")
+  assert str(workdir / "metrics.jsonl") in again.stdout
+  assert len(_wandb_history(str(workdir))) == 4  # nothing ran, nothing more was logged
