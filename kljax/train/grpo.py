@@ -121,6 +121,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None) -> N
     bad("batch_size", f"{err} (minibatches of {per_minibatch}).")
   _check_reward_fns(config)
   _check_reward_fits_dataset(config)
+  _check_wandb(config)
   if workdir is not None:
     _check_paths(config, workdir)
 
@@ -187,6 +188,29 @@ def _check_reward_fns(config) -> None:
       float(w)
     except ValueError:
       raise ConfigError(f"--config.reward.weights: {w.strip()!r} is not a number.") from None
+
+
+def _check_wandb(config) -> None:
+  """With `metrics.wandb`: the wandb package is installed and `metrics.wandb_mode` is known."""
+  if not config.metrics.get("wandb", False):
+    return
+  from kljax.train import metrics
+
+  if config.metrics.wandb_mode not in metrics.WANDB_MODES:
+    raise ConfigError(f"--config.metrics.wandb_mode: must be one of "
+                      f"{', '.join(metrics.WANDB_MODES)}, got {config.metrics.wandb_mode!r}.")
+  try:
+    metrics.require_wandb()
+  except ValueError as err:
+    raise ConfigError(f"--config.metrics.wandb: {err}") from None
+
+
+def _wandb_options(config) -> dict:
+  """MetricsWriter's W&B arguments: none unless `metrics.wandb`."""
+  if not config.metrics.get("wandb", False):
+    return {}
+  return {"wandb_project": config.metrics.wandb_project, "wandb_mode": config.metrics.wandb_mode,
+          "run_config": config.to_dict()}
 
 
 def _run_paths(config, workdir) -> list[tuple[str, str]]:
@@ -666,7 +690,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, init_model=None,
   that verifies, and saves asynchronously. With several processes, process 0 prepares the dataset
   while the others wait. Raises `NonFiniteError` on a non-finite metric and `CheckpointError`
   when no checkpoint verifies or a save fails."""
-  from tqdm.auto import tqdm
+  from kljax.progress import bar as tqdm  # log lines when not on a terminal
 
   validate(config, workdir)
   leader = jax.process_index() == 0
@@ -687,8 +711,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, init_model=None,
       if restored.rejected:  # the first row after the restore says so
         notes = {"resumed_from_step": float(start),
                  "checkpoints_rejected": float(len(restored.rejected))}
-    writer = MetricsWriter(workdir, resume_step=start - 1,
-                           tensorboard=config.metrics.tensorboard) if leader else None
+    writer = MetricsWriter(workdir, resume_step=start - 1, tensorboard=config.metrics.tensorboard,
+                           **_wandb_options(config)) if leader else None
     if writer is not None:
       stack.callback(writer.close)
     fns = compile_fns(setup)
