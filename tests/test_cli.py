@@ -212,6 +212,13 @@ def test_without_wandb_nothing_changes_and_asking_for_it_names_the_extra(tmp_pat
   assert metrics.read_jsonl(tmp_path / "metrics.jsonl") == [{"step": 0, "reward_mean": 1.0}]
   with pytest.raises(ValueError, match=r"pip install 'kljax\[wandb\]'"):
     metrics.MetricsWriter(tmp_path / "w", tensorboard=False, wandb_project="kljax-test")
+  from kljax.train import grpo
+
+  c = config_lib.grpo_tiny()
+  grpo.validate(c)  # metrics.wandb is off by default: wandb is never imported
+  c.metrics.wandb = True
+  with pytest.raises(grpo.ConfigError, match=r"--config.metrics.wandb: .*'kljax\[wandb\]'"):
+    grpo.validate(c)
 
 
 # ---------------------------------------------------------------- a run, piped

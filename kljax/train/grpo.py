@@ -196,9 +196,10 @@ def _check_wandb(config) -> None:
     return
   from kljax.train import metrics
 
-  if config.metrics.wandb_mode not in metrics.WANDB_MODES:
+  mode = config.metrics.get("wandb_mode", "offline")
+  if mode not in metrics.WANDB_MODES:
     raise ConfigError(f"--config.metrics.wandb_mode: must be one of "
-                      f"{', '.join(metrics.WANDB_MODES)}, got {config.metrics.wandb_mode!r}.")
+                      f"{', '.join(metrics.WANDB_MODES)}, got {mode!r}.")
   try:
     metrics.require_wandb()
   except ValueError as err:
@@ -209,8 +210,8 @@ def _wandb_options(config) -> dict:
   """MetricsWriter's W&B arguments: none unless `metrics.wandb`."""
   if not config.metrics.get("wandb", False):
     return {}
-  return {"wandb_project": config.metrics.wandb_project, "wandb_mode": config.metrics.wandb_mode,
-          "run_config": config.to_dict()}
+  return {"wandb_project": config.metrics.get("wandb_project", "kljax"),
+          "wandb_mode": config.metrics.get("wandb_mode", "offline"), "run_config": config.to_dict()}
 
 
 def _run_paths(config, workdir) -> list[tuple[str, str]]:
