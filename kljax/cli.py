@@ -10,9 +10,9 @@
   closest valid one, exit status 2, no traceback.
 * A `UsageError` that `main` raises (a config that cannot run) is one line too, not absl's whole
   usage text, with the error's exit status.
-* absl's INFO log (absl raises its verbosity to INFO once flags are parsed, which lets JAX's "Unable
-  to initialize backend 'tpu'" and orbax's per-save notes through) stays at WARNING unless
-  `--verbosity` is given.
+* absl's log stays at WARNING unless `--verbosity` is given: absl raises it to INFO once flags are
+  parsed, which lets TFDS's "Load dataset info", JAX's "Unable to initialize backend 'tpu'" and
+  orbax's per-save notes through.
 """
 
 from __future__ import annotations
@@ -27,12 +27,6 @@ from typing import Callable
 
 HELP_ARGS = ("--help", "-h", "-?", "--helpshort", "--helpfull")
 USAGE_ERROR = 2  # the status of a command line that cannot run (argparse's convention)
-
-
-def quiet_logs() -> None:
-  """Keeps the C++ runtime's INFO lines (XLA, TensorFlow's for TFDS) off stderr; absl's Python log
-  is handled in `run`. A value the user set is kept."""
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 
 @functools.lru_cache(maxsize=None)
@@ -230,10 +224,9 @@ def usage(fv, *, configs: dict | None = None, full: bool = False) -> str:
 
 
 def run(main: Callable[[list[str]], object]) -> None:
-  """`absl.app.run(main)` with `parse` as the flags parser and quiet logs (see the module doc)."""
+  """`absl.app.run(main)` with `parse` as the flags parser, one-line usage errors and absl's log at
+  WARNING (see the module doc)."""
   from absl import app, flags, logging
-
-  quiet_logs()
 
   def parser(argv):
     rest = parse(argv)
