@@ -207,7 +207,7 @@ def run_all(
     **run_kwargs,
 ) -> list[Run]:
   """`run` for every (mode, term), with a progress bar."""
-  from tqdm.auto import tqdm
+  from kljax.progress import bar as tqdm  # log lines when not on a terminal
 
   jobs = [(mode, name) for mode in modes for name in terms]
   for mode, name in jobs:  # fail on a bad name or mode before any compilation

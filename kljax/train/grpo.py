@@ -73,7 +73,7 @@ class ConfigError(ValueError):
 
 def validate(config: ml_collections.ConfigDict, workdir: str | None = None) -> None:
   """Every check that needs no compilation: names, ranges, divisibility, the mesh, the reward
-  functions' import paths, and that every path's scheme (gs://…) can be reached here (its package
+  functions' import paths, wandb when `metrics.wandb` asks for it, and that every path's scheme (gs://…) can be reached here (its package
   is installed). With `workdir`, also the paths a run on this machine reads and writes
   (`_check_paths`), so that none fails after the warm start."""
   _check_schemes(config, workdir)
@@ -82,6 +82,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None) -> N
   _check_sizes(config)
   _check_reward_fns(config)
   _check_reward_fits_dataset(config)
+  _check_wandb(config)
   if workdir is not None:
     _check_paths(config, workdir)
 
@@ -226,6 +227,30 @@ def _check_reward_fns(config) -> None:
       float(w)
     except ValueError:
       raise ConfigError(f"--config.reward.weights: {w.strip()!r} is not a number.") from None
+
+
+def _check_wandb(config) -> None:
+  """With `metrics.wandb`: the wandb package is installed and `metrics.wandb_mode` is known."""
+  if not config.metrics.get("wandb", False):
+    return
+  from kljax.train import metrics
+
+  mode = config.metrics.get("wandb_mode", "offline")
+  if mode not in metrics.WANDB_MODES:
+    raise ConfigError(f"--config.metrics.wandb_mode: must be one of "
+                      f"{', '.join(metrics.WANDB_MODES)}, got {mode!r}.")
+  try:
+    metrics.require_wandb()
+  except ValueError as err:
+    raise ConfigError(f"--config.metrics.wandb: {err}") from None
+
+
+def _wandb_options(config) -> dict:
+  """MetricsWriter's W&B arguments: none unless `metrics.wandb`."""
+  if not config.metrics.get("wandb", False):
+    return {}
+  return {"wandb_project": config.metrics.get("wandb_project", "kljax"),
+          "wandb_mode": config.metrics.get("wandb_mode", "offline"), "run_config": config.to_dict()}
 
 
 def _run_paths(config, workdir) -> list[tuple[str, str]]:
@@ -917,7 +942,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, init_model=None,
   that verifies, and saves asynchronously. With several processes, process 0 prepares the dataset
   while the others wait. Raises `NonFiniteError` on a non-finite metric and `CheckpointError`
   when no checkpoint verifies or a save fails."""
-  from tqdm.auto import tqdm
+  from kljax.progress import bar as tqdm  # log lines when not on a terminal
 
   validate(config, workdir)
   with contextlib.ExitStack() as stack:
@@ -980,8 +1005,8 @@ def _open_run(stack: contextlib.ExitStack, config, workdir, init_model) -> _Run:
     if restored.rejected:  # the first row after the restore says so
       notes = {"resumed_from_step": float(start),
                "checkpoints_rejected": float(len(restored.rejected))}
-  writer = MetricsWriter(workdir, resume_step=start - 1,
-                         tensorboard=config.metrics.tensorboard) if leader else None
+  writer = MetricsWriter(workdir, resume_step=start - 1, tensorboard=config.metrics.tensorboard,
+                         **_wandb_options(config)) if leader else None
   if writer is not None:
     stack.callback(writer.close)
   return _Run(setup, state, ckpt, writer, start, start if restored is not None else None, notes)
