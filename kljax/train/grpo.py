@@ -103,8 +103,8 @@ def _check_names(config: ml_collections.ConfigDict) -> None:
   if config.kl.get("reward_stage", "after_norm") not in REWARD_STAGES:
     _bad("kl.reward_stage", f"must be one of {', '.join(REWARD_STAGES)}, got "
          f"{config.kl.reward_stage!r}.")
-  if config.kl.controller not in ("constant", "linear_warmup", "adaptive"):
-    _bad("kl.controller", f"must be 'constant', 'linear_warmup' or 'adaptive', got "
+  if config.kl.controller not in beta_lib.CONTROLLERS:
+    _bad("kl.controller", f"must be one of {', '.join(map(repr, beta_lib.CONTROLLERS))}, got "
          f"{config.kl.controller!r}.")
   if config.advantage.estimator not in adv_lib.ADVANTAGES:
     _bad("advantage.estimator", f"must be one of {', '.join(adv_lib.ADVANTAGES)}, got "
@@ -437,14 +437,10 @@ def sampler_model(setup: Setup, params) -> nnx.Module:
 
 
 def make_beta(config: ml_collections.ConfigDict) -> beta_lib.BetaController:
-  """The β controller of `kl.controller`."""
-  if config.kl.controller == "adaptive":
-    return beta_lib.adaptive_beta(max(config.kl.beta, 1e-8), target_kl=config.kl.target_kl,
-                                  horizon=config.kl.horizon)
-  if config.kl.controller == "linear_warmup":  # an optax schedule over optimizer steps
-    return beta_lib.scheduled_beta(optax.linear_schedule(0.0, config.kl.beta,
-                                                         max(config.kl.warmup_steps, 1)))
-  return beta_lib.constant_beta(config.kl.beta)
+  """The β controller of `kl.controller` (`kljax.beta.CONTROLLERS`)."""
+  return beta_lib.controller(config.kl.controller, beta=config.kl.beta,
+                             target_kl=config.kl.target_kl, horizon=config.kl.horizon,
+                             warmup_steps=config.kl.warmup_steps)
 
 
 def make_term(config: ml_collections.ConfigDict) -> KLTerm | None:
