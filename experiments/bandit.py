@@ -12,12 +12,13 @@ import os
 import time
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from kljax import bandit
+from kljax import bandit, cli
 from kljax.kl import kl_term, kl_term_names
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/bandit.py", "Bandit config file.")
+_CONFIG = cli.define_config_file(
+    "config", "configs/bandit.py", "Bandit config file.",
+    docs=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "bandit.py"))
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the table, JSON and plots.")
 flags.mark_flag_as_required("workdir")
 
@@ -115,4 +116,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

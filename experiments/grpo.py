@@ -5,8 +5,12 @@
 Writes DIR/metrics.jsonl (one object a step), DIR/tensorboard, DIR/checkpoints; rerunning the same
 command resumes from the newest checkpoint that verifies. A run holds DIR's lock until it exits.
 DIR (and every path of the config) may be a local directory or a URL such as gs://BUCKET/RUN.
-Errors that need no traceback (a bad flag or path, a held DIR, a checkpoint that cannot be saved or
-restored, a non-finite step) print one line and exit with status 1.
+Rerunning a finished run says so (its last step, where its metrics are) and exits 0. `--help` lists
+every config field with its default and meaning. Errors that need no traceback (a bad flag or path, a
+held DIR, a checkpoint that cannot be saved or restored, a non-finite step) print one line and exit
+with status 1 (2 for a misspelled flag or config key).
+
+The summary line at the end compares the mean reward of the first and the last 10% of the steps.
 
 With several processes (--distributed), process 0 prepares the dataset and the warm start while
 the others wait, then every process reads them.
@@ -19,14 +23,13 @@ import sys
 
 import jax
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from kljax import paths
-from kljax.train import grpo, multihost, runlock
-from kljax.train.checkpoint import CheckpointError
+from kljax import cli, paths
+from kljax.train import grpo, metrics, multihost, runlock
+from kljax.train.checkpoint import CheckpointError, Checkpointer
 from kljax.train.sft import initial_model
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/grpo_tiny.py", "GRPO config file.")
+_CONFIG = cli.define_config_file("config", "configs/grpo_tiny.py", "GRPO config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (metrics, checkpoints).")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() first (multi-host / multi-process).")
@@ -56,6 +59,13 @@ def main(argv):
       grpo.check_prompt_lengths(config)  # reads the dataset (preparing it on first use)
   except (grpo.ConfigError, multihost.LeaderFailedError) as err:
     raise app.UsageError(str(err)) from None
+  done = finished_step(config, workdir)
+  if done is not None:
+    if leader:
+      print(f"run complete: {done} of {config.num_steps} steps done (checkpoint step {done} in "
+            f"{workdir / 'checkpoints'}); nothing to do: raise --config.num_steps to continue it.")
+      _print_summary(workdir)
+    return
   try:
     with contextlib.ExitStack() as stack:
       with multihost.leader_first("to take the run lock"):
@@ -68,12 +78,31 @@ def main(argv):
           multihost.LeaderFailedError) as err:
     print(f"{type(err).__name__}: {err}", file=sys.stderr)
     sys.exit(1)
-  if history:
-    first, last = history[0], history[-1]
-    print(f"steps {first['step']}..{last['step']}: reward {first['reward_mean']:.3f} -> "
-          f"{last['reward_mean']:.3f}, exact KL(π‖π_ref) {last['exact_rkl']:.4f}; "
-          f"metrics in {workdir / 'metrics.jsonl'}")
+  if history and leader:
+    _print_summary(workdir)
+
+
+def finished_step(config, workdir) -> int | None:
+  """The newest checkpoint's step when it is at least `num_steps` (the run has nothing left to
+  do), else None. Reads the checkpoint directory's listing only."""
+  if not (workdir / "checkpoints").exists():
+    return None
+  ckpt = Checkpointer(workdir, every=config.checkpoint_every)
+  try:
+    step = ckpt.latest_step()
+  finally:
+    ckpt.close()
+  return step if step is not None and step >= config.num_steps else None
+
+
+def _print_summary(workdir) -> None:
+  """The run's reward, first vs last 10% of its steps (all of metrics.jsonl, a resumed run's
+  earlier steps included), and where its metrics are."""
+  path = workdir / "metrics.jsonl"
+  rows = metrics.read_jsonl(path) if path.exists() else []
+  if rows:
+    print(f"steps {rows[0]['step']}..{rows[-1]['step']}: {metrics.summary(rows)}; metrics in {path}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

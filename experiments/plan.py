@@ -32,18 +32,19 @@ TABLE_DEVICES = (8, 32, 64, 256)
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m experiments.plan", description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(prog="python -m experiments.plan", description=__doc__.split("\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--preset", default="qwen2.5-0.5b", help="a kljax.models preset")
   p.add_argument("--devices", type=int, default=8, help="simulated devices (N)")
   p.add_argument("--fsdp", type=int, default=-1, help="fsdp axis size (-1: the rest)")
   p.add_argument("--tensor", type=int, default=1, help="tensor axis size")
   p.add_argument("--data", type=int, default=1, help="data axis size")
   p.add_argument("--batch", type=int, default=0,
-                 help="completions per update (default: 2 per device, at least 8)")
+                 help="completions per update (0: 2 per device, at least 8)")
   p.add_argument("--rollout_batch", type=int, default=0,
-                 help="completions sampled at once (default: --batch)")
-  p.add_argument("--prompt_len", type=int, default=256)
-  p.add_argument("--new_tokens", type=int, default=512)
+                 help="completions sampled at once (0: --batch)")
+  p.add_argument("--prompt_len", type=int, default=256, help="prompt tokens a sequence")
+  p.add_argument("--new_tokens", type=int, default=512, help="completion tokens a sequence")
   p.add_argument("--dtype", default="bfloat16", help="compute dtype")
   p.add_argument("--param_dtype", default="float32", help="master-weight dtype")
   p.add_argument("--remat", action="store_true", help="rematerialize blocks in the backward pass")

@@ -12,6 +12,7 @@ import os
 
 from absl import app, flags
 
+from kljax import cli
 from kljax import paths as paths_lib
 from kljax.train.metrics import read_jsonl
 
@@ -82,4 +83,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

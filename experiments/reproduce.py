@@ -17,6 +17,8 @@ import time
 
 from absl import app, flags, logging
 
+from kljax import cli
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (report, figures, runs).")
 _QUICK = flags.DEFINE_bool("quick", False, "The small version (the README main job).")
 _SEEDS = flags.DEFINE_integer("seeds", None, "Seeds per GRPO variant (default: 2 quick, 4 full).")
@@ -66,4 +68,4 @@ def enable_compile_cache(path: str) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -7,7 +7,7 @@
 
 from absl import app, flags
 
-from kljax import models
+from kljax import cli, models
 from kljax.train.sft import train_sft
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the checkpoint is written.")
@@ -42,4 +42,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -149,7 +149,7 @@ def run_variants(settings: Settings, workdir: str, variants, *, off_policy: bool
   """GRPO for every (variant, seed) from one shared SFT warm start; returns {variant: [history per
   seed]}. A run lives in WORKDIR/grpo/<on_policy|off_policy>/<variant>/seed<k>: an interrupted one
   resumes from its last checkpoint, a finished one is read back, not rerun."""
-  from tqdm.auto import tqdm
+  from kljax.progress import bar as tqdm  # log lines when not on a terminal
 
   from kljax.train import grpo
   from kljax.train.metrics import read_jsonl
@@ -305,7 +305,7 @@ def run_regimes(terms=REGIME_TERMS, *, modes=("exact", "sampled"), pi_ref_best=R
                 betas=REGIME_BETAS, num_steps: int = 3000, progress: bool = True) -> list[dict]:
   """The bandit regime map (`kljax.bandit.regime_map`) as records {"term", "pi_ref_best", "beta",
   "gradients", "final_rkl", "final_fkl", "reward", "tv_star", "tv_fkl", "log_ratio_best"}."""
-  from tqdm.auto import tqdm
+  from kljax.progress import bar as tqdm  # log lines when not on a terminal
 
   from kljax import bandit
 
@@ -391,7 +391,7 @@ def run_sequence_study(settings: Settings, workdir: str, *, progress: bool = Tru
          "beta": SEQUENCE["beta"], "ref_prob_target": ref_prob, "terms": {}, "curves": {},
          "noise": {}, "noise_samples": SEQUENCE["num_samples"]}
   snaps = {}
-  from tqdm.auto import tqdm
+  from kljax.progress import bar as tqdm  # log lines when not on a terminal
 
   for name in tqdm(SEQUENCE_TERMS, desc="sequence study", unit="term", disable=not progress):
     tr = tabular_rl.train(regime_term(name), ref, target, beta=SEQUENCE["beta"],

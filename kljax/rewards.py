@@ -6,7 +6,9 @@ named in configs by import path, "package.module:function".
 
 The built-in verifiers and extractors score any string, in time linear in its length: their regular
 expressions cannot backtrack, numbers are parsed exactly or rejected (never cut to a prefix), and
-countdown expressions are evaluated without recursion, under a length bound.
+countdown expressions are evaluated without recursion, under a length bound. The optional
+`math_verify` reward (Hugging Face's math-verify, `pip install 'kljax[math]'`) parses LaTeX with
+sympy instead, under math-verify's own time limit of a few seconds a parse.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import collections
 import importlib
 import operator
 import re
+import threading
 from fractions import Fraction
 from typing import Callable, NamedTuple, Sequence
 
@@ -246,13 +249,52 @@ def boxed_format_reward(prompts: Sequence[str], completions: Sequence[str], **_)
   return [float(_boxed(c) is not None) for c in completions]
 
 
+# ---------------------------------------------------------------- math-verify (optional)
+
+MATH_VERIFY_MISSING = ("the reward 'math_verify' needs the math-verify package, which is not "
+                       "installed: pip install 'kljax[math]' (or pip install math-verify).")
+
+
+def _math_verify():
+  try:
+    import math_verify
+  except ImportError:
+    raise ValueError(MATH_VERIFY_MISSING) from None
+  return math_verify
+
+
+def math_verify_reward(prompts: Sequence[str], completions: Sequence[str], *,
+                       answer: Sequence[str], **_) -> list[float]:
+  """1.0 where math-verify judges the completion's final answer mathematically equal to the
+  reference `answer`, else 0.0.
+
+  math-verify (Hugging Face; the verifier of Open-R1 and its OpenR1-Math-220k filtering) extracts
+  the last `\\boxed{…}` or LaTeX/plain expression of the completion and compares it with sympy:
+  `\\boxed{\\frac{1}{2}}` and `0.5`, `\\dfrac12`, `50\\%` are equal, as are intervals such as
+  `[1, 3)`, which `numeric_match` cannot read. A reference without `$` or `\\boxed` is read as
+  one LaTeX expression. Needs `pip install 'kljax[math]'`; its time limit uses `signal.alarm`, so
+  off the main thread it runs without one.
+  """
+  mv = _math_verify()
+  limit = 5 if threading.current_thread() is threading.main_thread() else None
+  out = []
+  for completion, ref in zip(completions, answer, strict=True):
+    ref = str(ref)
+    gold = mv.parse(ref if "$" in ref or "\\boxed" in ref else f"${ref}$", parsing_timeout=limit)
+    got = mv.parse(completion, parsing_timeout=limit)
+    out.append(float(bool(gold) and bool(got) and mv.verify(gold, got, timeout_seconds=limit)))
+  return out
+
+
 BUILTIN = {"numeric_match": numeric_match, "countdown": countdown_reward, "format": format_reward,
-           "boxed_format": boxed_format_reward}
+           "boxed_format": boxed_format_reward, "math_verify": math_verify_reward}
+# Built-in rewards that need an optional package: a check that raises ValueError naming its extra.
+OPTIONAL = {"math_verify": _math_verify}
 
 # The example fields each built-in reward reads, with the kind of value it needs in each. A dataset
 # (`kljax.data.builders.FIELDS`) can be scored by a reward when it has every one of those fields in
 # that kind: `numeric_match` on countdown, whose `answer` is an expression, would score 0 always.
-EXAMPLE_FIELDS = {"numeric_match": {"answer": "number"},
+EXAMPLE_FIELDS = {"numeric_match": {"answer": "number"}, "math_verify": {"answer": "number"},
                   "countdown": {"numbers": "integers", "target": "integer"},
                   "format": {}, "boxed_format": {}}
 
@@ -262,6 +304,8 @@ def load_reward_fn(spec: str | RewardFn) -> RewardFn:
   if callable(spec):
     return spec
   if spec in BUILTIN:
+    if spec in OPTIONAL:
+      OPTIONAL[spec]()  # its package is installed, or ValueError naming the extra
     return BUILTIN[spec]
   module_name, sep, attr = str(spec).partition(":")
   if not sep or not module_name or not attr:

@@ -50,6 +50,8 @@ def _hand(name):
   base, _, correction = name.partition("+")
   if base in HAND and not correction:
     return HAND[base]
+  if correction == "value_clamp":  # verl's low_var_kl: k3 clipped to [−10, 10]
+    return "∇FKL", "c = 1 − δ inside the clamp (|log δ| small here), 0 past it"
   value_est, grad_est = (base[:2], base[:2]) if base.endswith("_as_loss") else (base[:2], base[-7:-5])
   if correction == "ratio":
     return _RATIO_VERDICT[(value_est, grad_est)]
@@ -144,6 +146,10 @@ def test_verl_style_value_clamp_is_found():
   assert report.robustness["float32"]["nonfinite_grad"] > 0
   assert audit.audit("k3_as_loss").robustness["float32"]["nonfinite_grad"] == 0
   assert audit.audit("k3_as_loss").robustness["zeroed"] == {"above": None, "below": None}
+  # The built-in name: the same clamp, found at the same places, but no overflow (kljax's k3).
+  builtin = audit.audit("k3_as_loss+value_clamp").robustness
+  assert builtin["zeroed"] == {"above": 3.0, "below": -11.0}
+  assert builtin["float32"]["nonfinite_grad"] == 0
 
 
 def test_value_bias_of_the_estimators_is_exact():

@@ -1,9 +1,11 @@
 """Estimators against NumPy formulas, exact KL against NumPy, clamps, and Schulman's Gaussian table."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
 import kljax
 
@@ -12,17 +14,6 @@ def _np_logsoftmax(x):
   x = np.asarray(x, np.float64)
   m = x.max(-1, keepdims=True)
   return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
-
-
-def test_k_values_match_numpy(rng):
-  logp = rng.normal(-2.0, 1.0, (4, 7)).astype(np.float32)
-  ref = rng.normal(-2.0, 1.0, (4, 7)).astype(np.float32)
-  log_delta = ref.astype(np.float64) - logp
-  np.testing.assert_allclose(kljax.k1(logp, ref), -log_delta, rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(kljax.k2(logp, ref), 0.5 * log_delta**2, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(
-      kljax.k3(logp, ref), np.exp(log_delta) - 1 - log_delta, rtol=1e-5, atol=1e-6
-  )
 
 
 def test_k3_precise_near_equal_policies():
@@ -42,18 +33,6 @@ def test_bfloat16_in_float32_out():
   assert kljax.exact_kl(jnp.zeros((2, 5), jnp.bfloat16), jnp.ones((2, 5), jnp.bfloat16)).dtype == (
       jnp.float32
   )
-
-
-@pytest.mark.parametrize("direction", ["reverse", "forward"])
-def test_exact_kl_matches_numpy(rng, direction):
-  logits = rng.normal(size=(3, 4, 11)) * 2
-  ref_logits = rng.normal(size=(3, 4, 11)) * 2
-  lp, lq = _np_logsoftmax(logits), _np_logsoftmax(ref_logits)
-  if direction == "forward":
-    lp, lq = lq, lp
-  expected = (np.exp(lp) * (lp - lq)).sum(-1)
-  got = kljax.exact_kl(logits.astype(np.float32), ref_logits.astype(np.float32), direction=direction)
-  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_exact_kl_mask_and_masked_vocabulary():
@@ -85,14 +64,74 @@ def test_clamp_counts_and_keeps_gradients_finite_and_nonzero():
                                       np.exp(-4.0) + 3.0], rtol=1e-5)
 
 
-def test_exp_clamped_rule():
-  x = jnp.array([-jnp.inf, -200.0, 0.0, 20.0, 30.0, jnp.inf])
-  v = kljax.estimators.exp_clamped(x, 20.0)
-  g = jax.grad(lambda y: kljax.estimators.exp_clamped(y, 20.0).sum())(x)
-  np.testing.assert_allclose(v[:5], [0.0, 0.0, 1.0, np.exp(20.0), np.exp(20.0) * 11.0],  # e^−200 underflows
-                             rtol=1e-6)
-  assert v[5] == np.inf
-  np.testing.assert_allclose(g, [0.0, 0.0, 1.0, np.exp(20.0), np.exp(20.0), np.exp(20.0)], rtol=1e-6)
+# ---- Under jax.jit and without it (chex variants): the values and gradients must not change. ----
+
+
+class EstimatorVariantsTest(chex.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    rng = np.random.default_rng(0)
+    self.logp = rng.normal(-2.0, 1.0, (4, 7)).astype(np.float32)
+    self.ref = rng.normal(-2.0, 1.0, (4, 7)).astype(np.float32)
+    self.log_delta = self.ref.astype(np.float64) - self.logp
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_k_values_match_numpy(self):
+    d = self.log_delta
+    for fn, expected in [(kljax.k1, -d), (kljax.k2, 0.5 * d**2), (kljax.k3, np.exp(d) - 1 - d)]:
+      np.testing.assert_allclose(self.variant(fn)(self.logp, self.ref), expected, rtol=1e-5,
+                                 atol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters("reverse", "forward")
+  def test_exact_kl_matches_numpy(self, direction):
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(3, 4, 11)) * 2
+    ref_logits = rng.normal(size=(3, 4, 11)) * 2
+    lp, lq = _np_logsoftmax(logits), _np_logsoftmax(ref_logits)
+    if direction == "forward":
+      lp, lq = lq, lp
+    expected = (np.exp(lp) * (lp - lq)).sum(-1)
+    kl = self.variant(lambda a, b: kljax.exact_kl(a, b, direction=direction))
+    got = kl(logits.astype(np.float32), ref_logits.astype(np.float32))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_exp_clamped_rule(self):
+    x = jnp.array([-jnp.inf, -200.0, 0.0, 20.0, 30.0, jnp.inf])
+    fn = self.variant(lambda y: kljax.estimators.exp_clamped(y, 20.0))
+    v = fn(x)
+    g = self.variant(jax.grad(lambda y: kljax.estimators.exp_clamped(y, 20.0).sum()))(x)
+    np.testing.assert_allclose(v[:5], [0.0, 0.0, 1.0, np.exp(20.0), np.exp(20.0) * 11.0],
+                               rtol=1e-6)  # e^−200 underflows
+    assert v[5] == np.inf
+    np.testing.assert_allclose(g, [0.0, 0.0, 1.0, np.exp(20.0), np.exp(20.0), np.exp(20.0)],
+                               rtol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_k3_value_clamped_is_verl_low_var_kl(self):
+    # verl's rule, by hand in NumPy: x = clip(ref − logp, −20, 20); clip(eˣ − x − 1, −10, 10).
+    # Gradient in logp: −(eˣ − 1) = 1 − δ where |k3| < 10, and 0 where the value clamp is active.
+    log_delta = np.array([0.0, 1.0, 2.5, 2.7, 5.0, 30.0, -3.0, -10.9, -11.1, -40.0])
+    logp = np.full(log_delta.shape, -1.0, np.float32)
+    ref = (logp + log_delta).astype(np.float32)
+    d = np.clip(ref.astype(np.float64) - logp, -20.0, 20.0)
+    k3 = np.exp(d) - d - 1.0
+    expected = np.clip(k3, -10.0, 10.0)
+    expected_grad = np.where(np.abs(k3) < 10.0, 1.0 - np.exp(d), 0.0)
+    np.testing.assert_allclose(self.variant(kljax.estimators.k3_value_clamped)(logp, ref),
+                               expected, rtol=1e-5, atol=1e-6)
+    term = kljax.kl_term("k3_as_loss+value_clamp")
+    g = self.variant(jax.grad(lambda lp: term.surrogate(lp, ref).sum()))(jnp.asarray(logp))
+    np.testing.assert_allclose(g, expected_grad, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(term.coefficient(logp, ref), expected_grad, rtol=1e-5, atol=1e-6)
+    # The count: elements past the clamp (here log δ = 2.7, 5, 30, −11.1, −40), masked ones not.
+    assert int(self.variant(term.count_clamped)(logp, ref)) == 5
+    mask = np.arange(log_delta.size) != 4
+    assert int(self.variant(lambda a, b, m: term.count_clamped(a, b, mask=m))(logp, ref, mask)) == 4
+    assert int(kljax.estimators.count_value_clamped(logp, ref)) == int(np.sum(k3 > 10.0))
+    assert kljax.kl_term("k3_as_loss").count_clamped is None
 
 
 # ---- Schulman, "Approximating KL Divergence" (2020): q = N(0,1) samples, p = N(μ,1). ----
@@ -148,3 +187,16 @@ def test_value_stats_sample_scaling():
   s16 = kljax.montecarlo.value_stats(v, 3.0, num_samples=16)
   assert s1.std == pytest.approx(1.0, rel=0.02)
   assert s16.std == pytest.approx(0.25, rel=0.02)
+
+
+def test_kl_from_log_probs_numpy_float64_and_jax_float32(rng):
+  # One formula for host-side reports (NumPy in, float64 out) and traced code (JAX in, JAX out).
+  lp, lq = _np_logsoftmax(rng.normal(size=(2, 5))), _np_logsoftmax(rng.normal(size=(2, 5)))
+  expected = np.array([sum(np.exp(a) * (a - b) for a, b in zip(x, y)) for x, y in zip(lp, lq)])
+  host = kljax.estimators.kl_from_log_probs(lp, lq)
+  assert isinstance(host, np.ndarray) and host.dtype == np.float64
+  np.testing.assert_allclose(host, expected, rtol=1e-12)
+  traced = jax.jit(kljax.estimators.kl_from_log_probs)(jnp.asarray(lp, jnp.float32),
+                                                        jnp.asarray(lq, jnp.float32))
+  assert traced.dtype == jnp.float32
+  np.testing.assert_allclose(traced, expected, rtol=1e-5)

@@ -7,6 +7,7 @@ with per-outcome coefficient c_y, sampled from s with per-sample weight w_y, has
 
 import itertools
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -196,10 +197,10 @@ def test_token_level_rtg_equals_sequence_rkl_but_per_token_k2_does_not(ar):
   policy, ref, _ = ar
   rkl = exact.rkl_grad(policy, ref)
   frozen = exact.frozen_prefix_rkl_grad(policy, ref)
-  assert exact.tree_distance(_ar_grad("k1_in_reward_rtg", policy, ref), rkl) < TOL
+  chex.assert_trees_all_close(_ar_grad("k1_in_reward_rtg", policy, ref), rkl, atol=TOL, rtol=0)
   for name in ["k2_as_loss", "k1_in_reward", "k3_value_k2_grad"]:
     g = _ar_grad(name, policy, ref)
-    assert exact.tree_distance(g, frozen) < TOL, name
+    chex.assert_trees_all_close(g, frozen, atol=TOL, rtol=0, custom_message=name)
     assert exact.tree_distance(g, rkl) > 1e-3, name  # the gap is real, not rounding
   assert exact.tree_distance(frozen, rkl) > 1e-3
 
@@ -208,8 +209,10 @@ def test_sequence_level_rows(ar):
   policy, ref, _ = ar
   rkl, fkl = exact.rkl_grad(policy, ref), exact.fkl_grad(policy, ref)
   for name in ["k1_in_reward", "k2_as_loss", "k3_value_k2_grad", "k1_in_reward_rtg"]:
-    assert exact.tree_distance(_ar_grad(name, policy, ref, level="sequence"), rkl) < TOL, name
-  assert exact.tree_distance(_ar_grad("k3_as_loss", policy, ref, level="sequence"), fkl) < TOL
+    chex.assert_trees_all_close(_ar_grad(name, policy, ref, level="sequence"), rkl, atol=TOL,
+                                rtol=0, custom_message=name)
+  chex.assert_trees_all_close(_ar_grad("k3_as_loss", policy, ref, level="sequence"), fkl,
+                              atol=TOL, rtol=0)
   assert exact.tree_norm(_ar_grad("k1_as_loss", policy, ref, level="sequence")) < TOL
 
 
@@ -218,7 +221,8 @@ def test_sequence_level_off_policy(ar):
   rkl = exact.rkl_grad(policy, ref)
   for name in ["k2_as_loss+detached_ratio", "k3_as_loss+ratio", "k1_in_reward",
                "k3_value_k2_grad+detached_ratio"]:
-    assert exact.tree_distance(_ar_grad(name, policy, ref, old=old, level="sequence"), rkl) < TOL
+    chex.assert_trees_all_close(_ar_grad(name, policy, ref, old=old, level="sequence"), rkl,
+                                atol=TOL, rtol=0, custom_message=name)
   assert exact.tree_distance(_ar_grad("k2_as_loss", policy, ref, old=old, level="sequence"),
                              rkl) > 1e-2
 

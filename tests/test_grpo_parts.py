@@ -180,3 +180,15 @@ def test_load_reward_fn():
     rewards.load_reward_fn("kljax.rewards:nope")
   with pytest.raises(ValueError, match="expected a built-in name"):
     rewards.load_reward_fn("exact")
+
+
+def test_leave_one_out_baseline_matches_a_loop(rng):
+  # The one leave-one-out baseline (RLOO, the bandit, the tabular study): r_i − mean of the others.
+  from kljax.advantages import leave_one_out
+
+  r = rng.normal(size=(3, 5))
+  loop = np.array([[r[p, i] - np.mean(np.delete(r[p], i)) for i in range(5)] for p in range(3)])
+  np.testing.assert_allclose(leave_one_out(r), loop, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(leave_one_out(r.T, axis=0), loop.T, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="rewards needs >= 2 entries along axis -1"):
+    leave_one_out(np.ones((4, 1)))

@@ -1,9 +1,11 @@
 """KL terms element by element against NumPy: coefficients, surrogate gradients, corrections, names."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
 import kljax
 
@@ -30,31 +32,6 @@ def pair(rng):
   return logp, ref, ref.astype(np.float64) - logp
 
 
-@pytest.mark.parametrize("name", sorted(NP_COEFFICIENT))
-def test_coefficient_matches_table(name, pair):
-  logp, ref, d = pair
-  term = kljax.kl_term(name)
-  np.testing.assert_allclose(term.coefficient(logp, ref), NP_COEFFICIENT[name](d), rtol=2e-5, atol=2e-6)
-
-
-@pytest.mark.parametrize("name", sorted(NP_COEFFICIENT))
-def test_on_policy_surrogate_gradient_is_coefficient(name, pair):
-  # Per element, ∂ surrogate/∂logp = c on-policy: "every variant is coefficient × score".
-  logp, ref, d = pair
-  term = kljax.kl_term(name)
-  g = jax.grad(lambda lp: term.surrogate(lp, ref).sum())(jnp.asarray(logp))
-  np.testing.assert_allclose(g, NP_COEFFICIENT[name](d), rtol=2e-5, atol=2e-6)
-
-
-@pytest.mark.parametrize("name", sorted(NP_COEFFICIENT))
-def test_value_is_the_named_estimate(name, pair):
-  logp, ref, d = pair
-  estimator = name.split("_")[0]  # the value of "k3_value_k2_grad" is k3
-  np.testing.assert_allclose(
-      kljax.kl_term(name).value(logp, ref), NP_VALUE[estimator](d), rtol=2e-5, atol=2e-6
-  )
-
-
 def test_straight_through_forward_value_and_gradient(pair):
   logp, ref, d = pair
   term = kljax.straight_through(value=kljax.k3, grad=kljax.k2)
@@ -67,37 +44,60 @@ def _np_rho(logp, old):
   return np.exp(np.asarray(logp, np.float64) - old)
 
 
-def test_off_policy_corrections_elementwise(rng, pair):
-  logp, ref, d = pair
-  old = (logp + rng.normal(0.0, 0.3, logp.shape)).astype(np.float32)
-  rho = _np_rho(logp, old)
-  k2 = 0.5 * d**2
-  grad = lambda term: jax.grad(lambda lp: term.surrogate(lp, ref, old).sum())(jnp.asarray(logp))
-  # sg(ρ)·k2: gradient ρ·(logp − ref).
-  np.testing.assert_allclose(grad(kljax.kl_term("k2_as_loss+detached_ratio")), rho * -d, rtol=1e-4)
-  # ρ·k2 with ρ live: gradient ρ·k2 + ρ·(logp − ref).
-  np.testing.assert_allclose(grad(kljax.kl_term("k2_as_loss+ratio")), rho * (k2 - d), rtol=1e-4)
-  # no correction: plain ∂k2/∂logp.
-  np.testing.assert_allclose(grad(kljax.kl_term("k2_as_loss")), -d, rtol=1e-4, atol=1e-6)
-  # in reward: sg(k1)·ρ, gradient k1·ρ.
-  np.testing.assert_allclose(grad(kljax.kl_term("k1_in_reward")), -d * rho, rtol=1e-4)
+class KLTermVariantsTest(chex.TestCase):
+  """The table's terms element by element, under jax.jit and without it (chex variants)."""
 
+  def setUp(self):
+    super().setUp()
+    rng = np.random.default_rng(0)
+    self.logp = rng.normal(-2.0, 1.0, (3, 5)).astype(np.float32)
+    self.ref = (self.logp + rng.normal(0.0, 0.7, (3, 5))).astype(np.float32)
+    self.d = self.ref.astype(np.float64) - self.logp
+    self.old = (self.logp + rng.normal(0.0, 0.3, self.logp.shape)).astype(np.float32)
 
-@pytest.mark.parametrize("eps", [(0.2, 0.2), (0.1, 0.3)])
-def test_clipped_head_matches_ppo_formula(eps):
-  lo, hi = eps
-  term = kljax.kl_term("k2_as_loss+clipped", clip_eps_low=lo, clip_eps_high=hi)
-  logp = np.log(np.array([0.5, 0.5, 0.5, 0.5, 0.5, 0.5], np.float32))
-  # ratios 0.5, 1.0, 1.5 with coefficient c = logp − ref of either sign
-  old = np.log(np.array([1.0, 0.5, 1 / 3, 1.0, 0.5, 1 / 3], np.float32))
-  ref = logp - np.array([1.0, 1.0, 1.0, -1.0, -1.0, -1.0], np.float32)
-  rho = _np_rho(logp, old)
-  c = logp.astype(np.float64) - ref
-  loss_np = np.maximum(rho * c, np.clip(rho, 1 - lo, 1 + hi) * c)
-  active = rho * c >= np.clip(rho, 1 - lo, 1 + hi) * c  # gradient flows through the unclipped arm
-  np.testing.assert_allclose(term.surrogate(logp, ref, old), loss_np, rtol=1e-5)
-  g = jax.grad(lambda lp: term.surrogate(lp, ref, old).sum())(jnp.asarray(logp))
-  np.testing.assert_allclose(g, np.where(active, rho * c, 0.0), rtol=1e-5, atol=1e-7)
+  def _grad(self, term, old=None):
+    g = self.variant(jax.grad(lambda lp, ref, o: term.surrogate(lp, ref, o).sum()))
+    return g(jnp.asarray(self.logp), self.ref, old)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(*sorted(NP_COEFFICIENT))
+  def test_coefficient_matches_table(self, name):
+    term = kljax.kl_term(name)
+    np.testing.assert_allclose(self.variant(term.coefficient)(self.logp, self.ref),
+                               NP_COEFFICIENT[name](self.d), rtol=2e-5, atol=2e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(*sorted(NP_COEFFICIENT))
+  def test_on_policy_surrogate_gradient_is_coefficient(self, name):
+    # Per element, ∂ surrogate/∂logp = c on-policy: "every variant is coefficient × score".
+    np.testing.assert_allclose(self._grad(kljax.kl_term(name)), NP_COEFFICIENT[name](self.d),
+                               rtol=2e-5, atol=2e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(*sorted(NP_COEFFICIENT))
+  def test_value_is_the_named_estimate(self, name):
+    estimator = name.split("_")[0]  # the value of "k3_value_k2_grad" is k3
+    np.testing.assert_allclose(self.variant(kljax.kl_term(name).value)(self.logp, self.ref),
+                               NP_VALUE[estimator](self.d), rtol=2e-5, atol=2e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_off_policy_corrections_elementwise(self):
+    d, old = self.d, self.old
+    rho = _np_rho(self.logp, old)
+    k2 = 0.5 * d**2
+    grad = lambda name: self._grad(kljax.kl_term(name), old)
+    # sg(ρ)·k2: gradient ρ·(logp − ref).
+    np.testing.assert_allclose(grad("k2_as_loss+detached_ratio"), rho * -d, rtol=1e-4)
+    # ρ·k2 with ρ live: gradient ρ·k2 + ρ·(logp − ref).
+    np.testing.assert_allclose(grad("k2_as_loss+ratio"), rho * (k2 - d), rtol=1e-4)
+    # no correction: plain ∂k2/∂logp.
+    np.testing.assert_allclose(grad("k2_as_loss"), -d, rtol=1e-4, atol=1e-6)
+    # in reward: sg(k1)·ρ, gradient k1·ρ.
+    np.testing.assert_allclose(grad("k1_in_reward"), -d * rho, rtol=1e-4)
+    # verl's value-clamped k3, off-policy: as loss it ignores π_old (inside the clamp, 1 − δ).
+    np.testing.assert_allclose(grad("k3_as_loss+value_clamp"),
+                               np.where(np.expm1(d) - d < 10.0, -np.expm1(d), 0.0), rtol=1e-4,
+                               atol=1e-6)
 
 
 def test_reward_to_go_matches_loop(rng):
@@ -167,8 +167,11 @@ NP_DERIVATIVE = {"k1": lambda d: np.ones_like(d), "k2": lambda d: -d, "k3": lamb
 
 def _np_coefficient(name, d):
   """Hand rule: in reward c = k (reward-to-go: Σ_{s≥t}); as loss c = ∂k_grad/∂logp, and a live
-  ratio adds the value k_value (product rule, since ∇ρ = ∇logp on-policy)."""
+  ratio adds the value k_value (product rule, since ∇ρ = ∇logp on-policy); verl's value clamp
+  (k3 clipped to [−10, 10]) zeroes c where k3 > 10."""
   base, _, correction = name.partition("+")
+  if correction == "value_clamp":
+    return np.where(NP_VALUE["k3"](d) < 10.0, NP_DERIVATIVE["k3"](d), 0.0)
   if "_in_reward" in base:
     c = NP_VALUE[base[:2]](d)
     return np.flip(np.cumsum(np.flip(c, -1), -1), -1) if base.endswith("_rtg") else c

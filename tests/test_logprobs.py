@@ -1,5 +1,6 @@
 """Chunked log-probs, entropy and exact KL equal the naive computation, values and gradients."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,8 +41,7 @@ def test_chunked_equals_naive_values_and_gradients(data, chunk):
   kw = dict(ref_hidden_btd=data["rh"], ref_unembed_dv=data["rw"])
   chunked = logprobs.token_stats(data["h"], data["w"], data["y"], chunk_size=chunk, **kw)
   naive = logprobs.naive_token_stats(data["h"], data["w"], data["y"], **kw)
-  for a, b in zip(chunked, naive):
-    np.testing.assert_allclose(a, b, atol=1e-5)
+  chex.assert_trees_all_close(chunked, naive, atol=1e-5, rtol=1e-7)
 
   weights = (1.0, 0.3, 0.7, -0.2)  # a cotangent on every output
 
@@ -52,8 +52,7 @@ def test_chunked_equals_naive_values_and_gradients(data, chunk):
       h, w, data["y"], chunk_size=chunk, **kw)), argnums=(0, 1))(data["h"], data["w"])
   g_naive = jax.grad(scalar(lambda h, w: logprobs.naive_token_stats(h, w, data["y"], **kw)),
                      argnums=(0, 1))(data["h"], data["w"])
-  for a, b in zip(g_chunked, g_naive):
-    np.testing.assert_allclose(a, b, atol=1e-5)
+  chex.assert_trees_all_close(g_chunked, g_naive, atol=1e-5, rtol=1e-7)
 
 
 def test_bfloat16_hidden_states_give_float32_stats(data):
@@ -97,5 +96,4 @@ def test_gradients_without_a_reference(data):
                        argnums=(0, 1))(data["h"], data["w"])
   g_naive = jax.grad(scalar(lambda h, w: logprobs.naive_token_stats(h, w, data["y"])),
                      argnums=(0, 1))(data["h"], data["w"])
-  for a, b in zip(g_chunked, g_naive):
-    np.testing.assert_allclose(a, b, atol=1e-5)
+  chex.assert_trees_all_close(g_chunked, g_naive, atol=1e-5, rtol=1e-7)

@@ -116,6 +116,42 @@ def attention(q, k, v, allowed_bts, dtype):
   return out.reshape(b, t, h, hd)
 
 
+# ---- How a layer's keys and values reach attention: one writer per cache layout ----
+
+
+def _uncached(k, v):
+  """No cache: attend to this step's own keys and values."""
+  return k, v, None
+
+
+def _buffer_writer(k_buf, v_buf, index, dtype):
+  """One layer's own [B, S, K, Hd] buffers: write this step's keys/values at slot `index`, attend
+  to every slot."""
+
+  def write(k, v):
+    at = (0, index, 0, 0)
+    k_new = jax.lax.dynamic_update_slice(k_buf, k.astype(k_buf.dtype), at)
+    v_new = jax.lax.dynamic_update_slice(v_buf, v.astype(v_buf.dtype), at)
+    return k_new.astype(dtype), v_new.astype(dtype), (k_new, v_new)
+
+  return write
+
+
+def _stacked_writer(k_all, v_all, layer, index, dtype):
+  """Layer `layer` of the whole [L, B, S, K, Hd] cache, written in place in the layer loop's carry
+  (no per-step copy of the cache)."""
+
+  def write(k, v):
+    at = (layer, 0, index, 0, 0)
+    k_new = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
+    v_new = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
+    k_l = jax.lax.dynamic_index_in_dim(k_new, layer, 0, keepdims=False).astype(dtype)
+    v_l = jax.lax.dynamic_index_in_dim(v_new, layer, 0, keepdims=False).astype(dtype)
+    return k_l, v_l, (k_new, v_new)
+
+  return write
+
+
 class Decoder(nnx.Module):
   """`model(tokens_bt)` → float32 logits [B, T, V]; see `__call__` for padding and the cache."""
 
@@ -161,7 +197,10 @@ class Decoder(nnx.Module):
       names += ["bq", "bk", "bv"]
     return {n: getattr(self, n)[...] for n in names}
 
-  def _block(self, x, p, positions_bt, allowed_bts, inv_freq, cache_kv, cache_index):
+  def _block(self, x, p, positions_bt, allowed_bts, inv_freq, kv):
+    """One decoder layer. `kv(k, v) -> (keys, values, cache_out)` gives attention this step's keys
+    and values (`_uncached`) or writes them into a cache and returns its slots (`_buffer_writer`,
+    `_stacked_writer`), so attention is written once for every cache layout."""
     c = self.config
     dt = c.jnp_dtype
     h = rms_norm(x, p["attn_norm"], c.rms_eps)
@@ -171,23 +210,7 @@ class Decoder(nnx.Module):
     if c.qkv_bias:
       q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
     q, k = apply_rope(q, positions_bt, inv_freq), apply_rope(k, positions_bt, inv_freq)
-    if cache_kv is not None and cache_kv[2] is None:  # this layer's own [B, S, K, Hd] buffers
-      k_buf, v_buf, _ = cache_kv
-      at = (0, cache_index, 0, 0)
-      k_buf = jax.lax.dynamic_update_slice(k_buf, k.astype(k_buf.dtype), at)
-      v_buf = jax.lax.dynamic_update_slice(v_buf, v.astype(v_buf.dtype), at)
-      k, v = k_buf.astype(dt), v_buf.astype(dt)
-      cache_kv = (k_buf, v_buf, None)
-    elif cache_kv is not None:
-      # The whole [L, B, S, K, Hd] cache rides in the layer loop's carry and this layer's slot is
-      # written in place: no per-step copy of the cache.
-      k_all, v_all, layer = cache_kv
-      at = (layer, 0, cache_index, 0, 0)
-      k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
-      v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
-      k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dt)
-      v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
-      cache_kv = (k_all, v_all, layer)
+    k, v, cache_out = kv(k, v)
     attn = attention(q, k, v, allowed_bts, dt)
     b, t = attn.shape[:2]
     x = x + dense(attn.reshape(b, t, -1), p["wo"].astype(dt).reshape(-1, c.d_model))
@@ -195,7 +218,7 @@ class Decoder(nnx.Module):
     gate = dense(h, p["w_gate"].astype(dt))
     up = dense(h, p["w_up"].astype(dt))
     x = x + dense(jax.nn.silu(gate) * up, p["w_down"].astype(dt))
-    return x, cache_kv
+    return x, cache_out
 
   def split_layer_params(self) -> list[dict[str, jax.Array]]:
     """Per-layer weights sliced out of the stacked parameters, one dict a layer."""
@@ -244,41 +267,46 @@ class Decoder(nnx.Module):
     positions_bt = jnp.asarray(positions_bt, jnp.int32)
     inv_freq = rope_frequencies(c)
     x = jnp.take(self.embed[...], tokens, axis=0).astype(c.jnp_dtype)
-    params = self._layer_params()
-
-    unroll = 1 if c.scan_layers else True
     if cache is None:
-      def body(x, p):
-        x = sharding.constrain_batch(x)
-        return self._block(x, p, positions_bt, allowed, inv_freq, None, None)[0], None
-
-      if c.remat:
-        body = jax.checkpoint(body, prevent_cse=False)
-      x, _ = jax.lax.scan(body, x, params, unroll=unroll)
+      x, _ = self._scanned_layers(x, positions_bt, allowed, inv_freq, None, None)
       return rms_norm(x, self.final_norm[...], c.rms_eps), None
+    if isinstance(cache.k, tuple):  # unrolled layers, one buffer each (`init_cache`)
+      x, (k, v) = self._unrolled_cached_layers(x, layers, positions_bt, allowed, inv_freq,
+                                                (cache.k, cache.v), index)
+    else:
+      x, (k, v) = self._scanned_layers(x, positions_bt, allowed, inv_freq, (cache.k, cache.v),
+                                       index)
+    x = rms_norm(x, self.final_norm[...], c.rms_eps)
+    return x, KVCache(k, v, valid, index + t)
 
-    if isinstance(cache.k, tuple):  # unrolled layers, one cache buffer each: no slicing copies
-      ks, vs = list(cache.k), list(cache.v)
-      layers = self.split_layer_params() if layers is None else layers
-      for i in range(c.num_layers):
-        x = sharding.constrain_batch(x)
-        x, (ks[i], vs[i], _) = self._block(x, layers[i], positions_bt, allowed, inv_freq,
-                                           (ks[i], vs[i], None), index)
-      x = rms_norm(x, self.final_norm[...], c.rms_eps)
-      return x, KVCache(tuple(ks), tuple(vs), valid, index + t)
+  def _scanned_layers(self, x, positions_bt, allowed, inv_freq, kv_all, index):
+    """The stacked layers under `jax.lax.scan` (`unroll=True` when not `scan_layers`), without a
+    cache (`kv_all=None`) or with the whole [L, B, S, K, Hd] cache riding in the carry."""
+    c = self.config
 
-    def cached_body(carry, layer):
-      x, k_all, v_all = carry
+    def body(carry, layer):
+      x, kv_all = carry
       p, i = layer
       x = sharding.constrain_batch(x)
-      x, (k_all, v_all, _) = self._block(x, p, positions_bt, allowed, inv_freq, (k_all, v_all, i),
-                                         index)
-      return (x, k_all, v_all), None
+      kv = _uncached if kv_all is None else _stacked_writer(*kv_all, i, index, c.jnp_dtype)
+      return self._block(x, p, positions_bt, allowed, inv_freq, kv), None
 
-    (x, k_all, v_all), _ = jax.lax.scan(cached_body, (x, cache.k, cache.v),
-                                        (params, jnp.arange(c.num_layers)), unroll=unroll)
-    x = rms_norm(x, self.final_norm[...], c.rms_eps)
-    return x, KVCache(k_all, v_all, valid, index + t)
+    if c.remat and kv_all is None:
+      body = jax.checkpoint(body, prevent_cse=False)
+    (x, kv_all), _ = jax.lax.scan(body, (x, kv_all),
+                                  (self._layer_params(), jnp.arange(c.num_layers)),
+                                  unroll=1 if c.scan_layers else True)
+    return x, kv_all
+
+  def _unrolled_cached_layers(self, x, layers, positions_bt, allowed, inv_freq, kv, index):
+    """Unrolled layers, each with its own [B, S, K, Hd] cache buffers (no slicing copies)."""
+    ks, vs = list(kv[0]), list(kv[1])
+    layers = self.split_layer_params() if layers is None else layers
+    for i in range(self.config.num_layers):
+      x = sharding.constrain_batch(x)
+      x, (ks[i], vs[i]) = self._block(x, layers[i], positions_bt, allowed, inv_freq,
+                                      _buffer_writer(ks[i], vs[i], index, self.config.jnp_dtype))
+    return x, (tuple(ks), tuple(vs))
 
   def __call__(
       self,

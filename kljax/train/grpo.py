@@ -35,7 +35,7 @@ from kljax import advantages as adv_lib
 from kljax import beta as beta_lib
 from kljax import data as data_lib
 from kljax import estimators as est
-from kljax import logprobs, losses, models, paths, rewards, sharding, text
+from kljax import logprobs, losses, models, offpolicy, paths, rewards, sharding, text
 from kljax.kl import KLTerm, kl_term, kl_term_names
 from kljax.sampling import sample
 from kljax.train import multihost, runlock, sft
@@ -54,6 +54,7 @@ from kljax.train.metrics import MetricsWriter
 #                  sequence's KL; the effective β is β/σ'_g, so it changes from group to group and
 #                  grows as the group's rewards agree.
 REWARD_STAGES = ("after_norm", "before_norm")
+ROLLOUT_DTYPES = ("float32", "bfloat16")
 
 
 def tokens_hash(tokens: np.ndarray) -> float:
@@ -72,14 +73,16 @@ class ConfigError(ValueError):
 
 def validate(config: ml_collections.ConfigDict, workdir: str | None = None) -> None:
   """Every check that needs no compilation: names, ranges, divisibility, the mesh, the reward
-  functions' import paths, and that every path's scheme (gs://…) can be reached here (its package
+  functions' import paths, wandb when `metrics.wandb` asks for it, and that every path's scheme (gs://…) can be reached here (its package
   is installed). With `workdir`, also the paths a run on this machine reads and writes
   (`_check_paths`), so that none fails after the warm start."""
   _check_schemes(config, workdir)
   _check_names(config)
+  _check_rollout_policy(config)
   _check_sizes(config)
   _check_reward_fns(config)
   _check_reward_fits_dataset(config)
+  _check_wandb(config)
   if workdir is not None:
     _check_paths(config, workdir)
 
@@ -100,8 +103,8 @@ def _check_names(config: ml_collections.ConfigDict) -> None:
   if config.kl.get("reward_stage", "after_norm") not in REWARD_STAGES:
     _bad("kl.reward_stage", f"must be one of {', '.join(REWARD_STAGES)}, got "
          f"{config.kl.reward_stage!r}.")
-  if config.kl.controller not in ("constant", "linear_warmup", "adaptive"):
-    _bad("kl.controller", f"must be 'constant', 'linear_warmup' or 'adaptive', got "
+  if config.kl.controller not in beta_lib.CONTROLLERS:
+    _bad("kl.controller", f"must be one of {', '.join(map(repr, beta_lib.CONTROLLERS))}, got "
          f"{config.kl.controller!r}.")
   if config.advantage.estimator not in adv_lib.ADVANTAGES:
     _bad("advantage.estimator", f"must be one of {', '.join(adv_lib.ADVANTAGES)}, got "
@@ -109,6 +112,27 @@ def _check_names(config: ml_collections.ConfigDict) -> None:
   if config.loss.aggregation not in losses.AGGREGATIONS:
     _bad("loss.aggregation", f"must be one of {', '.join(losses.AGGREGATIONS)}, got "
          f"{config.loss.aggregation!r}.")
+
+
+def _check_rollout_policy(config: ml_collections.ConfigDict) -> None:
+  """rollout.staleness, rollout.dtype, rollout.correction, rollout.correction_cap, correct_kl."""
+  r = config.rollout
+  k = r.get("staleness", 0)
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+    _bad("rollout.staleness", f"must be an integer >= 0 (how many steps the sampler's parameters "
+         f"lag the trainer's), got {k!r}.")
+  if r.get("dtype", "float32") not in ROLLOUT_DTYPES:
+    _bad("rollout.dtype", f"must be one of {', '.join(ROLLOUT_DTYPES)}, got {r.dtype!r}.")
+  if r.get("correction", "none") not in offpolicy.CORRECTIONS:
+    _bad("rollout.correction", f"must be one of {', '.join(offpolicy.CORRECTIONS)}, got "
+         f"{r.correction!r}.")
+  cap = r.get("correction_cap", 2.0)
+  if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 1:
+    _bad("rollout.correction_cap", f"must be a number > 1 (the ratio bound C), got {cap!r}.")
+  if (not r.get("correct_kl", True) and config.kl.term != "none"
+      and kl_term(config.kl.term).placement == "reward"):
+    _bad("rollout.correct_kl", f"False applies to loss-placed KL terms only; {config.kl.term} "
+         f"rides in the advantage, which the correction weighs with the policy gradient.")
 
 
 def _check_sizes(config: ml_collections.ConfigDict) -> None:
@@ -203,6 +227,30 @@ def _check_reward_fns(config) -> None:
       float(w)
     except ValueError:
       raise ConfigError(f"--config.reward.weights: {w.strip()!r} is not a number.") from None
+
+
+def _check_wandb(config) -> None:
+  """With `metrics.wandb`: the wandb package is installed and `metrics.wandb_mode` is known."""
+  if not config.metrics.get("wandb", False):
+    return
+  from kljax.train import metrics
+
+  mode = config.metrics.get("wandb_mode", "offline")
+  if mode not in metrics.WANDB_MODES:
+    raise ConfigError(f"--config.metrics.wandb_mode: must be one of "
+                      f"{', '.join(metrics.WANDB_MODES)}, got {mode!r}.")
+  try:
+    metrics.require_wandb()
+  except ValueError as err:
+    raise ConfigError(f"--config.metrics.wandb: {err}") from None
+
+
+def _wandb_options(config) -> dict:
+  """MetricsWriter's W&B arguments: none unless `metrics.wandb`."""
+  if not config.metrics.get("wandb", False):
+    return {}
+  return {"wandb_project": config.metrics.get("wandb_project", "kljax"),
+          "wandb_mode": config.metrics.get("wandb_mode", "offline"), "run_config": config.to_dict()}
 
 
 def _run_paths(config, workdir) -> list[tuple[str, str]]:
@@ -308,6 +356,7 @@ class Setup:
   term: KLTerm | None
   reward_fns: list
   reward_weights: list[float]
+  correction: Any = None  # kljax.offpolicy weights fn of rollout.correction; None for "none"
 
 
 class TrainState(NamedTuple):
@@ -316,6 +365,9 @@ class TrainState(NamedTuple):
   opt_state: Any
   beta: beta_lib.BetaState
   step: jax.Array
+  # rollout.staleness = k: the parameters of steps s−k, …, s−1 (the sampler uses the first), so a
+  # checkpoint restores the sampler's lag exactly; () when k = 0.
+  stale_params: Any = ()
 
 
 def make_tokenizer(config) -> text.Tokenizer:
@@ -345,8 +397,10 @@ def build(config: ml_collections.ConfigDict, init_model: nnx.Module | None = Non
   fns = [rewards.load_reward_fn(s.strip()) for s in config.reward.fns.split(",")]
   weights = [float(w) for w in str(config.reward.weights).split(",")]
   state = TrainState(params, params, replicate(optimizer.init(params), mesh),
-                     replicate(beta.init(), mesh), replicate(jnp.zeros((), jnp.int32), mesh))
-  return Setup(config, tokenizer, source, graphdef, mesh, optimizer, beta, term, fns, weights), state
+                     replicate(beta.init(), mesh), replicate(jnp.zeros((), jnp.int32), mesh),
+                     (params,) * config.rollout.get("staleness", 0))  # steps < k sample with θ_0
+  return Setup(config, tokenizer, source, graphdef, mesh, optimizer, beta, term, fns, weights,
+               make_correction(config)), state
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -361,15 +415,32 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
                   weight_decay=config.optim.weight_decay))
 
 
+def make_correction(config: ml_collections.ConfigDict):
+  """The μ → π_old weights of `rollout.correction` (None for "none")."""
+  name = config.rollout.get("correction", "none")
+  if name == "none":
+    return None
+  return offpolicy.sampler_correction(name, cap=config.rollout.get("correction_cap", 2.0))
+
+
+def sampler_model(setup: Setup, params) -> nnx.Module:
+  """The rollout policy μ: `params` as the trainer's model ("float32": unchanged, in the model's
+  own dtypes), or rounded to bfloat16 with activations and matmuls in bfloat16 ("bfloat16")."""
+  dtype = setup.config.rollout.get("dtype", "float32")
+  if dtype == "float32":
+    return nnx.merge(setup.graphdef, params)
+  cast = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                      params)
+  model = nnx.merge(setup.graphdef, cast)
+  model.config = model.config.replace(dtype=dtype, param_dtype=dtype)
+  return model
+
+
 def make_beta(config: ml_collections.ConfigDict) -> beta_lib.BetaController:
-  """The β controller of `kl.controller`."""
-  if config.kl.controller == "adaptive":
-    return beta_lib.adaptive_beta(max(config.kl.beta, 1e-8), target_kl=config.kl.target_kl,
-                                  horizon=config.kl.horizon)
-  if config.kl.controller == "linear_warmup":  # an optax schedule over optimizer steps
-    return beta_lib.scheduled_beta(optax.linear_schedule(0.0, config.kl.beta,
-                                                         max(config.kl.warmup_steps, 1)))
-  return beta_lib.constant_beta(config.kl.beta)
+  """The β controller of `kl.controller` (`kljax.beta.CONTROLLERS`)."""
+  return beta_lib.controller(config.kl.controller, beta=config.kl.beta,
+                             target_kl=config.kl.target_kl, horizon=config.kl.horizon,
+                             warmup_steps=config.kl.warmup_steps)
 
 
 def make_term(config: ml_collections.ConfigDict) -> KLTerm | None:
@@ -467,7 +538,7 @@ def _kl_grad_zeroed_fraction(term: KLTerm, logp, ref_logp, old, mask) -> jax.Arr
 def make_loss_fn(term: KLTerm | None, *, graphdef, prompt_len: int, clip_eps_low: float,
                  clip_eps_high: float, dual_clip: float | None, aggregation: str,
                  chunk_size: int, exact_kl: bool, on_policy: bool, with_ref: bool,
-                 reward_stage: str = "after_norm"):
+                 reward_stage: str = "after_norm", correction=None, correct_kl: bool = True):
   """The minibatch loss `loss_fn(params, ref_params, beta, batch) -> (loss, aux)`:
 
     loss = agg(PPO-clip(logp, old_logp, A)) + β · agg(surrogate(logp, ref_logp, old_logp))
@@ -477,7 +548,11 @@ def make_loss_fn(term: KLTerm | None, *, graphdef, prompt_len: int, clip_eps_low
   (`on_policy`) batches carry neither: the loss runs the reference pass itself, takes
   old_logp = sg(logp) from its own forward pass (ρ ≡ 1, the same gradient) — one policy forward
   per iteration instead of two — subtracts an after-norm in-reward term from the advantages, and
-  returns the per-token statistics for the metrics in aux["tokens"]."""
+  returns the per-token statistics for the metrics in aux["tokens"].
+
+  `correction` (a `kljax.offpolicy` weights fn; the batch then carries `sampler_logp`, log μ):
+  every per-token loss, the PPO-clip one and (with `correct_kl`) the KL term's, is multiplied by
+  the detached weight w(π_old/μ) before `agg`, for rollouts sampled by μ ≠ π_old."""
   kl_in_loss = term is not None and term.placement == "loss"
   shape_advantages = (on_policy and term is not None and term.placement == "reward"
                       and reward_stage == "after_norm")
@@ -507,9 +582,11 @@ def make_loss_fn(term: KLTerm | None, *, graphdef, prompt_len: int, clip_eps_low
     pg = losses.ppo_clip_loss(logp, old, advantages, mask, clip_eps_low=clip_eps_low,
                               clip_eps_high=clip_eps_high, dual_clip=dual_clip)
     agg = functools.partial(losses.aggregate, mask_bt=mask, mode=aggregation)
-    loss = agg(pg.loss_bt)
+    w = 1.0 if correction is None else correction(old, batch["sampler_logp"], mask).weights_bt
+    loss = agg(w * pg.loss_bt)
     if kl_in_loss:
-      loss = loss + beta * agg(term.surrogate(logp, ref_logp, old, mask=mask))
+      loss = loss + beta * agg((w if correct_kl else 1.0)
+                               * term.surrogate(logp, ref_logp, old, mask=mask))
     n = jnp.maximum(jnp.sum(mask), 1)
     aux = {"clip_fraction": jnp.sum(pg.clipped_bt) / n, "ppo_kl": jnp.sum(pg.ppo_kl_bt) / n}
     if kl_in_loss:
@@ -555,7 +632,8 @@ def compile_fns(setup: Setup) -> dict:
       clip_eps_low=c.loss.clip_eps_low, clip_eps_high=c.loss.clip_eps_high,
       dual_clip=c.loss.dual_clip, aggregation=c.loss.aggregation, chunk_size=c.loss.chunk_size,
       exact_kl=c.metrics.exact_kl, on_policy=on_policy, with_ref=with_ref,
-      reward_stage=c.kl.get("reward_stage", "after_norm"))
+      reward_stage=c.kl.get("reward_stage", "after_norm"), correction=setup.correction,
+      correct_kl=c.rollout.get("correct_kl", True))
   # No buffer donation: the policy and the reference share arrays until the first update.
   return {"stats": stats, "update": jax.jit(functools.partial(update, loss_fn, setup.optimizer))}
 
@@ -628,8 +706,8 @@ def _prompts(setup: Setup, step: int):
 
 
 def rollout(setup: Setup, params, step: int) -> Rollout:
-  """`group_size` completions of each of the step's prompts, sampled from the policy with the
-  key fold_in(fold_in(seed, step), 0)."""
+  """`group_size` completions of each of the step's prompts, sampled by `params` in
+  `rollout.dtype` (`sampler_model`) with the key fold_in(fold_in(seed, step), 0)."""
   c = setup.config
   examples, unique, unique_mask = _prompts(setup, step)
   g = c.rollout.group_size
@@ -643,7 +721,7 @@ def rollout(setup: Setup, params, step: int) -> Rollout:
   except ValueError:
     rows, n = (prompt, prompt_mask), 1
   placed = [to_devices(x, sharding.batch_sharding(setup.mesh)) for x in rows]
-  policy = nnx.merge(setup.graphdef, params)
+  policy = sampler_model(setup, params)
   out = sample(policy, *placed, jax.random.fold_in(key, 0), max_new_tokens=c.rollout.max_new_tokens,
                eos_id=setup.tokenizer.eos_id, pad_id=setup.tokenizer.pad_id,
                temperature=c.rollout.temperature, top_k=c.rollout.top_k, top_p=c.rollout.top_p,
@@ -793,6 +871,15 @@ def step_metrics(ro: Rollout, scores: rewards.Scores, group: adv_lib.GroupAdvant
   return metrics
 
 
+def sampler_metrics(setup: Setup, ro: Rollout, old_logp: np.ndarray) -> dict:
+  """Sampler → trainer: the ESS of the ratios π_old/μ (token and sequence level), the fraction
+  the correction truncated or masked, the mean weight (`kljax.offpolicy.diagnostics`); the mean
+  |log μ − log π_old| is `sampler_logprob_gap`."""
+  mu, mask = to_host(ro.sampler_logp), ro.completion_mask
+  weights = (setup.correction or offpolicy.no_correction)(old_logp, mu, mask)
+  return {k: float(v) for k, v in offpolicy.diagnostics(old_logp, mu, mask, weights).items()}
+
+
 def next_state(setup: Setup, state: TrainState, params, opt_state, kl: float) -> TrainState:
   """The state after the step: β updated from the step's k1 estimate `kl` (0 without a
   reference, where β multiplies nothing), the reference reset every `kl.reset_ref_every` steps."""
@@ -804,19 +891,23 @@ def next_state(setup: Setup, state: TrainState, params, opt_state, kl: float) ->
   ref_params = state.ref_params
   if c.kl.reset_ref_every and (step + 1) % c.kl.reset_ref_every == 0:
     ref_params = params
-  return TrainState(params, ref_params, opt_state, beta_state, state.step + 1)
+  stale = (*state.stale_params[1:], state.params) if state.stale_params else ()
+  return TrainState(params, ref_params, opt_state, beta_state, state.step + 1, stale)
 
 
 def train_step(setup: Setup, state: TrainState, fns: dict) -> tuple[TrainState, dict]:
   """Rollout, score, and `epochs × minibatches` updates. Returns the new state and metrics."""
   step, on_policy = int(state.step), is_on_policy(setup.config)
   t0 = time.perf_counter()
-  ro = rollout(setup, state.params, step)
+  # rollout.staleness = k: θ_{step−k} (θ_0 for the first k steps) samples; rollout.dtype: its dtype
+  ro = rollout(setup, state.stale_params[0] if state.stale_params else state.params, step)
   t_rollout = time.perf_counter()  # rollout's to_host waited for the sampler
   scores = score(setup, ro)
   stats = rollout_stats(setup, fns, state, ro)
   group, advantages_bt = advantages(setup, state.beta.beta, scores, stats, ro.completion_mask)
   batch = prepare_batch(ro, advantages_bt, stats, on_policy)
+  if setup.correction is not None:
+    batch["sampler_logp"] = to_host(ro.sampler_logp)  # log μ of the sampled tokens
   t_logprobs = time.perf_counter()
   params, opt_state, auxes = update_epochs(setup, fns["update"], state, batch, step)
   t_update = time.perf_counter()
@@ -824,6 +915,7 @@ def train_step(setup: Setup, state: TrainState, fns: dict) -> tuple[TrainState, 
     stats = {k: to_host(v) for k, v in auxes[0].pop("tokens").items()}
   metrics = step_metrics(ro, scores, group, stats, auxes, state.beta.beta,
                          (t0, t_rollout, t_logprobs, t_update))
+  metrics |= sampler_metrics(setup, ro, stats["logp"])
   kl = metrics["k1"] if uses_reference(setup.config) else 0.0
   return next_state(setup, state, params, opt_state, kl), metrics
 
@@ -849,7 +941,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, init_model=None,
   that verifies, and saves asynchronously. With several processes, process 0 prepares the dataset
   while the others wait. Raises `NonFiniteError` on a non-finite metric and `CheckpointError`
   when no checkpoint verifies or a save fails."""
-  from tqdm.auto import tqdm
+  from kljax.progress import bar as tqdm  # log lines when not on a terminal
 
   validate(config, workdir)
   with contextlib.ExitStack() as stack:
@@ -912,8 +1004,8 @@ def _open_run(stack: contextlib.ExitStack, config, workdir, init_model) -> _Run:
     if restored.rejected:  # the first row after the restore says so
       notes = {"resumed_from_step": float(start),
                "checkpoints_rejected": float(len(restored.rejected))}
-  writer = MetricsWriter(workdir, resume_step=start - 1,
-                         tensorboard=config.metrics.tensorboard) if leader else None
+  writer = MetricsWriter(workdir, resume_step=start - 1, tensorboard=config.metrics.tensorboard,
+                         **_wandb_options(config)) if leader else None
   if writer is not None:
     stack.callback(writer.close)
   return _Run(setup, state, ckpt, writer, start, start if restored is not None else None, notes)

@@ -90,7 +90,7 @@ def train_sft(*, preset: str, dataset: str, data_dir: str, steps: int, batch_siz
   ValueError when a prompt of the dataset is longer than `prompt_len` (its example would keep no
   answer token to supervise), and warns when answers are cut.
   """
-  from tqdm.auto import tqdm
+  from kljax.progress import bar as tqdm  # log lines when not on a terminal
 
   for name, value in (("prompt_len", prompt_len), ("completion_len", completion_len)):
     if value < 1:
