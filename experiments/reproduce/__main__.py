@@ -24,6 +24,19 @@ from ml_collections import config_flags
 
 _CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "configs", "reproduce.py")
+
+
+def quick_argv(argv: list[str]) -> list[str]:
+  """`--quick` selects the quick preset: `--config=…:quick` goes first, so that dotted overrides
+  given anywhere apply to it (an explicit --config still wins)."""
+  if "--quick" in argv[1:] and not any(a.startswith("--config=") or a == "--config"
+                                        for a in argv[1:]):
+    return [argv[0], f"--config={_CONFIG_FILE}:quick", *argv[1:]]
+  return argv
+
+
+if __name__ == "__main__":
+  sys.argv[:] = quick_argv(sys.argv)  # before the config flag is defined: it reads sys.argv
 _CONFIG = config_flags.DEFINE_config_file(
     "config", f"{_CONFIG_FILE}:full", "The reproduction's settings (configs/reproduce.py:quick|full).")
 _QUICK = flags.DEFINE_bool("quick", False,
@@ -35,15 +48,6 @@ _COMPILE_CACHE = flags.DEFINE_string(
     "JAX's persistent compilation cache ('' disables it). The GRPO runs of one setting compile the "
     "same programs: with the cache each is compiled once, not once per run.")
 flags.mark_flag_as_required("workdir")
-
-
-def quick_argv(argv: list[str]) -> list[str]:
-  """`--quick` selects the quick preset: `--config=…:quick` goes first, so that dotted overrides
-  given anywhere apply to it (an explicit --config still wins)."""
-  if "--quick" in argv[1:] and not any(a.startswith("--config=") or a == "--config"
-                                        for a in argv[1:]):
-    return [argv[0], f"--config={_CONFIG_FILE}:quick", *argv[1:]]
-  return argv
 
 
 def main(argv):
@@ -75,4 +79,4 @@ def enable_compile_cache(path: str) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main, argv=quick_argv(sys.argv))
+  app.run(main)
