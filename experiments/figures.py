@@ -12,17 +12,19 @@ import numpy as np
 
 from kljax import paths
 
-# 20 distinct colours: tab20's dark shades, then its light ones.
-_TAB20 = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-          "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94",
-          "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5")
 STYLES = ("-", "--", ":", "-.")
 
 
-def colour(i: int) -> str:
-  if i >= len(_TAB20):
-    raise ValueError(f"a figure has at most {len(_TAB20)} series (distinct colours), got {i + 1}.")
-  return _TAB20[i]
+def colour(i: int):
+  """The i-th of 60 distinct colours: tab20's dark shades, its light ones, then tab20b and tab20c."""
+  import matplotlib
+
+  tab20 = matplotlib.colormaps["tab20"].colors
+  palette = (tab20[0::2] + tab20[1::2] + matplotlib.colormaps["tab20b"].colors
+             + matplotlib.colormaps["tab20c"].colors)
+  if i >= len(palette):
+    raise ValueError(f"a figure has at most {len(palette)} series (distinct colours), got {i + 1}.")
+  return palette[i]
 
 
 def moving_average(values, window: int) -> np.ndarray:
