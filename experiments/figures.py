@@ -8,6 +8,8 @@ title says what to look for. Figures are written whole through `kljax.paths` (lo
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 
 from kljax import paths
@@ -145,11 +147,16 @@ def grpo_curves(runs: dict[str, list[list[dict]]], path, title: str, *, smooth: 
     ax.set_xlabel("GRPO step")
     ax.grid(alpha=0.3)
   _legend(axes[0, 0], fontsize=8)
-  same = identical_series({k: np.concatenate(v) for k, v in means.items()})
-  notes = [smoothing_note(smooth) + (f"; band: ±1 sample std over {seeds} seeds" if seeds > 1
-                                     else "")]
-  notes += [f"{b} lies exactly under {a} (identical runs)" for a, b in same]
-  fig.suptitle(title + "\n" + "; ".join(notes), fontsize=10)
+  same: dict[str, list[str]] = {}
+  for a, b in identical_series({k: np.concatenate(v) for k, v in means.items()}):
+    same.setdefault(a, []).append(b)
+  shortest = min(len(h) for hs in rows.values() for h in hs)
+  notes = [smoothing_note(smooth if shortest >= smooth else 1)
+           + (f"; band: ±1 sample std over {seeds} seeds" if seeds > 1 else "")]
+  notes += [f"{' and '.join(bs)} {'lies' if len(bs) == 1 else 'lie'} exactly under {a} "
+            f"(identical curves)" for a, bs in same.items()]
+  text = textwrap.fill("; ".join(notes), width=int(30 * len(drawn)))
+  fig.suptitle(title + "\n" + text, fontsize=10)
   fig.tight_layout()
   _save(fig, path)
   return drawn

@@ -257,11 +257,11 @@ def run(settings, workdir, *, progress: bool = True) -> dict:
                                          default=float("nan"))}
   figures.grpo_curves(runs["on_policy"], workdir / "grpo_on_policy.png",
                       f"GRPO on-policy, β = {settings.beta} for every KL term, mean over "
-                      f"{settings.seeds} seeds")
+                      f"{settings.seeds} seed(s)")
   figures.grpo_curves(runs["off_policy"], workdir / "grpo_off_policy.png",
                       f"GRPO off-policy ({settings.off_policy_epochs} epochs × "
                       f"{settings.off_policy_minibatches} minibatches a rollout), β = "
-                      f"{settings.beta} for every KL term, mean over {settings.seeds} seeds")
+                      f"{settings.beta} for every KL term, mean over {settings.seeds} seed(s)")
   figures.trajectory_gaps(gaps, workdir / "trajectory_k2_vs_k1_in_reward.png")
 
   results = {
