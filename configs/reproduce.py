@@ -1,5 +1,6 @@
 """The reproduction of Liu et al. (arXiv:2510.01555): `get_config("quick")` is the README's main job
-(about 7 minutes on 2 CPU cores), `get_config("full")` the full comparison.
+(its measured cost is in experiments/results/quick/results.json, `meta.seconds`), `get_config("full")`
+the full comparison.
 
   python -m experiments.reproduce --quick --workdir runs/reproduce
   python -m experiments.reproduce --workdir runs/reproduce_full      # = --config=configs/reproduce.py:full

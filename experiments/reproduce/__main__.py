@@ -1,6 +1,6 @@
 """Reproduce Liu et al. (arXiv:2510.01555): the oracle table, the bandit and GRPO runs.
 
-  python -m experiments.reproduce --quick --workdir runs/reproduce   # about 7 min on 2 CPU cores
+  python -m experiments.reproduce --quick --workdir runs/reproduce   # the README's main job
   python -m experiments.reproduce --workdir runs/reproduce_full      # the full comparison
   python -m experiments.reproduce --quick --workdir DIR --config.seeds=3   # any setting, dotted
 
