@@ -344,3 +344,27 @@ def gradient_noise(seq: dict, path) -> None:
   _legend(ax, fontsize=7)
   fig.tight_layout()
   _save(fig, path)
+
+
+# ---------------------------------------------------------------- the audit
+
+
+def coefficient(report: dict, path) -> None:
+  """c(log δ) of an audit report (`kljax.audit`'s JSON form) against the known coefficients."""
+  plt = _pyplot()
+  c = report["coefficient"]
+  ld = np.asarray(c["grid"])
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  ax.plot(ld, c["values"], color="black", lw=6, alpha=0.3, label=f"{report['name']} (measured)")
+  ax.plot(ld, -ld, "--", color=colour(0), label="log π − log π_ref (follows ∇RKL)")
+  ax.plot(ld, 1 - np.exp(ld), "--", color=colour(1), label="1 − δ (follows ∇FKL)")
+  ax.axhline(0, color=colour(7), ls=":", label="0 (no gradient)")
+  ax.set_ylim(-12, 12)
+  ax.set_xlabel("log δ = log π_ref(y) − log π(y) (nats)")
+  ax.set_ylabel("on-policy coefficient c (gradient = E[c·∇log π])")
+  ax.set_title(f"{report['name']}: c(log δ) {c['identified']}\n(the wide grey measured curve lies "
+               f"on the dashed one whose divergence it follows)", fontsize=9)
+  _legend(ax, fontsize=8)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  _save(fig, path, dpi=120)
