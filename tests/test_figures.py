@@ -50,3 +50,17 @@ def test_identical_runs_are_named_and_colours_are_distinct():
   assert len(set(colours)) == 60
   with pytest.raises(ValueError, match="at most 60 series"):
     figures.colour(60)
+
+
+def test_plot_labels_runs_by_kl_term_and_beta(tmp_path):
+  import json
+
+  from experiments.plot import run_label
+
+  rows = [{"step": 0, "beta": 0.05}]
+  (tmp_path / "a").mkdir()
+  (tmp_path / "a" / "config.json").write_text(json.dumps({"kl": {"term": "k3_as_loss",
+                                                                 "beta": 0.05}}))
+  assert run_label(str(tmp_path / "a"), rows) == "k3_as_loss, β = 0.05"
+  (tmp_path / "b").mkdir()  # no config written: the directory and the β its metrics logged
+  assert run_label(str(tmp_path / "b"), rows) == "b, β = 0.05"

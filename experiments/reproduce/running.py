@@ -240,13 +240,13 @@ def run(settings, workdir, *, progress: bool = True) -> dict:
   figures.sequence_study(seq, workdir / "sequence_study.png")
   figures.gradient_noise(seq, workdir / "gradient_noise.png")
   stress_config = settings_lib.grpo_config(settings, "none", 0, stress=True)
-  window = min(settings.final_window, settings.stress_steps)
+  window = min(settings.final_window, stress_config.num_steps)
   stress = {"summary": study.summarize(runs["stress"], window),
             "stability": stability(runs["stress"], window),
             "description": f"`configs/{settings.stress_config}.py`: {stress_config.data.name} from "
                            f"a {stress_config.sft.steps}-step warm start, learning rate "
                            f"{stress_config.optim.learning_rate:g}, β = {stress_config.kl.beta:g}, "
-                           f"{settings.stress_steps} steps, {settings.stress_seeds} seeds"}
+                           f"{stress_config.num_steps} steps, {settings.stress_seeds} seeds"}
   figures.grpo_curves(runs["stress"], workdir / "grpo_stress.png",
                       f"GRPO stress ({stress['description'].split(': ', 1)[1]}), mean over seeds")
   extra = {"regimes": regimes, "sequence": seq, "stress": stress,

@@ -40,7 +40,7 @@ SEQUENCE = {"vocab": 4, "length": 6, "ref_prob_target": 1e-3, "beta": 0.2, "num_
 
 _POSITIVE = ("seeds", "steps", "off_policy_epochs", "off_policy_minibatches", "final_window",
              "bandit_steps", "sft_steps", "regime_steps", "sequence_seeds", "sequence_steps",
-             "stress_seeds", "stress_steps")
+             "stress_seeds")
 
 
 def load_config(preset: str) -> ml_collections.ConfigDict:
@@ -62,6 +62,9 @@ def validate(settings: ml_collections.ConfigDict) -> None:
   for name in _POSITIVE:
     if not isinstance(settings[name], int) or settings[name] < 1:
       raise ValueError(f"{name} must be >= 1, got {settings[name]}.")
+  if not isinstance(settings.stress_steps, int) or settings.stress_steps < 0:
+    raise ValueError(f"stress_steps must be >= 0 (0: the stress config's own num_steps), got "
+                     f"{settings.stress_steps}.")
   if not (settings.beta > 0 and math.isfinite(settings.beta)):
     raise ValueError(f"beta must be a finite number > 0, got {settings.beta}.")
   if settings.oracle_terms not in ("core", "all"):
@@ -101,10 +104,11 @@ def grpo_config(settings, term: str, seed: int, *, off_policy: bool = False,
   warm start, the term and the seed; `term` may end in "@<reward_stage>".
 
   `stress`: `settings.stress_config` instead (a weak warm start from which correct answers are
-  rare, its own learning rate and β), run for `settings.stress_steps` steps."""
+  rare, its own learning rate, β and number of steps; `settings.stress_steps` > 0 overrides the
+  latter)."""
   if stress:
     c = _grpo_module(settings.stress_config, "stress_config").get_config()
-    c.num_steps = settings.stress_steps
+    c.num_steps = settings.stress_steps or c.num_steps
   else:
     c = _grpo_module(settings.grpo_config, "grpo_config").get_config()
     c.num_steps = settings.steps
