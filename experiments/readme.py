@@ -20,7 +20,7 @@ import numpy as np
 
 from experiments.reproduce import report
 from experiments.reproduce.settings import ALPHA, OFF_POLICY, VERL_K3
-from experiments.reproduce.verdicts import _OPTIMUM, regime_boundary
+from experiments.reproduce.verdicts import OPTIMA, regime_boundary
 from kljax.study import seed_std, welch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,7 +66,7 @@ def _load(directory: str) -> dict:
     return json.load(f)
 
 
-def _ms(values) -> str:
+def mean_std(values) -> str:
   return f"{np.mean(values):.3f} ± {seed_std(values):.3f}"
 
 
@@ -120,7 +120,7 @@ def claims(results: dict) -> str:
   out.append(
       f"1. **k1 as loss gives no regularization: {v['1_k1_as_loss_no_regularization']['verdict']}.**"
       f" Its exact expected gradient has norm {on_tok['k1_as_loss']['grad_norm']:.1e} and the "
-      f"bandit ends nearest the {_OPTIMUM[nearest]}; in GRPO its final KL is "
+      f"bandit ends nearest the {OPTIMA[nearest]}; in GRPO its final KL is "
       f"{_msr(k1, 'exact_rkl')} against {_msr(none, 'exact_rkl')} with no KL "
       f"({_p(k1, none, 'exact_rkl')}) and {_msr(k2, 'exact_rkl')} with k2 as loss; reward "
       f"{k1['reward'] - none['reward']:+.4f} ({_p(k1, none, 'reward')}) and entropy "
@@ -169,9 +169,9 @@ def claims(results: dict) -> str:
            f"   In exact sequences (V = {seq['vocab']}, T = {seq['length']}, π_ref(y*) = "
            f"{seq['ref_prob_target']:.0e}, β = {seq['beta']:g}, "
            f"{len(st['k2_as_loss']['final_rkl_seeds'])} seeds) the final sequence KL(π‖π_ref) is "
-           f"{_ms(st['k2_as_loss']['final_rkl_seeds'])} for per-token k2 as loss, "
-           f"{_ms(st['k3_as_loss']['final_rkl_seeds'])} for k3 as loss and "
-           f"{_ms(st['k1_in_reward_rtg']['final_rkl_seeds'])} for the sequence-exact "
+           f"{mean_std(st['k2_as_loss']['final_rkl_seeds'])} for per-token k2 as loss, "
+           f"{mean_std(st['k3_as_loss']['final_rkl_seeds'])} for k3 as loss and "
+           f"{mean_std(st['k1_in_reward_rtg']['final_rkl_seeds'])} for the sequence-exact "
            f"`k1_in_reward_rtg`; the median noise std/‖E g‖ of the sampled KL gradient is "
            f"{np.median(noise['k3_as_loss']):.3g} for k3 against {np.median(noise['k2_as_loss']):.3g}"
            f" for k2.")

@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from experiments.reproduce.settings import ALPHA, REGIME_PAIRS, REGIME_TERMS
-from experiments.reproduce.verdicts import _OPTIMUM, _ms, regime_boundary
+from experiments.reproduce.verdicts import OPTIMA, mean_std, regime_boundary
 from kljax import paths
 from kljax.study import METRICS, seed_std
 
@@ -21,7 +21,7 @@ def grpo_table(summary: dict) -> str:
   lines = ["| variant | reward | exact KL(π‖π_ref) | exact KL(π_ref‖π) | entropy | reward std "
            "| length std | seeds |", "|---|---|---|---|---|---|---|---|"]
   for v, row in summary.items():
-    lines.append(f"| `{v}` | " + " | ".join(_ms(row, m) for m in METRICS) + f" | {row['seeds']} |")
+    lines.append(f"| `{v}` | " + " | ".join(mean_std(row, m) for m in METRICS) + f" | {row['seeds']} |")
   return "\n".join(lines) + "\n"
 
 
@@ -31,7 +31,7 @@ def bandit_table(bandit_summary: dict) -> str:
   for key, d in bandit_summary.items():
     term, mode = key.split(" @ ")
     lines.append(f"| `{term}` | {mode} | {d['tv_star']:.2e} | {d['tv_fkl']:.2e} | "
-                 f"{d['tv_zero']:.2e} | {_OPTIMUM[d['nearest']]} |")
+                 f"{d['tv_zero']:.2e} | {OPTIMA[d['nearest']]} |")
   return "\n".join(lines) + "\n"
 
 

@@ -13,7 +13,8 @@ import numpy as np
 from experiments.reproduce.settings import ALPHA, NEAREST_TV, OFF_POLICY
 from kljax.study import seed_std, welch
 
-def _ms(row: dict, metric: str) -> str:
+
+def mean_std(row: dict, metric: str) -> str:
   return f"{row[metric]:.4f} ± {row[f'{metric}_seed_std']:.4f}"
 
 
@@ -101,9 +102,9 @@ def verdicts(oracle_rows, bandit_runs: dict, grpo: dict, off: dict, gaps: list[d
                   "partly confirmed" if zero_grad < 1e-6 else "refuted"),
       "evidence": (
           f"Exact expected gradient of k1_as_loss on-policy: norm {zero_grad:.1e}. Bandit: it ends "
-          f"nearest the {_OPTIMUM.get(bandit_k1, bandit_k1)}. GRPO final exact KL(π‖π_ref): "
-          f"k1_as_loss {_ms(k1, 'exact_rkl')}, no KL {_ms(none, 'exact_rkl')}, k2_as_loss "
-          f"{_ms(k2, 'exact_rkl')}: the KL of k1_as_loss "
+          f"nearest the {OPTIMA.get(bandit_k1, bandit_k1)}. GRPO final exact KL(π‖π_ref): "
+          f"k1_as_loss {mean_std(k1, 'exact_rkl')}, no KL {mean_std(none, 'exact_rkl')}, k2_as_loss "
+          f"{mean_std(k2, 'exact_rkl')}: the KL of k1_as_loss "
           f"{'does not differ detectably from' if like_none else 'differs from'} that of no KL "
           f"({_pstr(k1, none, 'exact_rkl')})"
           f"{'' if k2_regularizes else ', but k2_as_loss did not measurably lower the KL either, so this run cannot separate them'}. "
@@ -144,8 +145,8 @@ def verdicts(oracle_rows, bandit_runs: dict, grpo: dict, off: dict, gaps: list[d
           f"Oracle (sequences, per-token terms, on-policy): both follow the frozen-prefix ∇RKL to "
           f"{max(o[(on_seq, 'k2_as_loss')].to_frozen, o[(on_seq, 'k1_in_reward')].to_frozen):.1e} "
           f"(relative). GRPO with identical seeds: {together}. Final exact KL "
-          f"{_ms(k2, 'exact_rkl')} vs {_ms(grpo['k1_in_reward'], 'exact_rkl')}, reward "
-          f"{_ms(k2, 'reward')} vs {_ms(grpo['k1_in_reward'], 'reward')}."
+          f"{mean_std(k2, 'exact_rkl')} vs {mean_std(grpo['k1_in_reward'], 'exact_rkl')}, reward "
+          f"{mean_std(k2, 'reward')} vs {mean_std(grpo['k1_in_reward'], 'reward')}."
       )}
 
   out["3_k3_as_loss_weaker_than_k2"] = _claim3(o, bandit_runs, grpo, extra or {})
@@ -181,8 +182,8 @@ def verdicts(oracle_rows, bandit_runs: dict, grpo: dict, off: dict, gaps: list[d
           f"∇RKL; " + ", ".join(f"{c} {d:.1e}" for c, d in fixed.items()) + ". For sequences with "
           f"per-token ratios the exact ones ({', '.join(seq_fixes) or 'none'}) follow the "
           f"frozen-prefix ∇RKL with prefixes from π_old. GRPO off-policy final exact KL: " +
-          ", ".join(f"{c} {_ms(off[c], 'exact_rkl')} ({_pstr(off[c], off['k2_as_loss'], 'exact_rkl')})"
-                    if c != "k2_as_loss" else f"{c} {_ms(off[c], 'exact_rkl')}"
+          ", ".join(f"{c} {mean_std(off[c], 'exact_rkl')} ({_pstr(off[c], off['k2_as_loss'], 'exact_rkl')})"
+                    if c != "k2_as_loss" else f"{c} {mean_std(off[c], 'exact_rkl')}"
                     for c in OFF_POLICY if c in off) + ". "
           + ("Differences at p < 0.05: " + ", ".join(
               f"{c} ({'higher' if off[c]['exact_rkl'] > off['k2_as_loss']['exact_rkl'] else 'lower'}"
@@ -208,7 +209,7 @@ def _claim3(o, bandit_runs: dict, grpo: dict, extra: dict) -> dict:
       f"({o[(on_tok, 'k3_as_loss')].to_fkl:.1e}) and, for sequences, the frozen-prefix ∇FKL "
       f"({o[(on_seq, 'k3_as_loss')].to_frozen_fkl:.1e}; distance "
       f"{o[(on_seq, 'k3_as_loss')].to_rkl:.2f} from the sequence ∇RKL). Random bandit: it ends "
-      f"nearest the {_OPTIMUM.get(bandit_runs.get('k3_as_loss', {}).get('nearest'), '?')}."]
+      f"nearest the {OPTIMA.get(bandit_runs.get('k3_as_loss', {}).get('nearest'), '?')}."]
   found = {}  # regime -> "weaker" | "closer" | "no difference" (k3 vs k2)
 
   def side(x, y, metric):
@@ -218,8 +219,8 @@ def _claim3(o, bandit_runs: dict, grpo: dict, extra: dict) -> dict:
 
   found["warm-start GRPO (sharpening a covered mode)"] = side(k3, k2, "exact_rkl")
   parts.append(
-      f"Warm-start GRPO (k3_as_loss vs k2_as_loss, final): exact KL {_ms(k3, 'exact_rkl')} vs "
-      f"{_ms(k2, 'exact_rkl')} ({_pstr(k3, k2, 'exact_rkl')}); entropy {k3['entropy']:.4f} vs "
+      f"Warm-start GRPO (k3_as_loss vs k2_as_loss, final): exact KL {mean_std(k3, 'exact_rkl')} vs "
+      f"{mean_std(k2, 'exact_rkl')} ({_pstr(k3, k2, 'exact_rkl')}); entropy {k3['entropy']:.4f} vs "
       f"{k2['entropy']:.4f}; largest log π/π_ref of a sampled completion "
       f"{extra.get('warm_max_seq_log_ratio', float('nan')):.2f} nats.")
   regimes = extra.get("regimes")
@@ -276,9 +277,9 @@ def _claim3(o, bandit_runs: dict, grpo: dict, extra: dict) -> dict:
     found["stressing GRPO (weak warm start)"] = side(a, b, "exact_rkl")
     st = stress["stability"]
     parts.append(
-        f"Stressing GRPO ({stress['description']}): final exact KL k3_as_loss {_ms(a, 'exact_rkl')} "
-        f"vs k2_as_loss {_ms(b, 'exact_rkl')} ({_pstr(a, b, 'exact_rkl')}); reward "
-        f"{_ms(a, 'reward')} vs {_ms(b, 'reward')}; largest per-step exact KL (max over seeds) "
+        f"Stressing GRPO ({stress['description']}): final exact KL k3_as_loss {mean_std(a, 'exact_rkl')} "
+        f"vs k2_as_loss {mean_std(b, 'exact_rkl')} ({_pstr(a, b, 'exact_rkl')}); reward "
+        f"{mean_std(a, 'reward')} vs {mean_std(b, 'reward')}; largest per-step exact KL (max over seeds) "
         f"{st['k3_as_loss']['max_step_rkl']:.3f} vs {st['k2_as_loss']['max_step_rkl']:.3f}; "
         f"grad-norm spikes {st['k3_as_loss']['spikes']} vs {st['k2_as_loss']['spikes']}; collapsed "
         f"seeds {st['k3_as_loss']['collapsed']} vs {st['k2_as_loss']['collapsed']}; largest log "
@@ -299,7 +300,7 @@ def _claim3(o, bandit_runs: dict, grpo: dict, extra: dict) -> dict:
   return {"verdict": verdict, "evidence": " ".join(parts), "regimes": found}
 
 
-_OPTIMUM = {"tv_star": "reverse-KL optimum π*", "tv_fkl": "forward-KL optimum",
+OPTIMA = {"tv_star": "reverse-KL optimum π*", "tv_fkl": "forward-KL optimum",
             "tv_zero": "β=0 optimum (no regularization)",
             "none": f"none of the three optima (TV ≥ {NEAREST_TV} from each)"}
 
