@@ -1,8 +1,18 @@
-"""GRPO in a stressing regime for claim 3 (k2 vs k3 as loss): the reproduction's current stress
-settings (kljax/reproduce.py, `grpo_config(..., stress=True)` of the quick preset).
+"""GRPO in a stressing regime for claim 3 (k2 vs k3 as loss): the reproduction's stress settings
+(kljax/reproduce.py, `grpo_config(..., stress=True)` of the quick preset) — arithmetic level 1 from a
+30-step warm start, lr 2e-3, β 0.5, 80 steps.
 
   python -m experiments.grpo --config configs/grpo_stress.py --workdir /tmp/kljax_stress \
       --config.kl.term=k3_as_loss
+
+The regime it aims at: correct answers the reference rarely produces. Under this warm start the
+correct answer has mean π_ref 0.017 and π_ref ≤ e^-5 for 31 % of test prompts
+(experiments/stress_refprob.py), so a policy that learned them would sit at completion log π/π_ref
+≥ 5 nats, where k3's coefficient 1 − δ saturates and the reverse-KL one keeps growing.
+Measured (experiments/results/stress_search.md): it does NOT get there — the policy barely learns
+(reward 0.020 → 0.027 over 80 steps) and the largest completion log π/π_ref of any sampled
+completion is 1.9 nats for both k2_as_loss and k3_as_loss (final exact RKL 0.008 for both).
+Neither lr 5e-3, arithmetic level 2 (100-step warm start) nor β 0.1 sustained ≥ 5 nats at 80 steps.
 """
 
 import ml_collections
