@@ -1,7 +1,6 @@
 """GRPO in a stressing regime for claim 3 (k2 vs k3 as loss): the reproduction's stress settings
-(`stress_config` of configs/reproduce.py, which runs it as it is in the quick preset and for
-300 steps in the full one) — arithmetic level 1 from a
-30-step warm start, lr 2e-3, β 0.5, 80 steps.
+(`stress_config` of configs/reproduce.py, run as it is in the quick preset and for 300 steps in
+the full one) — arithmetic level 1 from a 30-step warm start, lr 2e-3, β 0.5, 80 steps.
 
   python -m experiments.grpo --config configs/grpo_stress.py --workdir /tmp/kljax_stress \
       --config.kl.term=k3_as_loss
