@@ -13,6 +13,7 @@ import time
 
 from absl import app, flags, logging
 
+from experiments import figures
 from kljax import bandit, cli
 from kljax.kl import kl_term, kl_term_names
 
@@ -41,6 +42,25 @@ def resolve_terms(value: str) -> list[str]:
     except ValueError as err:
       raise app.UsageError(f"--config.terms: {err}") from None
   return names
+
+
+def results_table(results: list[bandit.Run], problem: bandit.Problem) -> str:
+  """A markdown table: one row per (term, mode), the nearest optimum in bold."""
+  lines = [
+      "| KL term | gradients | TV to π* (reverse-KL opt.) | TV to forward-KL opt. | TV to β=0 opt. "
+      "| KL(π‖π_ref) | KL(π_ref‖π) | E[r] |",
+      "|---|---|---|---|---|---|---|---|",
+  ]
+  for r in results:
+    d = bandit.final_distances(r, problem)
+    nearest = min(d, key=d.get)
+    cells = [f"**{v:.2e}**" if k == nearest else f"{v:.2e}" for k, v in d.items()]
+    lines.append(
+        f"| `{r.term}` | {r.mode} | " + " | ".join(cells)
+        + f" | {r.curves['reverse_kl'][-1]:.4f} | {r.curves['forward_kl'][-1]:.4f}"
+        f" | {r.curves['reward'][-1]:.4f} |"
+    )
+  return "\n".join(lines) + "\n"
 
 
 def main(argv):
@@ -77,7 +97,7 @@ def main(argv):
   )
   elapsed = time.time() - start
 
-  table = bandit.results_table(results, problem)
+  table = results_table(results, problem)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(
         f"# Bandit: E[r] − β·KL, {config.problem.num_arms} arms, β = {problem.beta}\n\n"
@@ -108,8 +128,9 @@ def main(argv):
   }
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(summary, f, indent=1)
-  bandit.plot_final(results, problem, os.path.join(workdir, "final_distances.png"))
-  bandit.plot_curves(results, os.path.join(workdir, "curves.png"))
+  figures.bandit_final(results, lambda r: bandit.final_distances(r, problem),
+                       os.path.join(workdir, "final_distances.png"))
+  figures.bandit_curves(results, os.path.join(workdir, "curves.png"))
   print(table)
   print(f"{len(results)} runs in {elapsed:.1f} s; results in {workdir}/results.md")
   logging.info("wrote %s", workdir)

@@ -1,22 +1,28 @@
-"""Curves of one or several runs: one PNG per metric group, one line per run.
+"""Curves of one or several GRPO runs: one PNG per metric group, one line per run.
 
-  python -m experiments.plot --runs DIR1,DIR2[,...] --out plots/ [--smooth 10]
+  python -m experiments.plot --runs DIR1,DIR2[,...] --out plots/ [--smooth 10] [--labels A,B]
 
-Reads each DIR/metrics.jsonl; a run is labelled by its directory name. DIRs and --out may be local
-or URLs (gs://BUCKET/…).
+Reads each DIR/metrics.jsonl. A run is labelled by its KL term and β: from DIR/config.json when the
+run wrote one, else from --labels, else "<directory name>, β = <β of its metrics>". Panels whose
+values never change (e.g. the length of fixed-length completions, the clip fraction of on-policy
+runs) and an accuracy equal to the reward are left out. DIRs and --out may be local or URLs
+(gs://BUCKET/…).
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 from absl import app, flags
 
+from experiments import figures
 from kljax import cli
 from kljax import paths as paths_lib
 from kljax.train.metrics import read_jsonl
 
 _RUNS = flags.DEFINE_list("runs", None, "Run directories (each with metrics.jsonl).")
+_LABELS = flags.DEFINE_list("labels", None, "One label per run (default: KL term and β).")
 _OUT = flags.DEFINE_string("out", "plots", "Directory for the PNGs.")
 _SMOOTH = flags.DEFINE_integer("smooth", 1, "Moving-average window (steps).")
 flags.mark_flag_as_required("runs")
@@ -29,47 +35,40 @@ GROUPS = {
 }
 
 
-def _smooth(values, window):
-  import numpy as np
-
-  v = np.asarray(values, float)
-  if window <= 1 or len(v) < window:
-    return v
-  return np.convolve(v, np.ones(window) / window, mode="valid")
-
-
 def plot_runs(runs: dict[str, list[dict]], out: str, smooth: int = 1) -> list[str]:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+  """One PNG per group of `GROUPS` that has a panel with information; returns their paths."""
   out = paths_lib.resolve(out)
-  paths = []
+  written = []
   for group, metrics in GROUPS.items():
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
-      for name, rows in runs.items():
-        rows = [r for r in rows if metric in r]
-        if rows:
-          y = _smooth([r[metric] for r in rows], smooth)
-          ax.plot([r["step"] for r in rows][len(rows) - len(y):], y, label=name, lw=1.3)
-      ax.set_title(metric)
-      ax.set_xlabel("step")
-      ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=8)
-    fig.tight_layout()
     path = out / f"{group}.png"
-    paths_lib.save_figure(fig, path, dpi=100)
-    plt.close(fig)
-    paths.append(os.fspath(path))
-  return paths
+    try:
+      figures.grpo_curves({name: [rows] for name, rows in runs.items()}, path,
+                          f"{group}: {len(runs)} run(s)", smooth=smooth, metrics=metrics)
+    except ValueError:  # nothing in this group varies
+      continue
+    written.append(os.fspath(path))
+  return written
+
+
+def run_label(directory, rows: list[dict]) -> str:
+  """"<KL term>, β = <β>" from DIR/config.json, else the directory name and the metrics' β."""
+  config = paths_lib.resolve(directory) / "config.json"
+  if config.exists():
+    kl = json.loads(config.read_text()).get("kl", {})
+    if "term" in kl and "beta" in kl:
+      return f"{kl['term']}, β = {kl['beta']:g}"
+  beta = {r["beta"] for r in rows if "beta" in r}
+  name = paths_lib.resolve(directory).name
+  return f"{name}, β = {beta.pop():g}" if len(beta) == 1 else name
 
 
 def main(argv):
   del argv
+  if _LABELS.value and len(_LABELS.value) != len(_RUNS.value):
+    raise app.UsageError(f"--labels: {len(_LABELS.value)} label(s) for {len(_RUNS.value)} runs; "
+                         "give one per run.")
   runs = {}
-  for d in _RUNS.value:
+  for i, d in enumerate(_RUNS.value):
     try:
       paths_lib.check_reachable(d, flag="--runs")
     except paths_lib.PathError as err:
@@ -77,7 +76,11 @@ def main(argv):
     path = paths_lib.resolve(d) / "metrics.jsonl"
     if not path.exists():
       raise app.UsageError(f"--runs: {path} does not exist.")
-    runs[path.parent.name] = read_jsonl(path)
+    rows = read_jsonl(path)
+    label = _LABELS.value[i] if _LABELS.value else run_label(d, rows)
+    if label in runs:
+      label = f"{label} ({paths_lib.resolve(d).name})"
+    runs[label] = rows
   for p in plot_runs(runs, _OUT.value, _SMOOTH.value):
     print(p)
 

@@ -833,29 +833,6 @@ def update_docs(root: str = ".") -> list[str]:
 # ---------------------------------------------------------------- command line
 
 
-def plot_coefficient(report: AuditReport, path: str) -> None:
-  """c(log δ) of the report against the known coefficients, as a PNG (matplotlib, imported here)."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  ld = np.asarray(report.coefficient["grid"])
-  fig, ax = plt.subplots(figsize=(6, 4))
-  ax.plot(ld, -ld, "--", color="tab:blue", label="log π − log π_ref (follows ∇RKL)")
-  ax.plot(ld, 1 - np.exp(ld), "--", color="tab:orange", label="1 − δ (follows ∇FKL)")
-  ax.axhline(0, color="tab:gray", ls=":", label="0 (no gradient)")
-  ax.plot(ld, report.coefficient["values"], color="black", lw=2, label=f"{report.name} (measured)")
-  ax.set_ylim(-12, 12)
-  ax.set_xlabel("log δ = log π_ref(y) − log π(y)")
-  ax.set_ylabel("on-policy coefficient c (gradient = E[c·∇log π])")
-  ax.set_title(f"{report.name}: c(log δ) {report.coefficient['identified']}", fontsize=8)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
 def _load(spec: str) -> Callable:
   import importlib
   import os
@@ -906,7 +883,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--aggregation", choices=AGGREGATIONS, default="sum")
   p.add_argument("--level", choices=("token", "sequence"), default="token")
   p.add_argument("--seeds", type=int, default=3, help="random policies per setting")
-  p.add_argument("--plot", metavar="PNG", help="plot the coefficient c(log δ) to this file")
   p.add_argument("--gallery", action="store_true",
                  help="print the audited table of what other frameworks ship")
   p.add_argument("--update-docs", action="store_true",
@@ -939,8 +915,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.json:
     with open(args.json, "w") as f:
       f.write(to_json(report))
-  if args.plot:
-    plot_coefficient(report, args.plot)
   if args.expect:
     ok = report.on_policy == EXPECTATIONS[args.expect]
     print(f"\n--expect {args.expect}: {'yes' if ok else 'NO'} (one token, on-policy: "

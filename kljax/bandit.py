@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kljax import _checks, paths
+from kljax import _checks
 from kljax import exact
 from kljax.advantages import leave_one_out
 from kljax.estimators import kl_from_log_probs
@@ -228,84 +228,6 @@ def final_distances(run_: Run, problem: Problem) -> dict[str, float]:
       "tv_fkl": exact.tv_distance(run_.final_probs, problem.pi_fkl),
       "tv_zero": exact.tv_distance(run_.final_probs, problem.pi_zero),
   }
-
-
-def results_table(results: list[Run], problem: Problem) -> str:
-  """A markdown table: one row per (term, mode), the nearest optimum in bold."""
-  lines = [
-      "| KL term | gradients | TV to π* (reverse-KL opt.) | TV to forward-KL opt. | TV to β=0 opt. "
-      "| KL(π‖π_ref) | KL(π_ref‖π) | E[r] |",
-      "|---|---|---|---|---|---|---|---|",
-  ]
-  for r in results:
-    d = final_distances(r, problem)
-    nearest = min(d, key=d.get)
-    cells = [f"**{v:.2e}**" if k == nearest else f"{v:.2e}" for k, v in d.items()]
-    lines.append(
-        f"| `{r.term}` | {r.mode} | " + " | ".join(cells)
-        + f" | {r.curves['reverse_kl'][-1]:.4f} | {r.curves['forward_kl'][-1]:.4f}"
-        f" | {r.curves['reward'][-1]:.4f} |"
-    )
-  return "\n".join(lines) + "\n"
-
-
-def plot_curves(results: list[Run], path) -> None:
-  """TV distance to π* and to the forward-KL optimum over steps, one panel per (mode, target);
-  a PNG at `path` (local or a URL)."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  modes = sorted({r.mode for r in results}, key=MODES.index)
-  fig, axes = plt.subplots(len(modes), 2, figsize=(13, 4.2 * len(modes)), squeeze=False)
-  for row, mode in enumerate(modes):
-    for col, (metric, label) in enumerate(
-        [("tv_star", "TV to π* (reverse-KL optimum)"), ("tv_fkl", "TV to forward-KL optimum")]
-    ):
-      ax = axes[row, col]
-      for i, r in enumerate(x for x in results if x.mode == mode):
-        # Equal-gradient terms overlap exactly; alternating styles keep each one visible.
-        ax.plot(np.maximum(r.curves[metric], 1e-7), label=r.term, lw=1.4,
-                ls=("-", "--", ":", "-.")[i % 4], color=f"C{i % 10}")
-      ax.set_yscale("log")
-      ax.set_xlabel("optimizer step")
-      ax.set_title(f"{label} — {mode} gradients")
-      ax.grid(alpha=0.3)
-  handles, labels = axes[0, 0].get_legend_handles_labels()
-  fig.legend(handles, labels, loc="center right", fontsize=8)
-  fig.tight_layout(rect=(0, 0, 0.85, 1))
-  paths.save_figure(fig, path, dpi=110)
-  plt.close(fig)
-
-
-def plot_final(results: list[Run], problem: Problem, path) -> None:
-  """Grouped bars: final TV distance from π*, the forward-KL optimum and the β=0 optimum; a PNG
-  at `path` (local or a URL)."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  modes = sorted({r.mode for r in results}, key=MODES.index)
-  fig, axes = plt.subplots(1, len(modes), figsize=(7 * len(modes), 4.8), squeeze=False)
-  labels = {"tv_star": "π* (reverse KL)", "tv_fkl": "forward-KL opt.", "tv_zero": "β=0 opt."}
-  for ax, mode in zip(axes[0], modes):
-    runs = [r for r in results if r.mode == mode]
-    x = np.arange(len(runs))
-    for i, (key, label) in enumerate(labels.items()):
-      vals = [max(final_distances(r, problem)[key], 1e-7) for r in runs]
-      ax.bar(x + (i - 1) * 0.27, vals, width=0.27, label=label)
-    ax.set_yscale("log")
-    ax.set_xticks(x, [r.term for r in runs], rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("TV distance of the final policy")
-    ax.set_title(f"{mode} gradients")
-    ax.grid(axis="y", alpha=0.3)
-  handles, names = axes[0, 0].get_legend_handles_labels()
-  fig.legend(handles, names, loc="upper center", ncol=3, fontsize=9)
-  fig.tight_layout(rect=(0, 0, 1, 0.93))
-  paths.save_figure(fig, path, dpi=110)
-  plt.close(fig)
 
 
 # ---------------------------------------------------------------- the regime map

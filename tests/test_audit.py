@@ -245,8 +245,8 @@ def test_cli_in_process(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_cli_pinned_command(tmp_path):
   png = tmp_path / "c.png"
-  cmd = [sys.executable, "-m", "kljax.audit", "kljax:k3", "--placement", "loss", "--expect",
-         "forward", "--plot", str(png)]
+  cmd = [sys.executable, "-m", "experiments.audit", "kljax:k3", "--placement", "loss", "--expect",
+         "forward", "--plot", str(png)]  # kljax.audit's command line with the figure
   out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
   assert out.returncode == 0, out.stderr
   assert "| one token, on-policy |" in out.stdout and "follows ∇FKL" in out.stdout

@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from kljax import exact, gradient_table, reproduce
+from experiments.reproduce import report, running, settings as rsettings, verdicts
+from kljax import exact, gradient_table, study
 
 
 @pytest.mark.parametrize("name, label", [
@@ -64,27 +65,39 @@ def test_oracle_rows_name_what_each_term_follows():
 
 
 def test_settings_reject_bad_values():
-  with pytest.raises(ValueError, match="seeds must be >= 1"):
-    reproduce.Settings.quick().replace(seeds=0)
-  with pytest.raises(ValueError, match="beta must be"):
-    reproduce.Settings.quick().replace(beta=-1.0)
-  with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
-    reproduce.Settings(seeds=1, steps=0)
+  for change, message in [({"seeds": 0}, "seeds must be >= 1, got 0"),
+                          ({"beta": -1.0}, "beta must be a finite number > 0"),
+                          ({"steps": 0}, "steps must be >= 1, got 0"),
+                          ({"bandit_modes": "exact,mc"}, "bandit_modes must be"),
+                          ({"oracle_terms": "some"}, "oracle_terms must be 'core' or 'all'"),
+                          ({"stress_config": "grpo_nothing"}, "stress_config must name a module")]:
+    config = rsettings.load_config("quick")
+    config.update(change)
+    with pytest.raises(ValueError, match=message):
+      rsettings.validate(config)
+  rsettings.validate(rsettings.load_config("full"))
+  with pytest.raises(ValueError, match="preset must be one of quick, full, got 'fast'"):
+    rsettings.load_config("fast")
+
+
+def _small_settings(tmp_path):
+  config = rsettings.load_config("quick")
+  config.update(dict(seeds=1, steps=3, sft_steps=5, final_window=2, bandit_steps=2000,
+                     bandit_modes="exact", data_dir=str(tmp_path / "tfds"), regime_steps=50,
+                     sequence_seeds=2, sequence_steps=50, stress_seeds=1, stress_steps=3))
+  return config
 
 
 @pytest.mark.slow
 def test_reproduce_end_to_end_small(tmp_path):
-  settings = reproduce.Settings(seeds=1, steps=3, sft_steps=5, final_window=2, bandit_steps=2000,
-                                bandit_modes=("exact",), data_dir=str(tmp_path / "tfds"),
-                                regime_steps=50, sequence_seeds=2, sequence_steps=50,
-                                stress_seeds=1, stress_steps=3, stress_sft_steps=5)
+  settings = _small_settings(tmp_path)
   work = str(tmp_path / "work")
-  results = reproduce.run(settings, work, progress=False)
+  results = running.run(settings, work, progress=False)
 
   on_file = json.load(open(os.path.join(work, "results.json")))
-  assert set(on_file["grpo"]) == set(reproduce.ON_POLICY)
-  assert set(on_file["grpo_off_policy"]) == set(reproduce.OFF_POLICY)
-  for variant in reproduce.ON_POLICY:
+  assert set(on_file["grpo"]) == set(rsettings.ON_POLICY)
+  assert set(on_file["grpo_off_policy"]) == set(rsettings.OFF_POLICY)
+  for variant in rsettings.ON_POLICY:
     row = on_file["grpo"][variant]
     assert row["seeds"] == 1
     for metric in ("reward", "exact_rkl", "exact_fkl", "entropy", "reward_std", "length_std"):
@@ -96,28 +109,59 @@ def test_reproduce_end_to_end_small(tmp_path):
   assert on_file["trajectory"][0]["identical_batches_until_step"] == 3
   assert on_file["trajectory"][0]["final_rel_param_distance"] < 1e-5
   assert results["verdicts"]["2_k2_as_loss_equals_k1_in_reward"]["verdict"] == "confirmed"
-  report = open(os.path.join(work, "report.md")).read()
+  text = open(os.path.join(work, "report.md")).read()
   for n in "1234":
-    assert f"**{n}. " in report
+    assert f"**{n}. " in text
   regimes = on_file["regimes"]
-  assert len(regimes) == len(reproduce.REGIME_TERMS) * 6 * 5
+  assert len(regimes) == len(rsettings.REGIME_TERMS) * 6 * 5
   assert set(regimes[0]) >= {"term", "pi_ref_best", "beta", "gradients", "final_rkl", "final_fkl",
                              "reward"}
-  assert set(on_file["sequence"]["terms"]) == set(reproduce.SEQUENCE_TERMS)
-  assert set(on_file["grpo_stress"]["summary"]) == set(settings.stress_variants)
+  assert set(on_file["sequence"]["terms"]) == set(rsettings.SEQUENCE_TERMS)
+  assert set(on_file["grpo_stress"]["summary"]) == set(rsettings.split(settings.stress_variants))
   assert set(on_file["reward_stage"]) == {"exact_rkl", "reward", "entropy"}
   assert "Welch" in results["verdicts"]["1_k1_as_loss_no_regularization"]["evidence"] or \
       "untestable" in results["verdicts"]["1_k1_as_loss_no_regularization"]["evidence"]
   for png in ("grpo_on_policy.png", "grpo_off_policy.png", "trajectory_k2_vs_k1_in_reward.png",
               "bandit_final_distances.png", "sequence_study.png", "gradient_noise.png",
-              "grpo_stress.png", *map(reproduce.regime_file, reproduce.REGIME_PAIRS)):
+              "grpo_stress.png", *map(report.regime_file, rsettings.REGIME_PAIRS)):
     assert os.path.getsize(os.path.join(work, png)) > 1000
 
-  # A second call finds every run finished and trains nothing: the metrics files are untouched.
+  # Every GRPO run and warm start stored its wall time beside it; the report's total is their sum
+  # plus what this invocation recomputed.
+  stored = {}
+  for root, _, files in os.walk(work):
+    for f in files:
+      if f.endswith(study.WALL_TIME_FILE):
+        stored[os.path.join(root, f)] = json.load(open(os.path.join(root, f)))["seconds"]
+  runs = len(rsettings.ON_POLICY) + len(rsettings.OFF_POLICY) + len(on_file["grpo_stress"]["summary"])
+  assert len(stored) == runs + 2 and all(v > 0 for v in stored.values())  # + 2 warm starts
+  sequence_seconds = json.load(open(os.path.join(work, "sequence.json")))["seconds"]
+  meta = on_file["meta"]
+  assert sum(meta["seconds_cached"].values()) == pytest.approx(sum(stored.values()) +
+                                                               sequence_seconds)
+  assert meta["seconds"] == pytest.approx(sum(stored.values()) + sequence_seconds +
+                                          meta["seconds_recomputed"])
+  assert f"Total time {meta['seconds'] / 60:.1f} min" in text
+
+  # A second call finds every run finished and trains nothing: the metrics files are untouched,
+  # and the report's total time is still what the runs cost, not the time of the second call.
   metrics = os.path.join(work, "grpo", "on_policy", "none", "seed0", "metrics.jsonl")
   before = os.stat(metrics).st_mtime_ns
-  reproduce.run(settings, work, progress=False)
+  again = running.run(settings, work, progress=False)["meta"]
   assert os.stat(metrics).st_mtime_ns == before
+  assert again["grpo_runs_trained"] == 0 and again["seconds_cached"] == meta["seconds_cached"]
+  assert again["seconds"] == pytest.approx(sum(stored.values()) + sequence_seconds +
+                                           again["seconds_recomputed"])
+  assert again["seconds"] > again["seconds_recomputed"] + sum(stored.values())
+  assert "read back from an earlier invocation" in open(os.path.join(work, "report.md")).read()
+
+
+def test_wall_time_of_a_resumed_run_adds_up(tmp_path):
+  path = tmp_path / "run" / study.WALL_TIME_FILE
+  assert np.isnan(study.wall_seconds(path))
+  study.add_wall_seconds(path, 12.5)  # first invocation, killed
+  study.add_wall_seconds(path, 7.25)  # the resumed one
+  assert study.wall_seconds(path) == 19.75
 
 
 # ---- the verdict machinery: inputs that must fail as well as pass ----
@@ -129,13 +173,13 @@ def _rows(hashes):
 
 
 def test_trajectory_gap_compares_the_sampled_tokens():
-  same = reproduce.trajectory_gap([_rows([1, 2, 3])], [_rows([1, 2, 3])])[0]
+  same = study.trajectory_gap([_rows([1, 2, 3])], [_rows([1, 2, 3])])[0]
   assert same["identical_batches_until_step"] == 3
   # equal reward and length means but different tokens from step 1: not identical
-  parted = reproduce.trajectory_gap([_rows([1, 2, 3])], [_rows([1, 7, 3])])[0]
+  parted = study.trajectory_gap([_rows([1, 2, 3])], [_rows([1, 7, 3])])[0]
   assert parted["identical_batches_until_step"] == 1
   with pytest.raises(ValueError, match="tokens_hash"):
-    reproduce.trajectory_gap([[{"reward_mean": 0.5}]], [[{"reward_mean": 0.5}]])
+    study.trajectory_gap([[{"reward_mean": 0.5}]], [[{"reward_mean": 0.5}]])
 
 
 def test_identical_batches_check_fails_runs_that_differ_from_step_0():
@@ -143,36 +187,36 @@ def test_identical_batches_check_fails_runs_that_differ_from_step_0():
     return {"identical_batches_until_step": split, "steps": 10,
             "median_rel_grad_norm_gap_while_identical": median}
 
-  assert reproduce.identical_batches_check([gap(10, 0.0)], [1e-7]) == [True]
-  assert reproduce.identical_batches_check([gap(10, 0.0)], [1e-2]) == [False]
-  assert reproduce.identical_batches_check([gap(4, 1e-7)], [0.3]) == [True]
-  assert reproduce.identical_batches_check([gap(4, 1e-2)], [0.3]) == [False]
-  assert reproduce.identical_batches_check([gap(0, float("nan"))], [0.3]) == [False]
+  assert verdicts.identical_batches_check([gap(10, 0.0)], [1e-7]) == [True]
+  assert verdicts.identical_batches_check([gap(10, 0.0)], [1e-2]) == [False]
+  assert verdicts.identical_batches_check([gap(4, 1e-7)], [0.3]) == [True]
+  assert verdicts.identical_batches_check([gap(4, 1e-2)], [0.3]) == [False]
+  assert verdicts.identical_batches_check([gap(0, float("nan"))], [0.3]) == [False]
 
 
 def test_seed_statistics_match_scipy_and_hand_values():
   from scipy import stats
 
-  assert reproduce.seed_std([1.0, 3.0]) == pytest.approx(np.sqrt(2.0))  # ddof = 1, by hand
-  assert np.isnan(reproduce.seed_std([1.0]))
+  assert study.seed_std([1.0, 3.0]) == pytest.approx(np.sqrt(2.0))  # ddof = 1, by hand
+  assert np.isnan(study.seed_std([1.0]))
   x, y = [0.10, 0.12, 0.11], [0.20, 0.26, 0.23, 0.21]
-  w = reproduce.welch(x, y)
+  w = study.welch(x, y)
   ref = stats.ttest_ind(x, y, equal_var=False)
   assert w["t"] == pytest.approx(ref.statistic) and w["p"] == pytest.approx(ref.pvalue)
   assert w["n_x"] == 3 and w["n_y"] == 4
-  assert w["p"] < reproduce.ALPHA  # clearly apart: differs
-  assert reproduce.welch([0.1, 0.3], [0.2, 0.25])["p"] > reproduce.ALPHA  # overlapping: not
-  assert np.isnan(reproduce.welch([0.1], [0.2, 0.3])["p"])  # one seed: untestable, not "differs"
-  assert reproduce.welch([1.0, 1.0], [1.0, 1.0])["p"] == 1.0
-  assert reproduce.welch([1.0, 1.0], [2.0, 2.0])["p"] == 0.0
+  assert w["p"] < rsettings.ALPHA  # clearly apart: differs
+  assert study.welch([0.1, 0.3], [0.2, 0.25])["p"] > rsettings.ALPHA  # overlapping: not
+  assert np.isnan(study.welch([0.1], [0.2, 0.3])["p"])  # one seed: untestable, not "differs"
+  assert study.welch([1.0, 1.0], [1.0, 1.0])["p"] == 1.0
+  assert study.welch([1.0, 1.0], [2.0, 2.0])["p"] == 0.0
   row = lambda v: {"reward_seeds": v}
-  assert not reproduce._differs(row([0.1]), row([0.9]), "reward")  # untestable → no claim
+  assert not verdicts._differs(row([0.1]), row([0.9]), "reward")  # untestable → no claim
 
 
 def test_nearest_optimum_has_a_threshold():
-  assert reproduce.nearest_optimum({"tv_star": 0.01, "tv_fkl": 0.3, "tv_zero": 0.6}) == "tv_star"
-  assert reproduce.nearest_optimum({"tv_star": 0.2, "tv_fkl": 0.3, "tv_zero": 0.6}) == "none"
-  assert reproduce.nearest_optimum({"tv_star": 0.2, "tv_fkl": 0.3}, threshold=0.25) == "tv_star"
+  assert verdicts.nearest_optimum({"tv_star": 0.01, "tv_fkl": 0.3, "tv_zero": 0.6}) == "tv_star"
+  assert verdicts.nearest_optimum({"tv_star": 0.2, "tv_fkl": 0.3, "tv_zero": 0.6}) == "none"
+  assert verdicts.nearest_optimum({"tv_star": 0.2, "tv_fkl": 0.3}, threshold=0.25) == "tv_star"
 
 
 def test_regime_boundary_reads_the_grid():
@@ -182,13 +226,13 @@ def test_regime_boundary_reads_the_grid():
   k2 = [rec("k2_as_loss", p, 0.5, 0.01) for p in (1e-1, 1e-2, 1e-3)]
   k3 = [rec("k3_as_loss", 1e-1, 0.5, 0.05), rec("k3_as_loss", 1e-2, 0.5, 0.2),
         rec("k3_as_loss", 1e-3, 0.5, 1.0)]
-  assert reproduce.regime_boundary(k2 + k3, "k3_as_loss") == {0.5: [1e-2, 1e-3]}
+  assert verdicts.regime_boundary(k2 + k3, "k3_as_loss") == {0.5: [1e-2, 1e-3]}
   k3[0]["final_rkl"] = 0.5  # ≥ 10× and ≥ 0.1 nats everywhere
-  assert reproduce.regime_boundary(k2 + k3, "k3_as_loss") == {0.5: [1e-1, 1e-2, 1e-3]}
+  assert verdicts.regime_boundary(k2 + k3, "k3_as_loss") == {0.5: [1e-1, 1e-2, 1e-3]}
   k3[2]["final_rkl"] = 0.09  # 9× : not ≥ 10×
-  assert reproduce.regime_boundary(k2 + k3, "k3_as_loss") == {0.5: [1e-1, 1e-2]}
+  assert verdicts.regime_boundary(k2 + k3, "k3_as_loss") == {0.5: [1e-1, 1e-2]}
   tiny = [rec("k2_as_loss", 1e-3, 1.0, 1e-4), rec("k3_as_loss", 1e-3, 1.0, 0.05)]
-  assert reproduce.regime_boundary(tiny, "k3_as_loss") == {1.0: []}  # 500× but 0.05 nats
+  assert verdicts.regime_boundary(tiny, "k3_as_loss") == {1.0: []}  # 500× but 0.05 nats
 
 
 def test_cli_reaches_its_settings_and_reports_bad_ones_plainly(tmp_path):
@@ -199,8 +243,20 @@ def test_cli_reaches_its_settings_and_reports_bad_ones_plainly(tmp_path):
 
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   out = subprocess.run([sys.executable, "-m", "experiments.reproduce", "--quick", "--workdir",
-                        str(tmp_path / "w"), "--steps", "0", "--compile_cache",
+                        str(tmp_path / "w"), "--config.steps=0", "--compile_cache",
                         str(tmp_path / "cache")], cwd=repo, capture_output=True, text=True,
                        timeout=300)
   assert out.returncode != 0
-  assert "steps must be >= 1, got 0" in out.stderr and "Traceback" not in out.stderr, out.stderr
+  assert "--config.steps must be >= 1, got 0" in out.stderr and "Traceback" not in out.stderr, \
+      out.stderr
+
+
+def test_quick_selects_the_quick_preset_under_any_override():
+  from experiments.reproduce.__main__ import quick_argv
+
+  argv = quick_argv(["prog", "--workdir=w", "--config.seeds=3", "--quick"])
+  assert argv[1].endswith("configs/reproduce.py:quick") and argv[2:] == [
+      "--workdir=w", "--config.seeds=3", "--quick"]
+  assert quick_argv(["prog", "--workdir=w"]) == ["prog", "--workdir=w"]  # the full preset
+  explicit = ["prog", "--quick", "--config=configs/reproduce.py:full"]
+  assert quick_argv(explicit) == explicit
