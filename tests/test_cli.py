@@ -60,13 +60,21 @@ def test_grpo_help_shows_the_chosen_config_files_values():
 
 
 @pytest.mark.parametrize("module,flag,default", [("experiments.sft", "--steps", "400"),
-                                                 ("experiments.reproduce", "--beta", "0.5")])
+                                                 ("experiments.reproduce", "--compile_cache",
+                                                  "~/.cache/kljax/jax_cache")])
 def test_other_entry_points_help_exits_zero_with_defaults(module, flag, default):
   out = _run(module, "--help")
   assert out.returncode == 0, out.stderr
   flags_part = out.stdout[out.stdout.index("\nflags:"):]
   entry = flags_part[flags_part.index(f"  {flag}:"):].split("\n  --")[0]
   assert f"(default: '{default}')" in entry, entry
+
+
+def test_reproduce_help_lists_its_settings_with_meanings():
+  out = _run("experiments.reproduce", "--help")
+  assert out.returncode == 0, out.stderr
+  beta = next(ln for ln in out.stdout.splitlines() if ln.split()[:1] == ["beta"])
+  assert beta.split()[1] == "0.5" and "β" in beta  # the full preset's value, configs/reproduce.py
 
 
 # ---------------------------------------------------------------- errors
