@@ -106,6 +106,23 @@ def dr_grpo_advantages(rewards_pg: ArrayLike) -> GroupAdvantages:
   return GroupAdvantages(r - jnp.mean(r, axis=1, keepdims=True), _zero_variance(r))
 
 
+def leave_one_out(rewards: ArrayLike, *, axis: int = -1) -> jax.Array:
+  """r_i − mean_{j≠i} r_j along `axis`: the reward minus the mean of the others (an unbiased
+  baseline, unlike the plain mean). The one definition: RLOO, the bandit and the tabular study.
+
+  Args:
+    rewards: floating, at least 2 entries along `axis` (computed in float32).
+  Returns:
+    float32, the shape of `rewards`.
+  """
+  r = _checks.as_float32(rewards, "rewards")
+  n = r.shape[axis] if r.ndim else 0
+  if n < 2:
+    raise ValueError(f"rewards needs >= 2 entries along axis {axis} for a leave-one-out baseline, "
+                     f"got shape {list(r.shape)}.")
+  return r - (jnp.sum(r, axis=axis, keepdims=True) - r) / (n - 1)
+
+
 def rloo_advantages(rewards_pg: ArrayLike) -> GroupAdvantages:
   """RLOO: A_i = r_i − mean_{j≠i} r_j = G/(G−1) · (r_i − mean_g) (leave-one-out, unbiased).
 
@@ -113,9 +130,7 @@ def rloo_advantages(rewards_pg: ArrayLike) -> GroupAdvantages:
   arXiv:2402.14740 (2024).
   """
   r = _group_inputs(rewards_pg)
-  g = r.shape[1]
-  loo_mean = (jnp.sum(r, axis=1, keepdims=True) - r) / (g - 1)
-  return GroupAdvantages(r - loo_mean, _zero_variance(r))
+  return GroupAdvantages(leave_one_out(r, axis=1), _zero_variance(r))
 
 
 def reinforce_pp_baseline_advantages(rewards_pg: ArrayLike, *, std_floor: float = 1e-6

@@ -21,6 +21,8 @@ import optax
 
 from kljax import _checks, paths
 from kljax import exact
+from kljax.advantages import leave_one_out
+from kljax.estimators import importance_ratio, kl_from_log_probs
 from kljax.kl import KLTerm, kl_term
 
 MODES = ("exact", "sampled")
@@ -69,53 +71,75 @@ def make_problem(
 def _metrics(problem: Problem, theta: jax.Array) -> dict[str, jax.Array]:
   p = jax.nn.softmax(theta)
   log_p, log_q = jax.nn.log_softmax(theta), jnp.log(jnp.asarray(problem.ref_probs, p.dtype))
-  tv = lambda target: 0.5 * jnp.sum(jnp.abs(p - jnp.asarray(target, p.dtype)))
+  tv = lambda target: exact.total_variation(p, jnp.asarray(target, p.dtype))
   return {
       "tv_star": tv(problem.pi_star),
       "tv_fkl": tv(problem.pi_fkl),
       "tv_zero": tv(problem.pi_zero),
-      "reverse_kl": jnp.sum(p * (log_p - log_q)),
-      "forward_kl": jnp.sum(jnp.exp(log_q) * (log_q - log_p)),
+      "reverse_kl": kl_from_log_probs(log_p, log_q),
+      "forward_kl": kl_from_log_probs(log_q, log_p),
       "reward": p @ jnp.asarray(problem.rewards, p.dtype),
   }
 
 
+def check_mode(mode: str) -> str:
+  """Raises ValueError unless `mode` is one of `MODES`."""
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}.")
+  return mode
+
+
+def check_steps(num_steps: int, inner_steps: int) -> None:
+  """Raises ValueError unless `num_steps` is a positive multiple of `inner_steps` ≥ 1."""
+  if inner_steps < 1 or num_steps < 1 or num_steps % inner_steps:
+    raise ValueError(
+        f"num_steps ({num_steps}) must be a positive multiple of inner_steps ({inner_steps})."
+    )
+
+
 def _gradient_fn(problem: Problem, term: KLTerm, mode: str, num_samples: int):
   """(theta, old_theta, actions) -> gradient of −(E r − β·KL term), exact or from the actions."""
-  return _gradient_from(jnp.asarray(problem.rewards, jnp.float32),
-                        jnp.log(jnp.asarray(problem.ref_probs, jnp.float32)), problem.beta,
-                        term, mode, num_samples)
+  return _GRADIENTS[mode](jnp.asarray(problem.rewards, jnp.float32),
+                          jnp.log(jnp.asarray(problem.ref_probs, jnp.float32)), problem.beta,
+                          term, num_samples)
 
 
-def _gradient_from(rewards, ref_logp, beta, term: KLTerm, mode: str, num_samples: int):
-  """`_gradient_fn` with the problem as (possibly traced) arrays, so a grid of problems vmaps."""
+# `_GRADIENTS[mode](rewards, ref_logp, beta, term, num_samples)`: `_gradient_fn` with the problem as
+# (possibly traced) arrays, so a grid of problems vmaps.
 
-  if mode == "exact":
 
-    def grad(theta, old_theta, actions):
-      del actions
-      reward_grad = jax.grad(lambda t: jax.nn.softmax(t) @ rewards)(theta)
-      kl_grad = exact.expected_gradient(
-          term, (theta,), (ref_logp,), old=(jax.lax.stop_gradient(old_theta),)
-      )[0]
-      return -reward_grad + beta * kl_grad
+def _exact_gradient(rewards, ref_logp, beta, term: KLTerm, num_samples: int):
+  del num_samples
 
-    return grad
+  def grad(theta, old_theta, actions):
+    del actions
+    reward_grad = jax.grad(lambda t: jax.nn.softmax(t) @ rewards)(theta)
+    kl_grad = exact.expected_gradient(
+        term, (theta,), (ref_logp,), old=(jax.lax.stop_gradient(old_theta),)
+    )[0]
+    return -reward_grad + beta * kl_grad
+
+  return grad
+
+
+def _sampled_gradient(rewards, ref_logp, beta, term: KLTerm, num_samples: int):
+  del num_samples  # the actions' count
 
   def grad(theta, old_theta, actions):
     old_lp = jax.nn.log_softmax(old_theta)[actions]
-    r = rewards[actions]
-    # Leave-one-out baseline: unbiased, unlike the plain batch mean.
-    advantage = r - (jnp.sum(r) - r) / (num_samples - 1)
+    advantage = leave_one_out(rewards[actions])
 
     def loss(t):
       lp = jax.nn.log_softmax(t)[actions]
-      reward_part = jnp.mean(advantage * jnp.exp(lp - old_lp))
+      reward_part = jnp.mean(advantage * importance_ratio(lp, old_lp))
       return -reward_part + beta * jnp.mean(term.surrogate(lp, ref_logp[actions], old_lp))
 
     return jax.grad(loss)(theta)
 
   return grad
+
+
+_GRADIENTS = {"exact": _exact_gradient, "sampled": _sampled_gradient}
 
 
 def run(
@@ -135,12 +159,8 @@ def run(
   The learning rate decays from `learning_rate` to `final_lr_fraction`·`learning_rate` on a cosine,
   so sampled runs settle near their stationary point instead of wandering at the noise floor.
   """
-  if mode not in MODES:
-    raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}.")
-  if inner_steps < 1 or num_steps % inner_steps:
-    raise ValueError(
-        f"num_steps ({num_steps}) must be a positive multiple of inner_steps ({inner_steps})."
-    )
+  check_mode(mode)
+  check_steps(num_steps, inner_steps)
   if mode == "sampled" and num_samples < 2:
     raise ValueError(f"num_samples must be >= 2 for the leave-one-out baseline, got {num_samples}.")
   _checks.positive(learning_rate, "learning_rate")
@@ -189,8 +209,7 @@ def run_all(
   jobs = [(mode, name) for mode in modes for name in terms]
   for mode, name in jobs:  # fail on a bad name or mode before any compilation
     kl_term(name)
-    if mode not in MODES:
-      raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}.")
+    check_mode(mode)
   results = []
   bar = tqdm(jobs, desc="bandit", unit="run", disable=not progress)
   for mode, name in bar:
@@ -322,8 +341,7 @@ def regime_map(
   exact KL(π‖π_ref), KL(π_ref‖π), E[r], TV to π* and to the forward-KL optimum, and
   log(π(best)/π_ref(best)). One compilation per (term, mode): the grid is vmapped.
   """
-  if mode not in MODES:
-    raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}.")
+  check_mode(mode)
   ps, bs = [float(p) for p in pi_ref_best], [float(b) for b in betas]
   for b in bs:
     _checks.positive(b, "beta")
@@ -336,7 +354,7 @@ def regime_map(
   opt = optax.adam(optax.cosine_decay_schedule(learning_rate, num_steps, alpha=final_lr_fraction))
 
   def one(ref_logp, beta, key):
-    grad_fn = _gradient_from(r, ref_logp, beta, term, mode, num_samples)
+    grad_fn = _GRADIENTS[mode](r, ref_logp, beta, term, num_samples)
 
     def body(carry, k):
       theta, opt_state = carry
@@ -357,8 +375,8 @@ def regime_map(
     for j, b in enumerate(bs):
       lp = log_p[i * len(bs) + j]
       p = np.exp(lp)
-      out["final_rkl"][i, j] = np.sum(p * (lp - np.log(q)))
-      out["final_fkl"][i, j] = np.sum(q * (np.log(q) - lp))
+      out["final_rkl"][i, j] = kl_from_log_probs(lp, np.log(q))
+      out["final_fkl"][i, j] = kl_from_log_probs(np.log(q), lp)
       out["reward"][i, j] = p @ rewards
       out["tv_star"][i, j] = exact.tv_distance(p, exact.optimum_reverse(q, rewards, b))
       out["tv_fkl"][i, j] = exact.tv_distance(p, exact.optimum_forward(q, rewards, b))

@@ -100,3 +100,35 @@ def beta_controller(spec: float | optax.Schedule | BetaController) -> BetaContro
   raise TypeError(
       f"beta must be a number, an optax schedule or a BetaController, got {type(spec).__name__}."
   )
+
+
+def _adaptive(*, beta, target_kl, horizon, warmup_steps):
+  del warmup_steps
+  # A multiplicative controller cannot leave 0: start it just above.
+  return adaptive_beta(max(beta, 1e-8), target_kl=target_kl, horizon=horizon)
+
+
+def _linear_warmup(*, beta, target_kl, horizon, warmup_steps):
+  del target_kl, horizon
+  return scheduled_beta(optax.linear_schedule(0.0, beta, max(warmup_steps, 1)))
+
+
+def _constant(*, beta, target_kl, horizon, warmup_steps):
+  del target_kl, horizon, warmup_steps
+  return constant_beta(beta)
+
+
+CONTROLLERS = {"constant": _constant, "linear_warmup": _linear_warmup, "adaptive": _adaptive}
+"""Controller name (a config's `kl.controller`) -> factory(*, beta, target_kl, horizon,
+warmup_steps) -> `BetaController`: β constant; 0 → β linearly over `warmup_steps` updates; or
+Ziegler et al.'s adaptive controller from β toward `target_kl`."""
+
+
+def controller(name: str, *, beta: float, target_kl: float = 0.05, horizon: float = 10_000.0,
+               warmup_steps: int = 0) -> BetaController:
+  """The β controller called `name` (the config boundary); ValueError lists the valid names."""
+  if name not in CONTROLLERS:
+    raise ValueError(f"controller must be one of {', '.join(map(repr, CONTROLLERS))}, got {name!r}.")
+  return CONTROLLERS[name](beta=beta, target_kl=target_kl, horizon=horizon,
+                           warmup_steps=warmup_steps)
+

@@ -24,12 +24,15 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from kljax import _checks
 
 # exp(20) ≈ 4.9e8: far beyond any log-ratio a healthy run sees, far below float32 overflow (e^88.7).
 DEFAULT_LOG_RATIO_CLAMP = 20.0
+# verl's value clamp of `low_var_kl` (k3 clipped to [−10, 10]).
+VALUE_CLAMP_BOUND = 10.0
 
 
 def _pair(logp: ArrayLike, ref_logp: ArrayLike) -> tuple[jax.Array, jax.Array]:
@@ -116,6 +119,80 @@ def k3(logp: ArrayLike, ref_logp: ArrayLike, *, clamp: float = DEFAULT_LOG_RATIO
   return _expm1_clamped(log_delta, clamp) - log_delta
 
 
+def k3_value_clamped(
+    logp: ArrayLike,
+    ref_logp: ArrayLike,
+    *,
+    bound: float = VALUE_CLAMP_BOUND,
+    clamp: float = DEFAULT_LOG_RATIO_CLAMP,
+) -> jax.Array:
+  """clip(k3, −bound, bound): verl's `low_var_kl` (its default `kl_loss_type`), k3 with a value clamp.
+
+  k3 ≥ 0, so only the upper side acts: where k3 > bound (log δ > ≈2.61 or log δ < ≈−11 for
+  bound = 10) the value is `bound` and the gradient is zero — a clamped token stops pulling. Inside
+  the clamp it is k3, so "as loss" it follows the frozen-prefix ∇FKL, like `k3`. verl also clips
+  log δ to [−20, 20] before the exp; that changes nothing here, since |log δ| > 20 gives k3 > 10,
+  clamped either way. `count_value_clamped` counts the clamped elements.
+
+  Args and returns as for `k1`; `clamp` as for `k3`.
+  References: verl, `verl/trainer/ppo/core_algos.py`, `kl_penalty_forward` ("low_var_kl").
+  """
+  return jnp.clip(k3(logp, ref_logp, clamp=clamp), -bound, bound)
+
+
+def count_value_clamped(
+    logp: ArrayLike,
+    ref_logp: ArrayLike,
+    *,
+    bound: float = VALUE_CLAMP_BOUND,
+    mask: ArrayLike | None = None,
+) -> jax.Array:
+  """Number of elements whose k3 value `k3_value_clamped` cuts at `bound` (int32 scalar).
+
+  Their gradient is zero. Elements where `mask` is False are not counted.
+  """
+  _checks.positive(bound, "bound")
+  hit = k3(logp, ref_logp) > bound
+  if mask is not None:
+    mask = jnp.asarray(mask)
+    _checks.same_shape(logp=hit, mask=mask)
+    hit = hit & mask.astype(bool)
+  return jnp.sum(hit, dtype=jnp.int32)
+
+
+def importance_ratio(
+    logp: jax.Array, old_logp: jax.Array | None, *, clamp: float = DEFAULT_LOG_RATIO_CLAMP
+) -> jax.Array:
+  """ρ = π_θ/π_old = exp(logp − sg(old_logp)), differentiable through `logp` (the one definition:
+  the KL terms' corrections and the bandit call it; the PPO head of `kljax.losses` uses the same
+  clamp rule on its masked log-ratio).
+
+  A log-ratio above `clamp` is continued linearly (`exp_clamped`: finite, non-zero gradient; count
+  with `count_clamped(old_logp, logp, clamp=clamp)`). On-policy (`old_logp=None`) ρ is
+  1 + logp − sg(logp): exactly 1 with gradient ∇logp, the first-order behaviour of
+  exp(logp − sg(logp)) without evaluating an `exp` per token.
+  """
+  if old_logp is None:
+    return 1.0 + (logp - jax.lax.stop_gradient(logp))
+  return exp_clamped(logp - jax.lax.stop_gradient(old_logp), clamp)
+
+
+def kl_from_log_probs(log_p, log_q):
+  """KL(p‖q) = Σ_v p(v) (log p(v) − log q(v)) over the last axis, from normalized log-probabilities.
+
+  The one place the exact (full-support) KL is written: `exact_kl`, the naive reference of
+  `kljax.logprobs`, `kljax.exact.per_prefix_kl` and the bandit's metrics all call it. Terms with
+  p(v) = 0 contribute 0, so a −inf log-probability where p vanishes gives neither a NaN value nor a
+  NaN gradient. NumPy arrays in, a NumPy float64 result out (host-side reports); JAX arrays in, a
+  JAX array out (traceable; the caller chooses the dtype).
+  """
+  xp = np if isinstance(log_p, np.ndarray) and isinstance(log_q, np.ndarray) else jnp
+  p = xp.exp(log_p)
+  # where() on both branches: 0·(−inf) would otherwise give NaN values and NaN gradients.
+  safe_diff = xp.where(p > 0, log_p - log_q, 0.0)
+  return xp.sum(xp.where(p > 0, p * safe_diff, 0.0), axis=-1)
+
+
 def exact_kl(
     logits: ArrayLike,
     ref_logits: ArrayLike,
@@ -128,7 +205,7 @@ def exact_kl(
   reverse: KL(π_θ‖π_ref) = Σ_v π_θ(v) (log π_θ(v) − log π_ref(v))
   forward: KL(π_ref‖π_θ) = Σ_v π_ref(v) (log π_ref(v) − log π_θ(v))
   Terms with zero probability under the weighting distribution contribute 0 (so −inf logits, e.g. a
-  masked vocabulary entry, are allowed there).
+  masked vocabulary entry, are allowed there). The formula: `kl_from_log_probs`.
 
   Args:
     logits: policy logits `[..., V]`, floating (any dtype; computed in float32).
@@ -143,18 +220,11 @@ def exact_kl(
   _checks.same_shape(logits=logits, ref_logits=ref_logits)
   if logits.ndim < 1:
     raise ValueError(f"logits must have a vocabulary axis, got shape {list(logits.shape)}.")
-  if direction == "reverse":
-    p_logits, q_logits = logits, ref_logits
-  elif direction == "forward":
-    p_logits, q_logits = ref_logits, logits
-  else:
+  if direction not in _DIRECTIONS:
     raise ValueError(f"direction must be 'reverse' or 'forward', got {direction!r}.")
-  log_p = jax.nn.log_softmax(p_logits, axis=-1)
-  log_q = jax.nn.log_softmax(q_logits, axis=-1)
-  p = jnp.exp(log_p)
-  # where() on both branches: 0·(−inf) would otherwise give NaN values and NaN gradients.
-  safe_diff = jnp.where(p > 0, log_p - log_q, 0.0)
-  kl = jnp.sum(jnp.where(p > 0, p * safe_diff, 0.0), axis=-1)
+  p_logits, q_logits = _DIRECTIONS[direction](logits, ref_logits)
+  kl = kl_from_log_probs(jax.nn.log_softmax(p_logits, axis=-1),
+                         jax.nn.log_softmax(q_logits, axis=-1))
   if mask is not None:
     mask = jnp.asarray(mask)
     if mask.shape != kl.shape:
@@ -163,6 +233,10 @@ def exact_kl(
       )
     kl = jnp.where(mask.astype(bool), kl, 0.0)
   return kl
+
+
+# direction -> (policy, reference) logits -> (weighting p, other q) of KL(p‖q)
+_DIRECTIONS = {"reverse": lambda a, b: (a, b), "forward": lambda a, b: (b, a)}
 
 
 ESTIMATORS = {"k1": k1, "k2": k2, "k3": k3}

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from kljax import _checks
+from kljax.estimators import kl_from_log_probs
 from kljax.kl import KLTerm
 
 Policy = tuple[jax.Array, ...]
@@ -215,10 +216,7 @@ def _prefix_probs(policy: Policy) -> list[jax.Array]:
 
 def per_prefix_kl(policy: Policy, ref: Policy) -> list[jax.Array]:
   """KL(π(·|y_<t) ‖ π_ref(·|y_<t)) for every prefix: tables of shape (V,)*t."""
-  return [
-      jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)
-      for lp, lq in zip(_conditionals(policy), _conditionals(ref))
-  ]
+  return [kl_from_log_probs(lp, lq) for lp, lq in zip(_conditionals(policy), _conditionals(ref))]
 
 
 def reverse_kl(policy: Policy, ref: Policy) -> jax.Array:
@@ -356,10 +354,16 @@ def optimum_unregularized(rewards: ArrayLike) -> np.ndarray:
   return best / best.sum()
 
 
+def total_variation(p, q):
+  """½ Σ_v |p(v) − q(v)| over the last axis (unchecked; NumPy or JAX arrays, traceable)."""
+  return 0.5 * abs(p - q).sum(axis=-1)
+
+
 def tv_distance(p: ArrayLike, q: ArrayLike) -> float:
-  """Total variation ½ Σ |p − q| between two probability vectors (both checked)."""
+  """Total variation `total_variation` between two probability vectors (both checked), float64;
+  the largest over any leading axes."""
   p = np.asarray(_checks.check_distribution(p, "p"), np.float64)
   q = np.asarray(_checks.check_distribution(q, "q"), np.float64)
   if p.shape != q.shape:
     raise ValueError(f"p and q must have one shape, got {list(p.shape)} and {list(q.shape)}.")
-  return float(0.5 * np.abs(p - q).sum(axis=-1).max())
+  return float(total_variation(p, q).max())

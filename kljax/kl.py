@@ -55,10 +55,10 @@ from jax.typing import ArrayLike
 from kljax import _checks
 from kljax import estimators as est
 from kljax.advantages import reward_to_go
+from kljax.estimators import importance_ratio
 
-Correction = Literal["detached_ratio", "ratio", "clipped"] | None
+CorrectionName = Literal["detached_ratio", "ratio", "clipped"] | None
 CORRECTIONS = ("detached_ratio", "ratio", "clipped")
-CREDITS = ("token", "reward_to_go")
 
 
 class Estimator(Protocol):
@@ -75,6 +75,9 @@ class KLTerm(NamedTuple):
   surrogate: Callable[..., jax.Array]
   coefficient: Callable[..., jax.Array]
   value: Callable[..., jax.Array]
+  # (logp, ref_logp, *, mask=None) -> int32 count of the elements a value clamp cut (their
+  # gradient is zero), for the terms that clamp their value ("k3_as_loss+value_clamp"); else None.
+  count_clamped: Callable[..., jax.Array] | None = None
 
 
 def _inputs(logp, ref_logp, old_logp=None, mask=None):
@@ -98,21 +101,6 @@ def _masked(x: jax.Array, mask: jax.Array | None) -> jax.Array:
   return x if mask is None else jnp.where(mask.astype(bool), x, 0.0)
 
 
-def importance_ratio(
-    logp: jax.Array, old_logp: jax.Array | None, *, clamp: float = est.DEFAULT_LOG_RATIO_CLAMP
-) -> jax.Array:
-  """ρ = π_θ/π_old = exp(logp − old_logp), differentiable through `logp`.
-
-  A log-ratio above `clamp` is continued linearly (`kljax.estimators.exp_clamped`: finite, non-zero
-  gradient; count with `kljax.count_clamped(old_logp, logp, clamp=clamp)`). On-policy (`old_logp=None`) ρ is
-  1 + logp − sg(logp): exactly 1 with gradient ∇logp, the first-order behaviour of
-  exp(logp − sg(logp)) without evaluating an `exp` per token.
-  """
-  if old_logp is None:
-    return 1.0 + (logp - jax.lax.stop_gradient(logp))
-  return est.exp_clamped(logp - jax.lax.stop_gradient(old_logp), clamp)
-
-
 def score_coefficient(estimator: Estimator, logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
   """∂k/∂logp per element, by forward-mode autodiff of the (elementwise) estimator."""
   return jax.jvp(lambda lp: estimator(lp, ref_logp), (logp,), (jnp.ones_like(logp),))[1]
@@ -126,7 +114,7 @@ def _estimator_name(estimator: Estimator) -> str:
 def as_loss(
     estimator: Estimator,
     *,
-    correction: Correction = None,
+    correction: CorrectionName = None,
     clip_eps_low: float = 0.2,
     clip_eps_high: float = 0.2,
     clamp: float = est.DEFAULT_LOG_RATIO_CLAMP,
@@ -145,7 +133,7 @@ def as_loss(
     clamp: log ρ above it is continued linearly (`kljax.estimators.exp_clamped`).
     name: the term's name (defaults to "<estimator>_as_loss[+correction]").
   """
-  if correction is not None and correction not in _CORRECTED:
+  if correction is not None and correction not in CORRECTED:
     raise ValueError(
         f"correction must be None or one of {', '.join(CORRECTIONS)}; got {correction!r}."
     )
@@ -154,7 +142,7 @@ def as_loss(
   _checks.positive(clamp, "clamp")
   if name is None:
     name = f"{_estimator_name(estimator)}_as_loss" + (f"+{correction}" if correction else "")
-  corrected = _CORRECTED[correction]
+  corrected = CORRECTED[correction]
   clip = (1.0 - clip_eps_low, 1.0 + clip_eps_high)
 
   def value(logp, ref_logp, *, mask=None):
@@ -163,20 +151,25 @@ def as_loss(
 
   def coefficient(logp, ref_logp, *, mask=None):
     logp, ref_logp, _, mask = _inputs(logp, ref_logp, mask=mask)
-    c = score_coefficient(estimator, logp, ref_logp)
-    if correction == "ratio":  # product rule: ∇(ρ·k) = k·∇ρ + ρ·∇k, and ∇ρ = ∇logp on-policy
-      c = c + estimator(logp, ref_logp)
-    return _masked(jax.lax.stop_gradient(c), mask)
+    return _masked(jax.lax.stop_gradient(corrected.coefficient(estimator, logp, ref_logp)), mask)
 
   def surrogate(logp, ref_logp, old_logp=None, *, mask=None):
     logp, ref_logp, old_logp, mask = _inputs(logp, ref_logp, old_logp, mask)
     rho = importance_ratio(logp, old_logp, clamp=clamp)
-    return _masked(corrected(estimator, logp, ref_logp, rho, clip), mask)
+    return _masked(corrected.surrogate(estimator, logp, ref_logp, rho, clip), mask)
 
   return KLTerm(name, "loss", surrogate, coefficient, value)
 
 
-# Each correction: (estimator, logp, ref_logp, ρ, (1−ε_low, 1+ε_high)) -> per-element surrogate.
+class Correction(NamedTuple):
+  """An off-policy correction of an as-loss term, as its two formulas."""
+
+  # (k, logp, ref_logp, ρ, (1−ε_low, 1+ε_high)) -> per-element surrogate
+  surrogate: Callable[..., jax.Array]
+  # (k, logp, ref_logp) -> its on-policy coefficient ∂surrogate/∂logp (ρ ≡ 1, ∇ρ = ∇logp)
+  coefficient: Callable[..., jax.Array]
+
+
 def _uncorrected(k, logp, ref_logp, rho, clip):
   del rho, clip
   return k(logp, ref_logp)
@@ -198,12 +191,28 @@ def _clipped_head(k, logp, ref_logp, rho, clip):
   return jnp.maximum(rho * c, jnp.clip(rho, *clip) * c)
 
 
-_CORRECTED = {
-    None: _uncorrected,
-    "detached_ratio": _detached_ratio,
-    "ratio": _live_ratio,
-    "clipped": _clipped_head,
+def _score_plus_value(k, logp, ref_logp):
+  # The product rule: ∇(ρ·k) = k·∇ρ + ρ·∇k, and ∇ρ = ∇logp on-policy.
+  return score_coefficient(k, logp, ref_logp) + k(logp, ref_logp)
+
+
+CORRECTED = {
+    None: Correction(_uncorrected, score_coefficient),
+    "detached_ratio": Correction(_detached_ratio, score_coefficient),
+    "ratio": Correction(_live_ratio, _score_plus_value),
+    "clipped": Correction(_clipped_head, score_coefficient),
 }
+"""Correction name (None: uncorrected) -> its `Correction`."""
+
+
+def _reward_to_go(c, mask):
+  if c.ndim < 1:
+    raise ValueError("reward-to-go credit needs a time axis (the last axis), got a scalar.")
+  return reward_to_go(c, mask)
+
+
+CREDITED = {"token": _masked, "reward_to_go": _reward_to_go}
+"""Credit name -> (per-token penalty, mask) -> the per-token coefficient of an in-reward term."""
 
 
 def in_reward(
@@ -225,9 +234,10 @@ def in_reward(
     clamp: log ρ above it is continued linearly (`kljax.estimators.exp_clamped`).
     name: defaults to "<estimator>_in_reward" (+"_rtg" for reward-to-go credit).
   """
-  if credit not in CREDITS:
-    raise ValueError(f"credit must be one of {', '.join(CREDITS)}; got {credit!r}.")
+  if credit not in CREDITED:
+    raise ValueError(f"credit must be one of {', '.join(CREDITED)}; got {credit!r}.")
   _checks.positive(clamp, "clamp")
+  credited = CREDITED[credit]
   if name is None:
     name = f"{_estimator_name(estimator)}_in_reward" + ("_rtg" if credit == "reward_to_go" else "")
 
@@ -237,12 +247,7 @@ def in_reward(
 
   def coefficient(logp, ref_logp, *, mask=None):
     logp, ref_logp, _, mask = _inputs(logp, ref_logp, mask=mask)
-    c = jax.lax.stop_gradient(estimator(logp, ref_logp))
-    if credit == "reward_to_go":
-      if c.ndim < 1:
-        raise ValueError("reward-to-go credit needs a time axis (the last axis), got a scalar.")
-      return reward_to_go(c, mask)
-    return _masked(c, mask)
+    return credited(jax.lax.stop_gradient(estimator(logp, ref_logp)), mask)
 
   def surrogate(logp, ref_logp, old_logp=None, *, mask=None):
     c = coefficient(logp, ref_logp, mask=mask)
@@ -256,7 +261,7 @@ def straight_through(
     *,
     value: Estimator,
     grad: Estimator,
-    correction: Correction = None,
+    correction: CorrectionName = None,
     clip_eps_low: float = 0.2,
     clip_eps_high: float = 0.2,
     clamp: float = est.DEFAULT_LOG_RATIO_CLAMP,
@@ -288,14 +293,56 @@ def straight_through(
 
 
 # ---- The config boundary: the one place where names become functions. ----
+# Each pattern maps straight to a factory `(name, estimators, correction, *, clip_eps_low,
+# clip_eps_high, clamp) -> KLTerm`; the estimators are the `k[123]` groups of the name, in order.
+
+
+def _as_loss_term(name, ks, correction, **options):
+  return as_loss(ks[0], correction=correction, name=name, **options)
+
+
+def _in_reward_term(credit):
+  def make(name, ks, correction, *, clamp, **_):
+    if correction:
+      raise _unknown(
+          name, "in-reward terms take no correction: with old_logp they are importance-weighted"
+      )
+    return in_reward(ks[0], credit=credit, clamp=clamp, name=name)
+
+  return make
+
+
+def _straight_through_term(name, ks, correction, **options):
+  if _estimator_name(ks[0]) == _estimator_name(ks[1]):
+    raise _unknown(name, "value and gradient estimators must differ; use the as-loss name")
+  return straight_through(value=ks[0], grad=ks[1], correction=correction, name=name, **options)
+
+
+def _value_clamped_k3_term(name, ks, correction, *, clamp, **options):
+  """verl's `low_var_kl` as loss: k3 clipped to [−10, 10]; frozen-prefix ∇FKL inside the clamp,
+  zero gradient outside it; `term.count_clamped` counts the clamped elements."""
+  del ks, correction
+  estimator = functools.partial(est.k3_value_clamped, clamp=clamp)
+  term = as_loss(estimator, clamp=clamp, name=name, **options)
+
+  def count_clamped(logp, ref_logp, *, mask=None):
+    logp, ref_logp, _, mask = _inputs(logp, ref_logp, mask=mask)
+    return est.count_value_clamped(logp, ref_logp, mask=mask)
+
+  return term._replace(count_clamped=count_clamped)
+
 
 _EST = r"(k[123])"
-_PATTERNS = (
-    (re.compile(rf"^{_EST}_as_loss$"), "as_loss"),
-    (re.compile(rf"^{_EST}_in_reward$"), "in_reward"),
-    (re.compile(rf"^{_EST}_in_reward_rtg$"), "in_reward_rtg"),
-    (re.compile(rf"^{_EST}_value_{_EST}_grad$"), "straight_through"),
-)
+_CORRECTION = rf"(?:\+({'|'.join(CORRECTIONS)}))?"
+_PATTERNS = {
+    re.compile(rf"^{_EST}_as_loss{_CORRECTION}$"): _as_loss_term,
+    re.compile(rf"^{_EST}_in_reward{_CORRECTION}$"): _in_reward_term("token"),
+    re.compile(rf"^{_EST}_in_reward_rtg{_CORRECTION}$"): _in_reward_term("reward_to_go"),
+    re.compile(rf"^{_EST}_value_{_EST}_grad{_CORRECTION}$"): _straight_through_term,
+    re.compile(r"^k3_as_loss\+value_clamp$"): _value_clamped_k3_term,
+}
+VALUE_CLAMPED = ("k3_as_loss+value_clamp",)
+"""The names whose value is clamped (verl's `low_var_kl`), outside the estimator × placement grid."""
 
 
 def kl_term_names() -> tuple[str, ...]:
@@ -306,7 +353,7 @@ def kl_term_names() -> tuple[str, ...]:
   names += [f"{a}_value_{b}_grad" for a in est.ESTIMATORS for b in est.ESTIMATORS if a != b]
   with_corrections = [n for n in names if "in_reward" not in n]
   names += [f"{n}+{c}" for n in with_corrections for c in CORRECTIONS]
-  return tuple(names)
+  return tuple(names) + VALUE_CLAMPED
 
 
 def _unknown(name: str, why: str) -> ValueError:
@@ -314,7 +361,8 @@ def _unknown(name: str, why: str) -> ValueError:
   return ValueError(
       f"unknown KL term {name!r} ({why}). Valid names: {', '.join(bases)}; the as-loss and "
       f"straight-through ones optionally followed by one of "
-      f"{', '.join('+' + c for c in CORRECTIONS)} (e.g. 'k2_as_loss+detached_ratio')."
+      f"{', '.join('+' + c for c in CORRECTIONS)} (e.g. 'k2_as_loss+detached_ratio'); and "
+      f"{', '.join(VALUE_CLAMPED)} (verl's value-clamped k3)."
   )
 
 
@@ -330,7 +378,10 @@ def kl_term(
   Args:
     name: "<k>_as_loss", "<k>_in_reward", "<k>_in_reward_rtg" or "<ka>_value_<kb>_grad" with
       k ∈ {k1, k2, k3}, the loss-placed ones optionally suffixed "+detached_ratio", "+ratio" or
-      "+clipped". `kl_term_names()` lists them all.
+      "+clipped"; or "k3_as_loss+value_clamp" (verl's `low_var_kl` as loss: k3 clipped to
+      [−10, 10], `kljax.estimators.k3_value_clamped`; it follows the frozen-prefix ∇FKL inside the
+      clamp and has zero gradient outside it, and `term.count_clamped` counts the clamped tokens).
+      `kl_term_names()` lists them all.
     clip_eps_low, clip_eps_high: ε of the clipped head.
     clamp: the exponent above which k3's δ and every importance ratio are continued linearly
       (`kljax.estimators.exp_clamped`).
@@ -339,28 +390,17 @@ def kl_term(
   """
   if not isinstance(name, str):
     raise TypeError(f"name must be a string such as 'k2_as_loss', got {type(name).__name__}.")
-  base, _, correction = name.strip().partition("+")
-  if correction and correction not in CORRECTIONS:
-    raise _unknown(name, f"unknown correction {correction!r}")
-  for pattern, kind in _PATTERNS:
-    m = pattern.match(base)
+  name = name.strip()
+  for pattern, make in _PATTERNS.items():
+    m = pattern.match(name)
     if m is None:
       continue
-    fns = [est.ESTIMATORS[k] for k in m.groups()]
+    *ks, correction = m.groups() if m.re.groups else (None,)
+    fns = [est.ESTIMATORS[k] for k in ks]
     fns = [functools.partial(f, clamp=clamp) if f is est.k3 else f for f in fns]
-    clip = dict(clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high)
-    if kind.startswith("in_reward"):
-      if correction:
-        raise _unknown(
-            name, "in-reward terms take no correction: with old_logp they are importance-weighted"
-        )
-      credit = "reward_to_go" if kind == "in_reward_rtg" else "token"
-      return in_reward(fns[0], credit=credit, clamp=clamp, name=name)
-    if kind == "straight_through":
-      if m.group(1) == m.group(2):
-        raise _unknown(name, "value and gradient estimators must differ; use the as-loss name")
-      return straight_through(
-          value=fns[0], grad=fns[1], correction=correction or None, clamp=clamp, name=name, **clip
-      )
-    return as_loss(fns[0], correction=correction or None, clamp=clamp, name=name, **clip)
+    return make(name, fns, correction, clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high,
+                clamp=clamp)
+  _, _, correction = name.partition("+")
+  if correction and correction not in CORRECTIONS:
+    raise _unknown(name, f"unknown correction {correction!r}")
   raise _unknown(name, "no such estimator placement")

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from kljax import _checks
+from kljax import estimators as est
 
 
 class TokenStats(NamedTuple):
@@ -33,7 +34,8 @@ class TokenStats(NamedTuple):
 
 
 def _stats(h_nd, w_dv, y_n, ref_h_nd, ref_w_dv):
-  """The statistics of N tokens from their logits (the one place the formulas are written)."""
+  """The statistics of N tokens from their logits, written plainly (the reference the chunked path
+  is tested against); the KLs are `kljax.estimators.kl_from_log_probs`."""
   logits = jnp.dot(h_nd, w_dv.astype(h_nd.dtype), preferred_element_type=jnp.float32)
   log_probs = jax.nn.log_softmax(logits, axis=-1)
   probs = jnp.exp(log_probs)
@@ -43,9 +45,8 @@ def _stats(h_nd, w_dv, y_n, ref_h_nd, ref_w_dv):
     return logp, entropy, None, None
   ref_logits = jnp.dot(ref_h_nd, ref_w_dv.astype(ref_h_nd.dtype), preferred_element_type=jnp.float32)
   ref_log_probs = jax.lax.stop_gradient(jax.nn.log_softmax(ref_logits, axis=-1))
-  diff = log_probs - ref_log_probs
-  reverse = jnp.sum(probs * diff, axis=-1)
-  forward = -jnp.sum(jnp.exp(ref_log_probs) * diff, axis=-1)
+  reverse = est.kl_from_log_probs(log_probs, ref_log_probs)
+  forward = est.kl_from_log_probs(ref_log_probs, log_probs)
   return logp, entropy, reverse, forward
 
 

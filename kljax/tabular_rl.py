@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 from kljax import exact
+from kljax.advantages import leave_one_out
 from kljax.kl import KLTerm
 
 METRICS = ("rkl", "fkl", "target_prob", "reward", "grad_norm", "max_abs_log_delta")
@@ -59,7 +60,7 @@ def train(term: KLTerm, ref: exact.Policy, target: int, *, beta: float, num_step
     idx = jax.random.categorical(key, jax.lax.stop_gradient(jnp.sum(lp_all, -1)),
                                  shape=(num_samples,))
     r = (idx == target).astype(jnp.float32)
-    adv = r - (jnp.sum(r) - r) / (num_samples - 1)
+    adv = leave_one_out(r)
 
     def loss(t):
       lp = exact.token_logprobs(t)[idx]

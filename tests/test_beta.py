@@ -50,3 +50,20 @@ def test_controller_state_scans():
                               jnp.full((5,), 1.0))
   np.testing.assert_allclose(betas, 1.02 ** np.arange(5), rtol=1e-6)  # error clipped at +0.2
   assert float(final.beta) == pytest.approx(1.02**5, rel=1e-6)
+
+
+def test_controller_names_map_to_their_recurrences():
+  from kljax import beta as beta_lib
+
+  # Hand rules: constant β; 0 → β linearly over warmup_steps updates; Ziegler's β·(1 + e·n/H).
+  const = beta_lib.controller("constant", beta=0.2)
+  assert float(const.update(const.init(), 9.0).beta) == pytest.approx(0.2)
+  warm = beta_lib.controller("linear_warmup", beta=0.2, warmup_steps=4)
+  state = warm.init()
+  assert float(state.beta) == 0.0
+  assert float(warm.update(state, None, n_steps=1).beta) == pytest.approx(0.05)
+  ada = beta_lib.controller("adaptive", beta=0.1, target_kl=0.1, horizon=50.0)
+  error = np.clip(0.3 / 0.1 - 1.0, -0.2, 0.2)
+  assert float(ada.update(ada.init(), 0.3, n_steps=5).beta) == pytest.approx(0.1 * (1 + error * 5 / 50))
+  with pytest.raises(ValueError, match="controller must be one of 'constant', 'linear_warmup'"):
+    beta_lib.controller("pid", beta=0.1)
