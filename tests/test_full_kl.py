@@ -272,3 +272,58 @@ def test_bad_inputs_name_the_argument(hidden):
     full_kl.full_kl_term(credit="token")
   with pytest.raises(ValueError, match="PRNG"):
     full_kl.full_kl_term(top_k=4).position_kl(h, w, rh, rw)
+
+
+# ---- sampled gradients on tabular sequences ----
+
+
+def test_rb_and_k1_rtg_are_unbiased_and_rb_is_less_noisy():
+  from kljax import tabular_rl
+  from kljax.kl import kl_term
+
+  k = jax.random.split(jax.random.PRNGKey(7), 2)
+  ref = exact.random_tabular(k[0], vocab=3, length=4)
+  policy = tuple(r + 0.7 * jax.random.normal(kk, r.shape)
+                 for r, kk in zip(ref, jax.random.split(k[1], 4)))
+  g = exact.rkl_grad(policy, ref)
+  trials = 512
+  out = {}
+  for name in ("k1_in_reward_rtg", "exact_rkl_rb"):
+    for n in (16, 64):
+      out[name, n] = tabular_rl.gradient_spread(kl_term(name), policy, ref, g,
+                                                jax.random.PRNGKey(n), num_samples=n,
+                                                num_trials=trials)
+  for (name, n), (spread, bias) in out.items():
+    assert bias < 4 * spread / np.sqrt(trials), (name, n, spread, bias)  # MC level: unbiased
+    # the spread of an N-sample mean falls as 1/√N: independent batches
+  for name in ("k1_in_reward_rtg", "exact_rkl_rb"):
+    assert 1.6 < out[name, 16][0] / out[name, 64][0] < 2.5
+  assert out["exact_rkl_rb", 16][0] < 0.8 * out["k1_in_reward_rtg", 16][0]
+
+
+def test_rb_on_one_token_has_no_sampling_noise():
+  from kljax import tabular_rl
+  from kljax.kl import kl_term
+
+  policy, ref, _ = _policies(5, 1)
+  spread, bias = tabular_rl.gradient_spread(kl_term("exact_rkl_rb"), policy, ref,
+                                            exact.rkl_grad(policy, ref), jax.random.PRNGKey(0),
+                                            num_samples=4, num_trials=16)
+  assert spread < 1e-5 and bias < 1e-5
+  spread_k1, _ = tabular_rl.gradient_spread(kl_term("k1_in_reward_rtg"), policy, ref,
+                                            exact.rkl_grad(policy, ref), jax.random.PRNGKey(0),
+                                            num_samples=4, num_trials=16)
+  assert spread_k1 > 0.1
+
+
+def test_kl_term_resolves_the_full_names():
+  from kljax.kl import FULL_KL_NAMES, kl_term, kl_term_names
+
+  for name in FULL_KL_NAMES + ("top8_rkl_as_loss", "top512_rkl_rb"):
+    term = kl_term(name)
+    assert isinstance(term, full_kl.FullKLTerm) and term.name == name
+    assert name not in kl_term_names()  # the per-token grid stays per-token
+  assert kl_term("top8_rkl_rb").top_k == 8 and kl_term("exact_rkl_rb").credit == "sequence"
+  for bad in ("exact_fkl_rb", "top8_fkl_as_loss", "top0_rkl_rb", "exact_rkl_as_loss+ratio"):
+    with pytest.raises(ValueError, match="unknown KL term"):
+      kl_term(bad)
