@@ -327,3 +327,10 @@ def test_kl_term_resolves_the_full_names():
   for bad in ("exact_fkl_rb", "top8_fkl_as_loss", "top0_rkl_rb", "exact_rkl_as_loss+ratio"):
     with pytest.raises(ValueError, match="unknown KL term"):
       kl_term(bad)
+
+
+def test_audit_says_it_cannot_run_a_full_term():
+  from kljax import audit
+
+  with pytest.raises(audit.AuditError, match="whole next-token distribution"):
+    audit.audit("exact_rkl_rb")
