@@ -21,6 +21,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from kljax import exact, full_kl, tabular_rl
@@ -44,7 +45,7 @@ _frozen_grad = jax.jit(exact.frozen_prefix_rkl_grad)
 
 def _settings(quick: bool) -> dict:
   if quick:
-    return dict(vocab=4, lengths=(1, 3, 6), seeds=3, num_samples=16, num_trials=256,
+    return dict(vocab=4, lengths=(1, 3, 6), seeds=2, num_samples=16, num_trials=256,
                 distance=0.7)
   return dict(vocab=4, lengths=(1, 2, 3, 4, 5, 6), seeds=5, num_samples=16, num_trials=1024,
               distance=0.7)
@@ -79,7 +80,82 @@ def run(quick: bool = True, workdir: str | None = None) -> dict:
           rows.append({"pair": pair, "term": name, "length": length, "seed": seed,
                        "std_over_norm": spread, "bias_over_norm": bias,
                        "exact_rkl": float(_reverse_kl(policy, ref))})
-  return {"settings": s, "rows": rows, "seconds": time.perf_counter() - start}
+  return {"settings": s, "rows": rows, "model": run_model(quick),
+          "seconds": time.perf_counter() - start}
+
+
+def _model_settings(quick: bool) -> dict:
+  if quick:
+    return dict(preset="tiny", prompts=8, group=2, prompt_len=4, new_tokens=12, batches=24,
+                noise=0.05)
+  return dict(preset="tiny", prompts=8, group=2, prompt_len=4, new_tokens=24, batches=96,
+              noise=0.05)
+
+
+def run_model(quick: bool = True) -> dict:
+  """The same comparison on a decoder (the GRPO trainer's model and sampler): π_ref a random `tiny`
+  preset, π_θ its parameters plus N(0, noise²); each batch samples completions of fixed prompts from
+  π_θ (temperature 1: on-policy), and the gradient w.r.t. every parameter of
+  mean_i Σ_t surrogate is taken for `k1_in_reward_rtg` and `exact_rkl_rb`. E g is not known here:
+  ‖E g‖ is estimated by the mean of all batches of both (unbiased) estimators, so the std/‖E g‖
+  figures carry that estimate's noise; their ratio does not."""
+  from flax import nnx
+
+  from kljax import logprobs, models
+  from kljax.sampling import sample
+
+  s = _model_settings(quick)
+  start = time.perf_counter()
+  ref_model = models.create(models.preset(s["preset"]), seed=0)
+  graphdef, ref_params = nnx.split(ref_model)
+  leaves, tree = jax.tree.flatten(ref_params)
+  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+  params = jax.tree.unflatten(tree, [x + s["noise"] * jax.random.normal(k, x.shape, x.dtype)
+                                     for x, k in zip(leaves, keys)])
+  vocab = ref_model.config.vocab_size
+  prompts = jax.random.randint(jax.random.PRNGKey(2), (s["prompts"], s["prompt_len"]), 3, vocab)
+  mask_p = jnp.ones(prompts.shape, bool)
+  k1_rtg, rb = kl_term("k1_in_reward_rtg"), full_kl.full_kl_term(credit="sequence")
+  p_len = s["prompt_len"]
+
+  def grads(params, tokens, completion_mask):
+    sl, targets = slice(p_len - 1, tokens.shape[1] - 1), tokens[:, p_len:]
+    ref = nnx.merge(graphdef, ref_params)
+    rh = jax.lax.stop_gradient(ref.hidden_states(tokens)[0][:, sl])
+    rw = jax.lax.stop_gradient(ref.unembedding())
+    ref_logp = logprobs.token_stats(rh, rw, targets).logp
+
+    def losses(p):
+      policy = nnx.merge(graphdef, p)
+      st = logprobs.token_stats(policy.hidden_states(tokens)[0][:, sl], policy.unembedding(),
+                                targets, ref_hidden_btd=rh, ref_unembed_dv=rw)
+      a = k1_rtg.surrogate(st.logp, ref_logp, jax.lax.stop_gradient(st.logp), mask=completion_mask)
+      b = rb.surrogate(st.reverse_kl, st.logp, None, mask=completion_mask)
+      return jnp.mean(jnp.sum(a, -1)), jnp.mean(jnp.sum(b, -1))
+
+    flat = lambda g: jnp.concatenate([x.reshape(-1) for x in jax.tree.leaves(g)])
+    g_a = jax.grad(lambda p: losses(p)[0])(params)
+    g_b = jax.grad(lambda p: losses(p)[1])(params)
+    return flat(g_a), flat(g_b)
+
+  grads = jax.jit(grads)
+  policy = nnx.merge(graphdef, params)
+  ga, gb = [], []
+  for i in range(s["batches"]):
+    out = sample(policy, prompts, mask_p, jax.random.PRNGKey(100 + i),
+                 max_new_tokens=s["new_tokens"], eos_id=2, samples_per_prompt=s["group"])
+    a, b = grads(params, out.tokens_bt, out.completion_mask_bn)
+    ga.append(np.asarray(a, np.float64))
+    gb.append(np.asarray(b, np.float64))
+  ga, gb = np.stack(ga), np.stack(gb)
+  norm = np.linalg.norm(np.concatenate([ga, gb]).mean(0))
+  spread = lambda g: float(np.sqrt(np.mean(np.sum((g - g.mean(0)) ** 2, -1))))
+  return {"settings": s, "k1_in_reward_rtg": spread(ga) / norm, "exact_rkl_rb": spread(gb) / norm,
+          "ratio": spread(ga) / spread(gb),
+          "mean_gap": float(np.linalg.norm(ga.mean(0) - gb.mean(0)) / norm),
+          # the gap's own noise: √((spread_a² + spread_b²)/batches)/‖mean g‖
+          "mean_gap_noise": float(np.sqrt((spread(ga) ** 2 + spread(gb) ** 2) / len(ga)) / norm),
+          "seconds": time.perf_counter() - start}
 
 
 def summary(results: dict) -> list[dict]:
@@ -106,7 +182,9 @@ def figure(results: dict, path: str) -> None:
   import matplotlib.pyplot as plt
 
   s = results["settings"]
-  fig, axes = plt.subplots(1, len(PAIRS), figsize=(5.2 * len(PAIRS), 3.8), squeeze=False)
+  model = results.get("model")
+  panels = len(PAIRS) + (model is not None)
+  fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.8), squeeze=False)
   colours = ("#d62728", "#1f77b4")
   for ax, (pair, (names, _)) in zip(axes[0], PAIRS.items()):
     for name, colour in zip(names, colours):
@@ -122,8 +200,19 @@ def figure(results: dict, path: str) -> None:
                  fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-  fig.suptitle(f"Tabular policies, V = {s['vocab']}, N = {s['num_samples']} sequences a batch, "
-               f"{s['num_trials']} batches, mean ± std over {s['seeds']} policy pairs", fontsize=9)
+  if model is not None:
+    ax = axes[0][-1]
+    names = ("k1_in_reward_rtg", "exact_rkl_rb")
+    ax.bar(names, [model[n] for n in names], color=colours)
+    ax.set_ylabel("std / ‖mean g‖ of one batch's gradient")
+    m = model["settings"]
+    ax.set_title(f"decoder ({m['preset']}), {m['prompts'] * m['group']} completions of "
+                 f"{m['new_tokens']} tokens a batch\n{m['batches']} batches; ratio "
+                 f"{model['ratio']:.2f}×", fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+  fig.suptitle(f"Tabular policies (left{' two' if len(PAIRS) > 1 else ''}): V = {s['vocab']}, "
+               f"N = {s['num_samples']} sequences a batch, {s['num_trials']} batches, mean ± std "
+               f"over {s['seeds']} policy pairs", fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -164,6 +253,22 @@ def markdown(results: dict) -> str:
       "KL of the only position, no future). The remaining noise is that of the prefixes, which "
       "both estimators sample.",
   ]
+  model = results.get("model")
+  if model is not None:
+    m = model["settings"]
+    lines += [
+        "",
+        f"On a decoder (the `{m['preset']}` preset; π_θ = π_ref's parameters + N(0, "
+        f"{m['noise']}²); {m['batches']} batches of {m['prompts'] * m['group']} sampled "
+        f"completions of {m['new_tokens']} tokens), the gradient w.r.t. every parameter: "
+        f"std/‖mean g‖ {model['k1_in_reward_rtg']:.2f} for `k1_in_reward_rtg` and "
+        f"{model['exact_rkl_rb']:.2f} for `exact_rkl_rb`, a {model['ratio']:.2f}× lower spread "
+        "(‖E g‖ is estimated from the batches of both, so the two std/‖mean g‖ figures share "
+        f"that estimate's noise; the spread ratio does not. The two estimators' means differ by "
+        f"{model['mean_gap']:.2f}·‖mean g‖, against a noise level of "
+        f"{model['mean_gap_noise']:.2f}·‖mean g‖ for that difference over {m['batches']} "
+        "batches).",
+    ]
   return "\n".join(lines)
 
 
