@@ -114,14 +114,16 @@ def _topk_mask(logits_nv, k):
   return jnp.zeros(logits_nv.shape, bool).at[jnp.arange(logits_nv.shape[0])[:, None], top].set(True)
 
 
-def _check_topk(logits, k, num_samples):
-  if logits.ndim != 2:
-    raise ValueError(f"logits_nv must have shape [N, V], got {list(logits.shape)}.")
-  if not 1 <= int(k) < logits.shape[-1]:
-    raise ValueError(f"k must satisfy 1 <= k < V = {logits.shape[-1]} (a tail must remain), "
-                     f"got k={k}.")
+def _check_topk(vocab, k, num_samples):
+  if not 1 <= int(k) < vocab:
+    raise ValueError(f"k must satisfy 1 <= k < V = {vocab} (a tail must remain), got k={k}.")
   if int(num_samples) < 1:
     raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+
+
+def _check_rows(logits, name):
+  if logits.ndim != 2:
+    raise ValueError(f"{name} must have shape [N, V], got {list(logits.shape)}.")
 
 
 def sample_tail(key: jax.Array, logits_nv: ArrayLike, *, k: int, num_samples: int = 1) -> jax.Array:
@@ -130,7 +132,8 @@ def sample_tail(key: jax.Array, logits_nv: ArrayLike, *, k: int, num_samples: in
   The proposal r(v) = π(v)/P_tail for v outside the top k (the tail's own law), detached.
   """
   logits = jax.lax.stop_gradient(_checks.as_float32(logits_nv, "logits_nv"))
-  _check_topk(logits, k, num_samples)
+  _check_rows(logits, "logits_nv")
+  _check_topk(logits.shape[-1], k, num_samples)
   tail_logits = jnp.where(_topk_mask(logits, int(k)), -jnp.inf, logits)
   return jax.random.categorical(key, tail_logits, axis=-1,
                                 shape=(int(num_samples), logits.shape[0])).T.astype(jnp.int32)
@@ -159,11 +162,12 @@ def topk_tail_kl(logits_nv: ArrayLike, ref_logits_nv: ArrayLike, tail_nm: ArrayL
   ref = jax.lax.stop_gradient(_checks.as_float32(ref_logits_nv, "ref_logits_nv"))
   tail = jnp.asarray(tail_nm)
   _checks.same_shape(logits_nv=logits, ref_logits_nv=ref)
+  _check_rows(logits, "logits_nv")
   if tail.ndim != 2 or tail.shape[0] != logits.shape[0] or not jnp.issubdtype(tail.dtype,
                                                                               jnp.integer):
     raise ValueError(f"tail_nm must be an integer array [N, m] with N = {logits.shape[0]}, got "
                      f"{tail.dtype} {list(tail.shape)}.")
-  _check_topk(logits, k, tail.shape[1])
+  _check_topk(logits.shape[-1], k, tail.shape[1])
   log_p = jax.nn.log_softmax(logits, axis=-1)
   d = log_p - jax.nn.log_softmax(ref, axis=-1)
   in_top = _topk_mask(logits, int(k))
@@ -201,7 +205,7 @@ def topk_position_kl(
     raise ValueError("topk_position_kl needs ref_hidden_btd and ref_unembed_dv.")
   if int(chunk_size) < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
-  _check_topk(jnp.zeros((1, w.shape[1])), k, num_samples)
+  _check_topk(w.shape[1], k, num_samples)
   b, t, d = h.shape
   n = b * t
   c = min(int(chunk_size), n)
