@@ -35,10 +35,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def _inputs(b, t, d, v, seed=0):
   k = jax.random.split(jax.random.PRNGKey(seed), 4)
   h = jax.random.normal(k[0], (b, t, d))
-  # logit std ≈ 3.2 per position: entropy of a few nats at V = 151,936, like an LM's next token
-  w = 3.2 / np.sqrt(d) * jax.random.normal(k[1], (d, v))
+  # logit std ≈ 4.2 per position: entropy ≈ ln V − σ²/2 ≈ 3 nats at V = 151,936, LM-like
+  w = 4.2 / np.sqrt(d) * jax.random.normal(k[1], (d, v))
   rh = h + 0.3 * jax.random.normal(k[2], (b, t, d))
-  rw = w + 0.3 * 3.2 / np.sqrt(d) * jax.random.normal(k[3], (d, v))
+  rw = w + 0.3 * 4.2 / np.sqrt(d) * jax.random.normal(k[3], (d, v))
   return h, w, rh, rw
 
 
