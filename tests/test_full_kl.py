@@ -63,12 +63,15 @@ def test_sequence_terms_follow_their_divergence_exactly(float64, name, off_polic
     assert exact.tree_distance(got, exact.rkl_grad(pol, ref)) > 1e-2
 
 
+@pytest.mark.parametrize("off_policy", [False, True])
 @pytest.mark.parametrize("name", list(TERMS))
-def test_one_token_terms_equal_the_closed_forms(float64, name):
+def test_one_token_terms_equal_the_closed_forms(float64, name, off_policy):
+  """Token level: one position, whatever policy sampled the token (the exact KL does not read it)."""
   rng = np.random.default_rng(3)
-  logits, ref_logits = rng.normal(size=6), rng.normal(size=6)
+  logits, ref_logits, old_logits = rng.normal(size=6), rng.normal(size=6), rng.normal(size=6)
   q = np.exp(ref_logits) / np.exp(ref_logits).sum()
-  got = _expected(TERMS[name], exact.categorical(logits), exact.categorical(ref_logits), None)[0]
+  old = exact.categorical(old_logits) if off_policy else None
+  got = _expected(TERMS[name], exact.categorical(logits), exact.categorical(ref_logits), old)[0]
   if name == "exact_fkl_as_loss":
     p = np.exp(logits) / np.exp(logits).sum()
     want = p - q  # ∂KL(q‖p)/∂z
@@ -334,3 +337,32 @@ def test_audit_says_it_cannot_run_a_full_term():
 
   with pytest.raises(audit.AuditError, match="whole next-token distribution"):
     audit.audit("exact_rkl_rb")
+
+
+@pytest.mark.parametrize("off_policy", [False, True])
+@pytest.mark.parametrize("credit", ["position", "sequence"])
+def test_topk_terms_follow_the_exact_terms_gradient_in_expectation(float64, credit, off_policy):
+  """Sequence level: the expectation over every position's tail draw (enumerated: each tail token v
+  with its probability r(v)) of the top-k term's expected gradient is the exact term's target."""
+  pol, ref, old = _policies(4, 3, seed=2)
+  old = old if off_policy else None
+  term = full_kl.full_kl_term(credit=credit, top_k=2)
+  v = 4
+
+  def surrogate(logits, ref_logits, tokens, old_logp):
+    n, t, _ = logits.shape
+    flat, ref_flat = logits.reshape(n * t, v), ref_logits.reshape(n * t, v)
+    log_p = jax.nn.log_softmax(jax.lax.stop_gradient(flat), -1)
+    top = jax.lax.top_k(flat, 2)[1]
+    in_top = jnp.zeros(flat.shape, bool).at[jnp.arange(n * t)[:, None], top].set(True)
+    r = jnp.where(in_top, 0.0, jnp.exp(log_p))
+    r = r / jnp.sum(r, -1, keepdims=True)  # the tail law a draw follows
+    kl = sum(r[:, u] * full_kl.topk_tail_kl(flat, ref_flat, jnp.full((n * t, 1), u), k=2)
+             for u in range(v))  # E over the draw; a draw inside the top k has r = 0
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tokens[..., None], -1)[..., 0]
+    return term.surrogate(kl.reshape(n, t), logp, old_logp)
+
+  got = exact.expected_gradient_full(surrogate, pol, ref, old=old)
+  want = (exact.rkl_grad(pol, ref) if credit == "sequence"
+          else exact.frozen_prefix_rkl_grad(pol, ref, prefixes=old))
+  assert exact.tree_distance(got, want) < 1e-6
