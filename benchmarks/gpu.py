@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import json
 import os
 import time
@@ -87,8 +86,8 @@ def bench_preset(preset: str, *, prompts: int, group: int, prompt_len: int, new_
               "attn_mask": jnp.concatenate([jnp.repeat(mask, group, 0), completion], axis=1),
               "mask": jnp.asarray(completion),
               "advantages": jnp.asarray(rng.normal(size=completion.shape), jnp.float32)}
-  update = jax.jit(functools.partial(grpo.update, setup), static_argnames=("with_ref",))
-  step = lambda: update(params, opt_state, jnp.float32(0.05), batch_in, params, with_ref=True)  # noqa: E731
+  update = grpo.compile_fns(setup)["update"]  # the trainer's jitted update
+  step = lambda: update(params, opt_state, jnp.float32(0.05), batch_in, params)  # noqa: E731
   t_update = _median_time(step, reps)
   t_iteration = _median_time(lambda: (rollout(), step()), max(1, reps // 2))
 

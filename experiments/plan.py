@@ -101,14 +101,14 @@ def plan(args: argparse.Namespace) -> dict:
   batch_in = {"tokens": sds((batch, p_ + n_), jnp.int32),
               "attn_mask": sds((batch, p_ + n_), jnp.bool_),
               "mask": sds((batch, n_), jnp.bool_), "advantages": sds((batch, n_), jnp.float32)}
-  update = jax.jit(functools.partial(grpo.update, setup), static_argnames=("with_ref",))
+  update = grpo.compile_fns(setup)["update"]  # the trainer's jitted update
   import contextlib
 
   # Under the mesh, activations keep their batch sharding (sharding.constrain_batch).
   in_mesh = contextlib.nullcontext if args.no_batch_constraint else functools.partial(jax.set_mesh,
                                                                                         mesh)
   with in_mesh():
-    compiled = update.lower(params, opt_state, beta_value, batch_in, params, with_ref=True).compile()
+    compiled = update.lower(params, opt_state, beta_value, batch_in, params).compile()
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost

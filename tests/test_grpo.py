@@ -93,6 +93,20 @@ def test_short_runs_write_every_metric(data_dir, tmp_path, changes):
     assert [r["beta"] for r in rows] == pytest.approx([0.0, 0.05])
 
 
+@pytest.mark.slow
+def test_without_a_reference_its_metrics_are_absent_not_zero(data_dir, tmp_path):
+  """kl.term = "none" without the exact KL runs no reference model: the metrics that compare the
+  policy to it are NaN in metrics.jsonl (a false 0 would read as "no drift"), the rest finite."""
+  config = tiny_config(data_dir, **{"kl.term": "none", "metrics.exact_kl": False})
+  grpo.train(config, str(tmp_path), progress=False)
+  rows = read_jsonl(str(tmp_path / "metrics.jsonl"))
+  assert len(rows) == 2 and {"k1", "k2", "k3", "max_log_ratio"} <= set(grpo.REFERENCE_METRICS)
+  for r in rows:
+    assert all(np.isnan(r[k]) for k in grpo.REFERENCE_METRICS)
+    assert all(np.isfinite(v) for k, v in r.items() if k not in grpo.REFERENCE_METRICS)
+    assert r["entropy"] > 0
+
+
 def _whole_sequence_credit(logp, ref_logp, old_logp, mask):
   """before_norm's KL part with σ_g held fixed: every token's score weighted by sg(Σ_s k1_s)."""
   import jax.numpy as jnp

@@ -1,7 +1,13 @@
 """The GRPO trainer: rollouts → rewards → group advantages → log-probs → PPO-clip + β·KL term.
 
 Reads top to bottom: setup (tokenizer, data, models, mesh, optimizer, KL), the jitted pieces
-(sequence statistics, the minibatch update), one step, and the loop with checkpoints and metrics.
+(the reference pass, sequence statistics, the loss built by `make_loss_fn`, the minibatch update),
+one step in named stages (rollout → score → rollout_stats → advantages → prepare_batch →
+update_epochs → step_metrics → next_state), and the loop with checkpoints and metrics.
+
+Without a reference model (kl.term = "none" and metrics.exact_kl off) the metrics that compare the
+policy to the reference (`REFERENCE_METRICS`: k1, k2, k3, the exact KL, the log-ratio extremes,
+the clamped count) are NaN in metrics.jsonl: absent, never a false zero.
 
 Randomness is a function of (seed, step) and the data order a function of the step, so a run
 restored from its checkpoint continues exactly as an uninterrupted one would.
@@ -69,60 +75,70 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None) -> N
   functions' import paths, and that every path's scheme (gs://…) can be reached here (its package
   is installed). With `workdir`, also the paths a run on this machine reads and writes
   (`_check_paths`), so that none fails after the warm start."""
-  def bad(field, msg):
-    raise ConfigError(f"--config.{field}: {msg}")
-
   _check_schemes(config, workdir)
+  _check_names(config)
+  _check_sizes(config)
+  _check_reward_fns(config)
+  _check_reward_fits_dataset(config)
+  if workdir is not None:
+    _check_paths(config, workdir)
 
+
+def _bad(field: str, msg: str):
+  raise ConfigError(f"--config.{field}: {msg}")
+
+
+def _check_names(config: ml_collections.ConfigDict) -> None:
+  """The KL term, β, the reward stage, the controller, the advantage estimator, the aggregation."""
   if config.kl.term != "none" and config.kl.term not in kl_term_names():
     try:
       kl_term(config.kl.term)
     except ValueError as err:
-      bad("kl.term", f"{err} Or 'none' for no KL term.")
+      _bad("kl.term", f"{err} Or 'none' for no KL term.")
   if not config.kl.beta >= 0 or not math.isfinite(config.kl.beta):
-    bad("kl.beta", f"must be a finite number >= 0, got {config.kl.beta}.")
+    _bad("kl.beta", f"must be a finite number >= 0, got {config.kl.beta}.")
   if config.kl.get("reward_stage", "after_norm") not in REWARD_STAGES:
-    bad("kl.reward_stage", f"must be one of {', '.join(REWARD_STAGES)}, got "
-        f"{config.kl.reward_stage!r}.")
+    _bad("kl.reward_stage", f"must be one of {', '.join(REWARD_STAGES)}, got "
+         f"{config.kl.reward_stage!r}.")
   if config.kl.controller not in ("constant", "linear_warmup", "adaptive"):
-    bad("kl.controller", f"must be 'constant', 'linear_warmup' or 'adaptive', got "
-        f"{config.kl.controller!r}.")
+    _bad("kl.controller", f"must be 'constant', 'linear_warmup' or 'adaptive', got "
+         f"{config.kl.controller!r}.")
   if config.advantage.estimator not in adv_lib.ADVANTAGES:
-    bad("advantage.estimator", f"must be one of {', '.join(adv_lib.ADVANTAGES)}, got "
-        f"{config.advantage.estimator!r}.")
+    _bad("advantage.estimator", f"must be one of {', '.join(adv_lib.ADVANTAGES)}, got "
+         f"{config.advantage.estimator!r}.")
   if config.loss.aggregation not in losses.AGGREGATIONS:
-    bad("loss.aggregation", f"must be one of {', '.join(losses.AGGREGATIONS)}, got "
-        f"{config.loss.aggregation!r}.")
+    _bad("loss.aggregation", f"must be one of {', '.join(losses.AGGREGATIONS)}, got "
+         f"{config.loss.aggregation!r}.")
+
+
+def _check_sizes(config: ml_collections.ConfigDict) -> None:
+  """Group size, batch and minibatch divisibility, counts >= 1, and the mesh."""
   if config.rollout.group_size < 2:
-    bad("rollout.group_size", f"must be >= 2 (advantages compare completions of one prompt), got "
-        f"{config.rollout.group_size}.")
+    _bad("rollout.group_size", f"must be >= 2 (advantages compare completions of one prompt), "
+         f"got {config.rollout.group_size}.")
   if config.batch_size % config.rollout.group_size:
-    bad("batch_size", f"{config.batch_size} completions a step must be a multiple of "
-        f"rollout.group_size ({config.rollout.group_size}); e.g. "
-        f"{config.rollout.group_size * max(1, config.batch_size // config.rollout.group_size)}.")
+    _bad("batch_size", f"{config.batch_size} completions a step must be a multiple of "
+         f"rollout.group_size ({config.rollout.group_size}); e.g. "
+         f"{config.rollout.group_size * max(1, config.batch_size // config.rollout.group_size)}.")
   if config.batch_size % config.loss.minibatches:
-    bad("loss.minibatches", f"{config.loss.minibatches} does not divide batch_size "
-        f"{config.batch_size}.")
+    _bad("loss.minibatches", f"{config.loss.minibatches} does not divide batch_size "
+         f"{config.batch_size}.")
   for field in ("num_steps", "checkpoint_every", "loss.epochs", "rollout.max_new_tokens"):
     value = config
     for part in field.split("."):
       value = value[part]
     if value < 1:
-      bad(field, f"must be >= 1, got {value}.")
+      _bad(field, f"must be >= 1, got {value}.")
   try:
     mesh = _mesh(config)
   except ValueError as err:
-    bad("mesh", f"{err} ({jax.device_count()} devices are visible).")
+    _bad("mesh", f"{err} ({jax.device_count()} devices are visible).")
   per_minibatch = config.batch_size // config.loss.minibatches
   try:
     sharding.check_divisible(per_minibatch, mesh)
     sharding.check_divisible(config.batch_size, mesh)
   except ValueError as err:
-    bad("batch_size", f"{err} (minibatches of {per_minibatch}).")
-  _check_reward_fns(config)
-  _check_reward_fits_dataset(config)
-  if workdir is not None:
-    _check_paths(config, workdir)
+    _bad("batch_size", f"{err} (minibatches of {per_minibatch}).")
 
 
 def _check_reward_fits_dataset(config: ml_collections.ConfigDict) -> None:
@@ -365,101 +381,183 @@ def make_term(config: ml_collections.ConfigDict) -> KLTerm | None:
 
 
 # ---------------------------------------------------------------- jitted pieces
+# Built once from explicit options (`compile_fns` is the only reader of the config): no traced
+# function reads the config or picks a branch by a string inside the trace.
 
 
-def completion_stats(graphdef, params, ref_params, tokens, attn_mask, prompt_len, *, chunk_size,
-                     with_ref: bool, exact_kl: bool = True):
+def is_on_policy(config: ml_collections.ConfigDict) -> bool:
+  """One epoch of one minibatch: every update sees the rollout policy itself (ρ ≡ 1), so the
+  update takes its log-probs from its own forward pass and no statistics pass runs before it.
+  More epochs or minibatches make the later updates off-policy."""
+  return config.loss.epochs == 1 and config.loss.minibatches == 1
+
+
+def uses_reference(config: ml_collections.ConfigDict) -> bool:
+  """The reference model runs when a KL term needs it or the exact KL is logged; without it the
+  metrics that compare the policy to the reference are absent (NaN)."""
+  return config.kl.term != "none" or config.metrics.exact_kl
+
+
+def _completion_positions(tokens, prompt_len: int):
+  """The positions whose hidden states predict the completion, and the completion tokens."""
+  return slice(prompt_len - 1, tokens.shape[1] - 1), tokens[:, prompt_len:]
+
+
+class Reference(NamedTuple):
+  """The reference's view of the completion, under stop_gradient: nothing flows into π_ref."""
+  hidden_btd: jax.Array  # at the positions that predict the completion
+  unembed_dv: jax.Array
+  logp_bt: jax.Array  # log π_ref(y_t)
+
+
+def reference_pass(graphdef, ref_params, tokens, attn_mask, *, prompt_len: int,
+                   chunk_size: int) -> Reference:
+  """The reference model's forward pass over the completion tokens."""
+  sl, targets = _completion_positions(tokens, prompt_len)
+  ref = nnx.merge(graphdef, ref_params)
+  rh, _ = ref.hidden_states(tokens, attention_mask_bt=attn_mask)
+  rh, rw = jax.lax.stop_gradient(rh[:, sl]), jax.lax.stop_gradient(ref.unembedding())
+  return Reference(rh, rw, logprobs.token_stats(rh, rw, targets, chunk_size=chunk_size).logp)
+
+
+def completion_stats(graphdef, params, ref_params, tokens, attn_mask, *, prompt_len: int,
+                     chunk_size: int, with_ref: bool, exact_kl: bool = True) -> dict:
   """Per completion token: policy log-prob, entropy, and (with a reference) its log-prob and the
   exact reverse/forward KL. Arrays [B, N]."""
   policy = nnx.merge(graphdef, params)
   h, _ = policy.hidden_states(tokens, attention_mask_bt=attn_mask)
-  sl = slice(prompt_len - 1, tokens.shape[1] - 1)  # positions that predict the completion
-  targets = tokens[:, prompt_len:]
+  sl, targets = _completion_positions(tokens, prompt_len)
   if not with_ref:
     s = logprobs.token_stats(h[:, sl], policy.unembedding(), targets, chunk_size=chunk_size)
     return {"logp": s.logp, "entropy": s.entropy}
-  ref = nnx.merge(graphdef, ref_params)
-  rh, _ = ref.hidden_states(tokens, attention_mask_bt=attn_mask)
-  rh, rw = jax.lax.stop_gradient(rh[:, sl]), jax.lax.stop_gradient(ref.unembedding())
+  ref = reference_pass(graphdef, ref_params, tokens, attn_mask, prompt_len=prompt_len,
+                       chunk_size=chunk_size)
   s = logprobs.token_stats(h[:, sl], policy.unembedding(), targets,
-                           ref_hidden_btd=rh if exact_kl else None,
-                           ref_unembed_dv=rw if exact_kl else None, chunk_size=chunk_size)
-  r = logprobs.token_stats(rh, rw, targets, chunk_size=chunk_size)
-  out = {"logp": s.logp, "entropy": s.entropy, "ref_logp": r.logp}
+                           ref_hidden_btd=ref.hidden_btd if exact_kl else None,
+                           ref_unembed_dv=ref.unembed_dv if exact_kl else None,
+                           chunk_size=chunk_size)
+  out = {"logp": s.logp, "entropy": s.entropy, "ref_logp": ref.logp_bt}
   if exact_kl:
     out |= {"rkl": s.reverse_kl, "fkl": s.forward_kl}
   return out
+
+
+def kl_in_advantages(term: KLTerm, advantages_bt, beta, logp_bt, ref_logp_bt, mask_bt):
+  """In-reward KL after the group normalization ("after_norm"): A_{i,t} − β·c_{i,t}, with c_t the
+  term's coefficient at the rollout policy (token or reward-to-go credit). [B, N]"""
+  return advantages_bt - beta * term.coefficient(logp_bt, ref_logp_bt, mask=mask_bt)
+
+
+def kl_in_reward(term: KLTerm, rewards_gk, beta, logp_bt, ref_logp_bt, mask_bt):
+  """In-reward KL before the group normalization ("before_norm", verl's order):
+  r'_i = r_i − β·Σ_t k_{i,t}, on the host. `rewards_gk` [prompts, G]."""
+  k_bt = to_host(term.value(logp_bt, ref_logp_bt, mask=mask_bt))
+  return rewards_gk - beta * (k_bt * mask_bt).sum(1).reshape(rewards_gk.shape)
+
+
+def _kl_grad_zeroed_fraction(term: KLTerm, logp, ref_logp, old, mask) -> jax.Array:
+  """Tokens whose KL-term gradient is exactly zero although π ≠ π_ref there (e.g. the clipped
+  head once the ratio has left the clip range): the fraction a correction removed."""
+  lp0 = jax.lax.stop_gradient(logp)
+  g = jax.grad(lambda l: jnp.sum(term.surrogate(l, ref_logp, old, mask=mask)))(lp0)
+  live = mask.astype(bool) & (lp0 != ref_logp)
+  return jnp.sum(live & (g == 0)) / jnp.maximum(jnp.sum(live), 1)
+
+
+def make_loss_fn(term: KLTerm | None, *, graphdef, prompt_len: int, clip_eps_low: float,
+                 clip_eps_high: float, dual_clip: float | None, aggregation: str,
+                 chunk_size: int, exact_kl: bool, on_policy: bool, with_ref: bool,
+                 reward_stage: str = "after_norm"):
+  """The minibatch loss `loss_fn(params, ref_params, beta, batch) -> (loss, aux)`:
+
+    loss = agg(PPO-clip(logp, old_logp, A)) + β · agg(surrogate(logp, ref_logp, old_logp))
+
+  the second part only for a term placed in the loss; `agg` is `aggregation` over the completion
+  mask. Off-policy batches carry `old_logp` and `ref_logp` from the statistics pass. On-policy
+  (`on_policy`) batches carry neither: the loss runs the reference pass itself, takes
+  old_logp = sg(logp) from its own forward pass (ρ ≡ 1, the same gradient) — one policy forward
+  per iteration instead of two — subtracts an after-norm in-reward term from the advantages, and
+  returns the per-token statistics for the metrics in aux["tokens"]."""
+  kl_in_loss = term is not None and term.placement == "loss"
+  shape_advantages = (on_policy and term is not None and term.placement == "reward"
+                      and reward_stage == "after_norm")
+  ref_in_loss = on_policy and with_ref
+  dual_clip = dual_clip or None
+
+  def loss_fn(params, ref_params, beta, batch):
+    tokens, attn, mask = batch["tokens"], batch["attn_mask"], batch["mask"]
+    sl, targets = _completion_positions(tokens, prompt_len)
+    ref, ref_logp = None, batch.get("ref_logp")
+    if ref_in_loss:
+      ref = reference_pass(graphdef, ref_params, tokens, attn, prompt_len=prompt_len,
+                           chunk_size=chunk_size)
+      ref_logp = ref.logp_bt
+    exact = ref is not None and exact_kl  # the full-vocabulary KL columns only when logged
+    policy = nnx.merge(graphdef, params)
+    h = policy.hidden_states(tokens, attention_mask_bt=attn)[0][:, sl]
+    s = logprobs.token_stats(h, policy.unembedding(), targets,
+                             ref_hidden_btd=ref.hidden_btd if exact else None,
+                             ref_unembed_dv=ref.unembed_dv if exact else None,
+                             chunk_size=chunk_size)
+    logp = s.logp
+    old = jax.lax.stop_gradient(logp) if on_policy else batch["old_logp"]
+    advantages = batch["advantages"]
+    if shape_advantages:
+      advantages = kl_in_advantages(term, advantages, beta, old, ref_logp, mask)
+    pg = losses.ppo_clip_loss(logp, old, advantages, mask, clip_eps_low=clip_eps_low,
+                              clip_eps_high=clip_eps_high, dual_clip=dual_clip)
+    agg = functools.partial(losses.aggregate, mask_bt=mask, mode=aggregation)
+    loss = agg(pg.loss_bt)
+    if kl_in_loss:
+      loss = loss + beta * agg(term.surrogate(logp, ref_logp, old, mask=mask))
+    n = jnp.maximum(jnp.sum(mask), 1)
+    aux = {"clip_fraction": jnp.sum(pg.clipped_bt) / n, "ppo_kl": jnp.sum(pg.ppo_kl_bt) / n}
+    if kl_in_loss:
+      aux["kl_grad_zeroed_fraction"] = _kl_grad_zeroed_fraction(term, logp, ref_logp, old, mask)
+    if on_policy:
+      tok = {"logp": logp, "entropy": s.entropy}
+      if with_ref:
+        tok["ref_logp"] = ref_logp
+      if exact:
+        tok |= {"rkl": s.reverse_kl, "fkl": s.forward_kl}
+      aux["tokens"] = jax.lax.stop_gradient(tok)
+    return loss, aux
+
+  return loss_fn
 
 
 def _norm(tree) -> jax.Array:
   return optax.tree.norm(tree)
 
 
-def update(setup: Setup, params, opt_state, beta, batch, ref_params=None, *, with_ref=False):
-  """One optimizer step on a minibatch: PPO-clip on the advantages + β · (loss-placed KL term).
-
-  Off-policy batches carry `old_logp` and `ref_logp` from the statistics pass. An on-policy batch
-  (one epoch, one minibatch) carries neither: the step computes the reference pass itself and
-  takes old_logp = sg(logp) from its own forward pass (ρ ≡ 1, the same gradient) — one policy
-  forward per iteration instead of two — and returns the per-token statistics for the metrics.
-  """
-  c, term = setup.config, setup.term
-  fused = "old_logp" not in batch
-  tokens, attn, mask = batch["tokens"], batch["attn_mask"], batch["mask"]
-  sl = slice(c.data.max_prompt_len - 1, tokens.shape[1] - 1)
-  targets = tokens[:, c.data.max_prompt_len:]
-  rh = rw = None
-  ref_logp = batch.get("ref_logp")
-  if fused and with_ref:
-    ref = nnx.merge(setup.graphdef, ref_params)
-    rh = jax.lax.stop_gradient(ref.hidden_states(tokens, attention_mask_bt=attn)[0][:, sl])
-    rw = jax.lax.stop_gradient(ref.unembedding())
-    ref_logp = logprobs.token_stats(rh, rw, targets, chunk_size=c.loss.chunk_size).logp
-  # The exact full-vocabulary KL columns only when they are logged (metrics.exact_kl).
-  kl_hidden, kl_unembed = (rh, rw) if c.metrics.exact_kl else (None, None)
-
-  def loss_fn(p):
-    policy = nnx.merge(setup.graphdef, p)
-    h = policy.hidden_states(tokens, attention_mask_bt=attn)[0][:, sl]
-    s = logprobs.token_stats(h, policy.unembedding(), targets, ref_hidden_btd=kl_hidden,
-                             ref_unembed_dv=kl_unembed, chunk_size=c.loss.chunk_size)
-    logp = s.logp
-    old = jax.lax.stop_gradient(logp) if fused else batch["old_logp"]
-    advantages = batch["advantages"]
-    if (fused and term is not None and term.placement == "reward"
-        and c.kl.get("reward_stage", "after_norm") == "after_norm"):
-      advantages = advantages - beta * term.coefficient(old, ref_logp, mask=mask)
-    pg = losses.ppo_clip_loss(logp, old, advantages, mask,
-                              clip_eps_low=c.loss.clip_eps_low, clip_eps_high=c.loss.clip_eps_high,
-                              dual_clip=c.loss.dual_clip or None)
-    agg = functools.partial(losses.aggregate, mask_bt=mask, mode=c.loss.aggregation)
-    loss = agg(pg.loss_bt)
-    if term is not None and term.placement == "loss":
-      loss = loss + beta * agg(term.surrogate(logp, ref_logp, old, mask=mask))
-    n = jnp.maximum(jnp.sum(mask), 1)
-    aux = {"clip_fraction": jnp.sum(pg.clipped_bt) / n, "ppo_kl": jnp.sum(pg.ppo_kl_bt) / n}
-    if term is not None and term.placement == "loss":
-      # Tokens whose KL-term gradient is exactly zero although π ≠ π_ref there (e.g. the clipped
-      # head once the ratio has left the clip range): the fraction a correction removed.
-      lp0 = jax.lax.stop_gradient(logp)
-      g = jax.grad(lambda l: jnp.sum(term.surrogate(l, ref_logp, old, mask=mask)))(lp0)
-      live = mask.astype(bool) & (lp0 != ref_logp)
-      aux["kl_grad_zeroed_fraction"] = jnp.sum(live & (g == 0)) / jnp.maximum(jnp.sum(live), 1)
-    if fused:
-      tok = {"logp": logp, "entropy": s.entropy}
-      if with_ref:
-        tok["ref_logp"] = ref_logp
-      if kl_hidden is not None:
-        tok |= {"rkl": s.reverse_kl, "fkl": s.forward_kl}
-      aux["tokens"] = jax.lax.stop_gradient(tok)
-    return loss, aux
-
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-  updates, opt_state = setup.optimizer.update(grads, opt_state, params)
+def update(loss_fn, optimizer: optax.GradientTransformation, params, opt_state, beta, batch,
+           ref_params=None):
+  """One optimizer step of `loss_fn` (from `make_loss_fn`) on a minibatch; aux gains the loss
+  and the l2 norms of the gradient, the update and the new parameters."""
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, ref_params, beta, batch)
+  updates, opt_state = optimizer.update(grads, opt_state, params)
   params = optax.apply_updates(params, updates)
   aux.update(loss=loss, grad_norm=_norm(grads), update_norm=_norm(updates),
              param_norm=_norm(params))
   return params, opt_state, aux
+
+
+def compile_fns(setup: Setup) -> dict:
+  """The jitted statistics pass and minibatch update of this setup (compiled on first call): the
+  config boundary, where every option of the traced functions is read."""
+  c = setup.config
+  with_ref, on_policy = uses_reference(c), is_on_policy(c)
+  stats = jax.jit(functools.partial(completion_stats, setup.graphdef,
+                                    prompt_len=c.data.max_prompt_len, chunk_size=c.loss.chunk_size,
+                                    with_ref=with_ref, exact_kl=c.metrics.exact_kl))
+  loss_fn = make_loss_fn(
+      setup.term, graphdef=setup.graphdef, prompt_len=c.data.max_prompt_len,
+      clip_eps_low=c.loss.clip_eps_low, clip_eps_high=c.loss.clip_eps_high,
+      dual_clip=c.loss.dual_clip, aggregation=c.loss.aggregation, chunk_size=c.loss.chunk_size,
+      exact_kl=c.metrics.exact_kl, on_policy=on_policy, with_ref=with_ref,
+      reward_stage=c.kl.get("reward_stage", "after_norm"))
+  # No buffer donation: the policy and the reference share arrays until the first update.
+  return {"stats": stats, "update": jax.jit(functools.partial(update, loss_fn, setup.optimizer))}
 
 
 # ---------------------------------------------------------------- host <-> devices
@@ -501,6 +599,18 @@ def to_host(x) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- one step
+# rollout → score → rollout_stats → advantages → prepare_batch → update_epochs → step_metrics →
+# next_state. Every stage is a function of its arguments; `train_step` runs them in order.
+
+
+class Rollout(NamedTuple):
+  """One step's sampled completions, on the host (rows: each prompt `group_size` times)."""
+  examples: list  # one a prompt
+  prompt_mask: np.ndarray  # [B, P]
+  tokens: np.ndarray  # [B, P + N] prompt and completion
+  attn_mask: np.ndarray  # [B, P + N]
+  completion_mask: np.ndarray  # [B, N]
+  sampler_logp: jax.Array  # [B, N] the sampler's log-probs (left on the devices)
 
 
 def _prompts(setup: Setup, step: int):
@@ -514,11 +624,10 @@ def _prompts(setup: Setup, step: int):
   return examples, tokens, mask  # one row a prompt; the group's G rows come from the sampler
 
 
-def train_step(setup: Setup, state: TrainState, fns: dict) -> tuple[TrainState, dict]:
-  """Rollout, score, and `epochs × minibatches` updates. Returns the new state and metrics."""
+def rollout(setup: Setup, params, step: int) -> Rollout:
+  """`group_size` completions of each of the step's prompts, sampled from the policy with the
+  key fold_in(fold_in(seed, step), 0)."""
   c = setup.config
-  step = int(state.step)
-  t0 = time.perf_counter()
   examples, unique, unique_mask = _prompts(setup, step)
   g = c.rollout.group_size
   prompt, prompt_mask = np.repeat(unique, g, axis=0), np.repeat(unique_mask, g, axis=0)
@@ -531,48 +640,79 @@ def train_step(setup: Setup, state: TrainState, fns: dict) -> tuple[TrainState, 
   except ValueError:
     rows, n = (prompt, prompt_mask), 1
   placed = [to_devices(x, sharding.batch_sharding(setup.mesh)) for x in rows]
-  policy = nnx.merge(setup.graphdef, state.params)
+  policy = nnx.merge(setup.graphdef, params)
   out = sample(policy, *placed, jax.random.fold_in(key, 0), max_new_tokens=c.rollout.max_new_tokens,
                eos_id=setup.tokenizer.eos_id, pad_id=setup.tokenizer.pad_id,
                temperature=c.rollout.temperature, top_k=c.rollout.top_k, top_p=c.rollout.top_p,
                samples_per_prompt=n)
-  tokens = to_host(out.tokens_bt)
-  completion_mask = to_host(out.completion_mask_bn)
-  t_rollout = time.perf_counter()  # to_host above waited for the sampler
-
-  completions = [setup.tokenizer.decode(row[m]) for row, m in
-                 zip(tokens[:, c.data.max_prompt_len:], completion_mask)]
-  fields = {k: [e[k] for e in examples for _ in range(g)] for k in examples[0] if k != "question"}
-  scores = rewards.score(setup.reward_fns, [e["question"] for e in examples for _ in range(g)],
-                         completions, weights=setup.reward_weights, on_error=c.reward.on_error,
-                         **fields)
-  r = scores.total.reshape(-1, g)
+  tokens, completion_mask = to_host(out.tokens_bt), to_host(out.completion_mask_bn)
   attn_mask = np.concatenate([prompt_mask, completion_mask], axis=1)
-  with_ref = setup.term is not None or c.metrics.exact_kl
-  fused = c.loss.epochs == 1 and c.loss.minibatches == 1
+  return Rollout(examples, prompt_mask, tokens, attn_mask, completion_mask, out.logprobs_bn)
+
+
+def score(setup: Setup, ro: Rollout) -> rewards.Scores:
+  """The reward functions on the decoded completions (each example's fields repeated G times)."""
+  c, g = setup.config, setup.config.rollout.group_size
+  completions = [setup.tokenizer.decode(row[m]) for row, m in
+                 zip(ro.tokens[:, c.data.max_prompt_len:], ro.completion_mask)]
+  fields = {k: [e[k] for e in ro.examples for _ in range(g)] for k in ro.examples[0]
+            if k != "question"}
+  return rewards.score(setup.reward_fns, [e["question"] for e in ro.examples for _ in range(g)],
+                       completions, weights=setup.reward_weights, on_error=c.reward.on_error,
+                       **fields)
+
+
+def _reward_stage(setup: Setup) -> str | None:
+  """Where the in-reward KL term enters ("after_norm" / "before_norm"), None for other terms."""
+  if setup.term is None or setup.term.placement != "reward":
+    return None
+  return setup.config.kl.get("reward_stage", "after_norm")
+
+
+def rollout_stats(setup: Setup, fns: dict, state: TrainState, ro: Rollout) -> dict | None:
+  """The rollout policy's per-token statistics (`completion_stats`), shared by every update, on
+  the host; None on-policy (the update computes them) unless the KL leaves the reward first."""
+  if is_on_policy(setup.config) and _reward_stage(setup) != "before_norm":
+    return None
   batch_sh = sharding.batch_sharding(setup.mesh)
-  mask = completion_mask
-  beta = state.beta.beta
-  in_reward = setup.term is not None and setup.term.placement == "reward"
-  before_norm = in_reward and c.kl.get("reward_stage", "after_norm") == "before_norm"
-  if before_norm or not fused:  # the statistics of the rollout policy, shared by every update
-    stats = fns["stats"](state.params, state.ref_params, to_devices(tokens, batch_sh),
-                         to_devices(attn_mask, batch_sh), with_ref=with_ref)
-    stats = {k: to_host(v) for k, v in stats.items()}
-  if before_norm:  # verl's order: β·Σ_t k_t leaves the reward before the group statistics
-    k_bt = to_host(setup.term.value(stats["logp"], stats["ref_logp"], mask=mask))
-    r = r - to_host(beta) * (k_bt * mask).sum(1).reshape(r.shape)
+  stats = fns["stats"](state.params, state.ref_params, to_devices(ro.tokens, batch_sh),
+                       to_devices(ro.attn_mask, batch_sh))
+  return {k: to_host(v) for k, v in stats.items()}
+
+
+def advantages(setup: Setup, beta, scores: rewards.Scores, stats: dict | None,
+               mask: np.ndarray) -> tuple[adv_lib.GroupAdvantages, np.ndarray]:
+  """The group advantages, and the per-token advantages [B, N] the updates see: with an in-reward
+  KL term, before the normalization (the reward) or, off-policy, after it (each token); on-policy
+  the update subtracts the after-norm term itself (`make_loss_fn`)."""
+  c, stage = setup.config, _reward_stage(setup)
+  r = scores.total.reshape(-1, c.rollout.group_size)
+  if stage == "before_norm":
+    r = kl_in_reward(setup.term, r, to_host(beta), stats["logp"], stats["ref_logp"], mask)
   group = adv_lib.group_advantages(c.advantage.estimator)(r)
   seq_adv = np.repeat(np.asarray(group.advantages_pg).reshape(-1, 1), mask.shape[1], axis=1)
-  batch = {"tokens": tokens, "attn_mask": attn_mask, "mask": mask, "advantages": seq_adv}
-  if not fused:
-    if in_reward and not before_norm:
-      # In-reward KL: a per-token penalty fixed at rollout time enters the advantage.
-      coef = setup.term.coefficient(stats["logp"], stats["ref_logp"], mask=mask)
-      batch["advantages"] = seq_adv - to_host(beta) * to_host(coef)
-    batch |= {"old_logp": stats["logp"], "ref_logp": stats.get("ref_logp", stats["logp"])}
-  t_logprobs = time.perf_counter()
+  if stage == "after_norm" and not is_on_policy(c):
+    seq_adv = to_host(kl_in_advantages(setup.term, seq_adv, to_host(beta), stats["logp"],
+                                       stats["ref_logp"], mask))
+  return group, seq_adv
 
+
+def prepare_batch(ro: Rollout, advantages_bt: np.ndarray, stats: dict | None,
+                  on_policy: bool) -> dict:
+  """The host batch every minibatch is cut from; off-policy it carries the rollout policy's and
+  the reference's log-probs (the policy's own without a reference: no KL term reads them)."""
+  batch = {"tokens": ro.tokens, "attn_mask": ro.attn_mask, "mask": ro.completion_mask,
+           "advantages": advantages_bt}
+  if not on_policy:
+    batch |= {"old_logp": stats["logp"], "ref_logp": stats.get("ref_logp", stats["logp"])}
+  return batch
+
+
+def update_epochs(setup: Setup, update_fn, state: TrainState, batch: dict, step: int):
+  """`loss.epochs` passes over the batch in `loss.minibatches` minibatches, each epoch in the
+  order of a generator seeded by (seed, step, epoch). Returns the parameters, the optimizer
+  state and each update's aux."""
+  c = setup.config
   params, opt_state = state.params, state.opt_state
   n = c.batch_size
   mb = n // c.loss.minibatches
@@ -583,19 +723,49 @@ def train_step(setup: Setup, state: TrainState, fns: dict) -> tuple[TrainState, 
       idx = np.sort(order[i * mb:(i + 1) * mb])
       sub = {k: to_devices(to_host(v)[idx], sharding.batch_sharding(setup.mesh, np.ndim(v)))
              for k, v in batch.items()}
-      params, opt_state, aux = fns["update"](params, opt_state, beta, sub, state.ref_params,
-                                             with_ref=with_ref)
+      params, opt_state, aux = update_fn(params, opt_state, state.beta.beta, sub,
+                                         state.ref_params)
       auxes.append(aux)
   jax.block_until_ready((params, auxes))  # dispatch is asynchronous: wait before reading the clock
-  t_update = time.perf_counter()
-  if fused:
-    stats = {k: to_host(v) for k, v in auxes[0].pop("tokens").items()}
+  return params, opt_state, auxes
 
-  m = np.asarray(completion_mask, np.float32)
+
+# Metrics that compare the policy to the reference: NaN ("absent") when no reference runs
+# (kl.term = "none" without metrics.exact_kl), never a false zero.
+REFERENCE_METRICS = ("exact_rkl", "exact_fkl", "k1", "k2", "k3", "clamped_tokens",
+                     "max_log_ratio", "max_seq_log_ratio")
+
+
+def _reference_metrics(stats: dict, mask: np.ndarray, tmean) -> dict:
+  """The REFERENCE_METRICS of the rollout policy's per-token statistics."""
+  nan = float("nan")
+  out = {"exact_rkl": tmean(stats["rkl"]) if "rkl" in stats else nan,
+         "exact_fkl": tmean(stats["fkl"]) if "fkl" in stats else nan}
+  if "ref_logp" not in stats:
+    return out | {k: nan for k in REFERENCE_METRICS if k not in out}
+  lp, ref_lp = stats["logp"], stats["ref_logp"]
+  m = np.asarray(mask, np.float32)
+  return out | {
+      "k1": tmean(est.k1(lp, ref_lp)), "k2": tmean(est.k2(lp, ref_lp)),
+      "k3": tmean(est.k3(lp, ref_lp)),
+      "clamped_tokens": float(est.count_clamped(lp, ref_lp, mask=mask)),
+      # the regime indicators: how far above π_ref the sampled tokens / completions sit (nats)
+      "max_log_ratio": float(np.max(np.where(m > 0, lp - ref_lp, 0.0))),
+      "max_seq_log_ratio": float(np.max(((lp - ref_lp) * m).sum(1))),
+  }
+
+
+def step_metrics(ro: Rollout, scores: rewards.Scores, group: adv_lib.GroupAdvantages,
+                 stats: dict, auxes: list[dict], beta, times: tuple[float, ...]) -> dict:
+  """The step's metrics: rewards, lengths, per-token statistics of the rollout policy, the KL to
+  the reference, the updates' mean aux, and timings. `times`: (start, rollout done, advantages
+  done, updates done) from `time.perf_counter`."""
+  m = np.asarray(ro.completion_mask, np.float32)
   ntok = max(m.sum(), 1.0)
   tmean = lambda x: float((to_host(x) * m).sum() / ntok)
   lengths = m.sum(1)
-  lp, ref_lp = stats["logp"], stats.get("ref_logp", stats["logp"])
+  t0, t_rollout, t_logprobs, t_update = times
+  ref = _reference_metrics(stats, ro.completion_mask, tmean)
   metrics = {
       "reward_mean": float(scores.total.mean()), "reward_std": float(scores.total.std()),
       # accuracy: completions the first reward function scores above 0
@@ -603,17 +773,11 @@ def train_step(setup: Setup, state: TrainState, fns: dict) -> tuple[TrainState, 
       "length_mean": float(lengths.mean()), "length_std": float(lengths.std()),
       "zero_variance_groups": float(group.zero_variance_fraction),
       "entropy": tmean(stats["entropy"]),
-      "exact_rkl": tmean(stats["rkl"]) if "rkl" in stats else float("nan"),
-      "exact_fkl": tmean(stats["fkl"]) if "fkl" in stats else float("nan"),
-      "k1": tmean(est.k1(lp, ref_lp)), "k2": tmean(est.k2(lp, ref_lp)),
-      "k3": tmean(est.k3(lp, ref_lp)),
-      "clamped_tokens": float(est.count_clamped(lp, ref_lp, mask=completion_mask)),
-      "sampler_logprob_gap": tmean(np.abs(to_host(out.logprobs_bn) - lp)),
+      **{k: ref[k] for k in REFERENCE_METRICS[:6]},
+      "sampler_logprob_gap": tmean(np.abs(to_host(ro.sampler_logp) - stats["logp"])),
       "beta": float(beta), "reward_failures": float(scores.failures),
-      "tokens_hash": tokens_hash(tokens),
-      # the regime indicators: how far above π_ref the sampled tokens / completions sit (nats)
-      "max_log_ratio": float(np.max(np.where(m > 0, lp - ref_lp, 0.0))),
-      "max_seq_log_ratio": float(np.max(((lp - ref_lp) * m).sum(1))),
+      "tokens_hash": tokens_hash(ro.tokens),
+      **{k: ref[k] for k in REFERENCE_METRICS[6:]},
       # time_logprobs: rewards, advantages and (off-policy) the statistics pass; on-policy the
       # log-prob passes run inside the update
       "time_rollout": t_rollout - t0, "time_logprobs": t_logprobs - t_rollout,
@@ -623,26 +787,42 @@ def train_step(setup: Setup, state: TrainState, fns: dict) -> tuple[TrainState, 
   for k in auxes[0]:
     metrics[k] = float(np.mean([float(a[k]) for a in auxes]))
   metrics["param_norm"] = float(auxes[-1]["param_norm"])  # after the step's last update
+  return metrics
+
+
+def next_state(setup: Setup, state: TrainState, params, opt_state, kl: float) -> TrainState:
+  """The state after the step: β updated from the step's k1 estimate `kl` (0 without a
+  reference, where β multiplies nothing), the reference reset every `kl.reset_ref_every` steps."""
+  c, step = setup.config, int(state.step)
   # adaptive: n_steps counts samples (Ziegler et al.); a schedule counts GRPO steps
-  per_update = n if c.kl.controller == "adaptive" else 1
-  beta_state = replicate(setup.beta.update(state.beta, jnp.float32(metrics["k1"]),
-                                           n_steps=per_update), setup.mesh)
+  per_update = c.batch_size if c.kl.controller == "adaptive" else 1
+  beta_state = replicate(setup.beta.update(state.beta, jnp.float32(kl), n_steps=per_update),
+                         setup.mesh)
   ref_params = state.ref_params
   if c.kl.reset_ref_every and (step + 1) % c.kl.reset_ref_every == 0:
     ref_params = params
-  return TrainState(params, ref_params, opt_state, beta_state, state.step + 1), metrics
+  return TrainState(params, ref_params, opt_state, beta_state, state.step + 1)
 
 
-def compile_fns(setup: Setup) -> dict:
-  """The jitted statistics pass and minibatch update of this setup (compiled on first call)."""
-  c = setup.config
-  stats = jax.jit(functools.partial(completion_stats, setup.graphdef,
-                                    prompt_len=c.data.max_prompt_len, chunk_size=c.loss.chunk_size,
-                                    exact_kl=c.metrics.exact_kl),
-                  static_argnames=("with_ref",))
-  # No buffer donation: the policy and the reference share arrays until the first update.
-  return {"stats": stats,
-          "update": jax.jit(functools.partial(update, setup), static_argnames=("with_ref",))}
+def train_step(setup: Setup, state: TrainState, fns: dict) -> tuple[TrainState, dict]:
+  """Rollout, score, and `epochs × minibatches` updates. Returns the new state and metrics."""
+  step, on_policy = int(state.step), is_on_policy(setup.config)
+  t0 = time.perf_counter()
+  ro = rollout(setup, state.params, step)
+  t_rollout = time.perf_counter()  # rollout's to_host waited for the sampler
+  scores = score(setup, ro)
+  stats = rollout_stats(setup, fns, state, ro)
+  group, advantages_bt = advantages(setup, state.beta.beta, scores, stats, ro.completion_mask)
+  batch = prepare_batch(ro, advantages_bt, stats, on_policy)
+  t_logprobs = time.perf_counter()
+  params, opt_state, auxes = update_epochs(setup, fns["update"], state, batch, step)
+  t_update = time.perf_counter()
+  if on_policy:  # the statistics of the rollout policy, from the update's own forward pass
+    stats = {k: to_host(v) for k, v in auxes[0].pop("tokens").items()}
+  metrics = step_metrics(ro, scores, group, stats, auxes, state.beta.beta,
+                         (t0, t_rollout, t_logprobs, t_update))
+  kl = metrics["k1"] if uses_reference(setup.config) else 0.0
+  return next_state(setup, state, params, opt_state, kl), metrics
 
 
 # ---------------------------------------------------------------- the loop
@@ -669,41 +849,23 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, init_model=None,
   from tqdm.auto import tqdm
 
   validate(config, workdir)
-  leader = jax.process_index() == 0
   with contextlib.ExitStack() as stack:
-    with multihost.leader_first("to take the run lock"):
-      if leader:
-        stack.enter_context(runlock.hold(workdir))
-    _check_shared(workdir)
-    with multihost.leader_first("to prepare the dataset"):
-      check_prompt_lengths(config)  # reads the train split: prepares it on first use
-    setup, state = build(config, init_model)
-    ckpt = Checkpointer(workdir, every=config.checkpoint_every)
-    stack.callback(ckpt.close)
-    restored = ckpt.restore(state)
-    start, notes = 0, {}
-    if restored is not None:
-      start, state = restored.step, restored.state
-      if restored.rejected:  # the first row after the restore says so
-        notes = {"resumed_from_step": float(start),
-                 "checkpoints_rejected": float(len(restored.rejected))}
-    writer = MetricsWriter(workdir, resume_step=start - 1,
-                           tensorboard=config.metrics.tensorboard) if leader else None
-    if writer is not None:
-      stack.callback(writer.close)
+    run = _open_run(stack, config, workdir, init_model)
+    setup, state, ckpt, writer, notes = run.setup, run.state, run.ckpt, run.writer, run.notes
     fns = compile_fns(setup)
     # Activations keep their batch sharding inside the model (`sharding.constrain_batch`).
     stack.enter_context(jax.set_mesh(setup.mesh))
+    # NaN by design: the exact KL when not logged, every reference metric without a reference
+    absent = ("exact_rkl", "exact_fkl") if uses_reference(config) else REFERENCE_METRICS
     history = []
-    bar = tqdm(range(start, config.num_steps), initial=start, total=config.num_steps,
+    bar = tqdm(range(run.start, config.num_steps), initial=run.start, total=config.num_steps,
                **({"desc": "grpo", "unit": "step"} | (bar_options or {})),
-               disable=not (progress and leader))
+               disable=not (progress and jax.process_index() == 0))
     for step in bar:
       state, metrics = train_step(setup, state, fns)
-      bad = [k for k, v in metrics.items() if not math.isfinite(v) and k not in ("exact_rkl",
-                                                                                   "exact_fkl")]
+      bad = [k for k, v in metrics.items() if not math.isfinite(v) and k not in absent]
       if bad:
-        raise NonFiniteError(_non_finite_message(step, bad, ckpt, start if restored else None))
+        raise NonFiniteError(_non_finite_message(step, bad, ckpt, run.restored_step))
       metrics |= notes
       notes = {}
       if writer is not None:
@@ -715,6 +877,43 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, init_model=None,
         writer.sync()  # object stores: the metrics of every step the checkpoint holds, first
       ckpt.maybe_save(step + 1, state, force=last)
   return history
+
+
+class _Run(NamedTuple):
+  setup: Setup
+  state: TrainState  # restored, or initial
+  ckpt: Checkpointer
+  writer: MetricsWriter | None  # process 0 only
+  start: int  # the first step to run
+  restored_step: int | None  # None for a fresh run
+  notes: dict  # for the first row written: which checkpoints a restore rejected
+
+
+def _open_run(stack: contextlib.ExitStack, config, workdir, init_model) -> _Run:
+  """Takes the run lock (process 0), prepares the dataset, builds the setup and restores the
+  newest checkpoint that verifies; what must be closed is registered on `stack`."""
+  leader = jax.process_index() == 0
+  with multihost.leader_first("to take the run lock"):
+    if leader:
+      stack.enter_context(runlock.hold(workdir))
+  _check_shared(workdir)
+  with multihost.leader_first("to prepare the dataset"):
+    check_prompt_lengths(config)  # reads the train split: prepares it on first use
+  setup, state = build(config, init_model)
+  ckpt = Checkpointer(workdir, every=config.checkpoint_every)
+  stack.callback(ckpt.close)
+  restored = ckpt.restore(state)
+  start, notes = 0, {}
+  if restored is not None:
+    start, state = restored.step, restored.state
+    if restored.rejected:  # the first row after the restore says so
+      notes = {"resumed_from_step": float(start),
+               "checkpoints_rejected": float(len(restored.rejected))}
+  writer = MetricsWriter(workdir, resume_step=start - 1,
+                         tensorboard=config.metrics.tensorboard) if leader else None
+  if writer is not None:
+    stack.callback(writer.close)
+  return _Run(setup, state, ckpt, writer, start, start if restored is not None else None, notes)
 
 
 def _check_shared(workdir) -> None:

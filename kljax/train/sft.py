@@ -61,6 +61,24 @@ def encode_pairs(tokenizer, examples, *, prompt_len: int, completion_len: int,
   return tokens, attn, target
 
 
+def _check_lengths(tokenizer, examples, dataset: str, *, prompt_len: int, completion_len: int,
+                   prompt_template: str, add_bos: bool) -> None:
+  """Raises ValueError when a prompt is longer than `prompt_len`; warns when answers are cut."""
+  longest, i = longest_prompt(tokenizer, examples, prompt_template=prompt_template,
+                              add_bos=add_bos)
+  if longest > prompt_len:
+    raise ValueError(
+        f"prompt_len={prompt_len}: the longest prompt of {dataset} (train example {i}, "
+        f"{prompt_template.format(**examples[i])!r}) encodes to {longest} tokens, so its answer "
+        f"would be cut away and nothing supervised; raise prompt_len to at least {longest}.")
+  answers = [len(tokenizer.encode(ex["answer"])) + 1 for ex in examples]
+  cut = sum(n > completion_len for n in answers)
+  if cut:
+    warnings.warn(f"{cut} of {len(answers)} answers of {dataset} (with EOS) take more than "
+                  f"completion_len={completion_len} tokens (the longest {max(answers)}) and are "
+                  f"cut: the warm start never sees their end.", stacklevel=3)
+
+
 def train_sft(*, preset: str, dataset: str, data_dir: str, steps: int, batch_size: int = 64,
               learning_rate: float = 3e-3, prompt_len: int = 8, completion_len: int = 8,
               prompt_template: str = "{question}", add_bos: bool = True, seed: int = 0,
@@ -81,18 +99,8 @@ def train_sft(*, preset: str, dataset: str, data_dir: str, steps: int, batch_siz
   source = data_lib.load(dataset, "train", data_dir=data_dir)
   examples = source.take(range(len(source)))
   fmt = dict(prompt_template=prompt_template, add_bos=add_bos)
-  longest, i = longest_prompt(tokenizer, examples, **fmt)
-  if longest > prompt_len:
-    raise ValueError(
-        f"prompt_len={prompt_len}: the longest prompt of {dataset} (train example {i}, "
-        f"{prompt_template.format(**examples[i])!r}) encodes to {longest} tokens, so its answer "
-        f"would be cut away and nothing supervised; raise prompt_len to at least {longest}.")
-  answers = [len(tokenizer.encode(ex["answer"])) + 1 for ex in examples]
-  cut = sum(n > completion_len for n in answers)
-  if cut:
-    warnings.warn(f"{cut} of {len(answers)} answers of {dataset} (with EOS) take more than "
-                  f"completion_len={completion_len} tokens (the longest {max(answers)}) and are "
-                  f"cut: the warm start never sees their end.", stacklevel=2)
+  _check_lengths(tokenizer, examples, dataset, prompt_len=prompt_len,
+                 completion_len=completion_len, **fmt)
   model = models.create(models.preset(preset, vocab_size=tokenizer.vocab_size), seed=seed)
   graphdef, params = nnx.split(model)
   warmup = min(50, max(steps // 4, 1))
