@@ -194,9 +194,12 @@ def topk_position_kl(
   """`topk_tail_kl` per position from hidden states, in chunks: float32 [B, T].
 
   Each chunk's logits are formed, reduced and dropped inside a `jax.checkpoint`ed scan body, so the
-  backward pass recomputes them and neither pass holds more than one chunk's [C, V] logits. The
-  reference's full logits are still formed per chunk (its normalizer needs them); what the top-k
-  estimate saves is the per-token work over the vocabulary after the matmul, not the matmul.
+  backward pass recomputes them and neither pass holds more than one chunk's [C, V] logits. Both
+  models' full logits are still formed per chunk (the normalizers need them), so here the estimate
+  costs more than the exact sum: a top-k selection and a draw on top of the same matmuls
+  (benchmarks/topk_tail.py measures by how much). It is the estimator for a setting where a
+  position's whole distribution is not at hand (e.g. a reference served as its k most likely
+  log-probabilities plus sampled ones); this path is its reference implementation.
   """
   h, w, _, rh, rw = logprobs._inputs(hidden_btd, unembed_dv, jnp.zeros(jnp.shape(hidden_btd)[:2],
                                                                        jnp.int32),
