@@ -39,7 +39,11 @@ def test_grpo_runs_with_full_terms(data_dir, sft_dir, tmp_path, name, changes):
   for r in rows:
     assert all(np.isfinite(v) for v in r.values()), r
     assert r["kl_term_value"] >= -1e-6
-  assert rows[0]["kl_term_value"] == pytest.approx(0.0, abs=1e-6)  # policy == reference
+  assert rows[0]["exact_rkl"] == pytest.approx(0.0, abs=1e-6)  # the rollout policy is π_ref
+  if changes:  # off-policy: the step's later updates see a policy that has moved
+    assert rows[0]["kl_term_value"] > 0
+  else:
+    assert rows[0]["kl_term_value"] == pytest.approx(0.0, abs=1e-6)
   assert rows[-1]["exact_rkl"] > 1e-5  # the policy moved: the comparisons below are not 0 = 0
   if not changes:  # on-policy: the update's KL_t is that of the rollout policy
     metric = "exact_fkl" if "fkl" in name else "exact_rkl"
