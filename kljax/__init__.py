@@ -6,10 +6,12 @@ The public surface (README "Using it"; kljax.audit for "which divergence does th
   credit       reward_to_go
   β            constant_beta, scheduled_beta, adaptive_beta, beta_controller
   exact check  kljax.exact (enumeration), kljax.gradient_table (which divergence each term follows)
+  full vocab   kljax.full_kl (exact per-position KL terms, Rao-Blackwellized sequence ∇RKL, top-k)
   audit        kljax.audit (python -m kljax.audit), kljax.audit_gallery
 """
 
 from kljax import exact
+from kljax import full_kl
 from kljax import montecarlo
 from kljax.advantages import reward_to_go
 from kljax.beta import (
@@ -45,6 +47,7 @@ __all__ = [
     "count_clamped",
     "exact",
     "exact_kl",
+    "full_kl",
     "montecarlo",
     "importance_ratio",
     "in_reward",

@@ -27,6 +27,12 @@ Inputs (`implementation` dispatches on them):
   from_torch(fn, signature=...) makes a PyTorch function of either signature auditable: values and
       derivatives come from torch autograd, so the code a framework runs is what is measured.
 
+Not audited: the per-position exact terms of `kljax.full_kl` ("exact_rkl_as_loss", "exact_rkl_rb",
+"top64_rkl_as_loss", ...; placement "full"). They read the whole next-token distribution at each
+position (hidden states and unembedding), which no per-token signature carries; `from_term` raises
+`AuditError` for them. What they follow is proved by exact enumeration with
+`kljax.exact.expected_gradient_full` (tests/test_full_kl.py) and listed in the README.
+
 Settings: one token (V = 6) and autoregressive sequences (V = 3, T = 3) on- and off-policy (π_old = π
 plus N(0, 0.15²) logit noise), and variable-length sequences that stop at an EOS token (token 0),
 where the aggregation matters: "sum" (Σ_t), "token_mean" (Σ_t / E|y|: a constant, so a rescaling
@@ -167,6 +173,12 @@ def sequence(fn: Callable, *, name: str | None = None) -> Implementation:
 def from_term(term: KLTerm | str) -> Implementation:
   """A kljax `KLTerm` (or a name for `kljax.kl_term`)."""
   term = kl_term(term) if isinstance(term, str) else term
+  if not isinstance(term, KLTerm):
+    raise AuditError(
+        f"{term.name} is a term over the whole next-token distribution (placement "
+        f"{term.placement!r}), not a function of per-token log-probabilities, so the audit cannot "
+        "run it; its gradients are proved by exact enumeration in tests/test_full_kl.py "
+        "(`kljax.exact.expected_gradient_full`).")
 
   def surrogate(logp, ref_logp, old_logp, mask):
     return term.surrogate(logp, ref_logp, old_logp, mask=mask)

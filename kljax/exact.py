@@ -159,6 +159,45 @@ def expected_value(term: KLTerm, policy: Policy, ref: Policy, *, level="token") 
   return jnp.sum(jnp.exp(jnp.sum(token_logprobs(policy), -1)) * jnp.sum(term.value(lp, ref_lp), -1))
 
 
+def conditional_logits(policy: Policy) -> jax.Array:
+  """The logits of π(·|y_<t) at every position of every enumerated sequence: float32 `[N, T, V]`
+  (row n, position t: the table of position t at the prefix of sequence n)."""
+  vocab, length = shape_of(policy)
+  seqs = sequences(vocab, length)
+  rows = [jnp.broadcast_to(_checks.as_float32(table, "policy")[tuple(seqs[:, :t].T)],
+                           (seqs.shape[0], vocab)) for t, table in enumerate(policy)]
+  return jnp.stack(rows, axis=1)
+
+
+def expected_gradient_full(surrogate, policy: Policy, ref: Policy, *,
+                           old: Policy | None = None) -> Policy:
+  """Exact expected gradient of a surrogate that sees whole next-token distributions.
+
+  g = Σ_y sg(P_s(y)) · ∇_θ Σ_t surrogate(logits, ref_logits, tokens, old_logp)[y, t], with P_s = π_θ
+  (on-policy, `old=None`, and then old_logp is None) or π_old, as in `expected_gradient`.
+
+  Args:
+    surrogate: `(logits [N, T, V], ref_logits [N, T, V], tokens int [N, T], old_logp [N, T] | None)
+      -> per-token loss [N, T]`, differentiable in `logits` (the conditional logits of π_θ).
+    policy, ref, old: tabular policies of one (V, T).
+  """
+  vocab, length = shape_of(policy)
+  _same_shape(ref, "ref", vocab, length)
+  if old is not None:
+    _same_shape(old, "old", vocab, length)
+  seqs = sequences(vocab, length)
+  ref_logits = conditional_logits(ref)
+  old_lp = None if old is None else token_logprobs(old)
+
+  def objective(theta):
+    lp = token_logprobs(theta)
+    weights = jax.lax.stop_gradient(jnp.exp(jnp.sum(lp if old_lp is None else old_lp, axis=-1)))
+    per_token = surrogate(conditional_logits(theta), ref_logits, seqs, old_lp)
+    return jnp.sum(weights * jnp.sum(per_token, axis=-1))
+
+  return jax.grad(objective)(tuple(_checks.as_float32(t, "policy") for t in policy))
+
+
 # ---- Analytic divergences and their gradients (from the definitions, no surrogate) ----
 
 

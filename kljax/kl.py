@@ -361,13 +361,35 @@ def kl_term_names() -> tuple[str, ...]:
   return tuple(names) + VALUE_CLAMPED
 
 
+_FULL = re.compile(r"^(exact|top([1-9][0-9]*))_(rkl|fkl)_(as_loss|rb)$")
+FULL_KL_NAMES = ("exact_rkl_as_loss", "exact_fkl_as_loss", "exact_rkl_rb", "top64_rkl_as_loss",
+                 "top64_rkl_rb")
+"""Terms over the whole next-token distribution (`kljax.full_kl.FullKLTerm`, placement "full"),
+outside the per-token grid: they need hidden states, not per-token log-probs. "top<k>" takes any
+k ≥ 1 (top8, top512, ...); the forward direction is exact and as loss only."""
+
+
+def _full_kl_term(name: str, m: re.Match, clamp: float):
+  from kljax import full_kl  # noqa: PLC0415 - full_kl needs the chunked log-prob path; kept lazy
+
+  top_k = None if m.group(1) == "exact" else int(m.group(2))
+  direction = "reverse" if m.group(3) == "rkl" else "forward"
+  credit = "sequence" if m.group(4) == "rb" else "position"
+  try:
+    return full_kl.full_kl_term(direction=direction, credit=credit, top_k=top_k, clamp=clamp,
+                                name=name)
+  except ValueError as err:
+    raise _unknown(name, str(err)) from None
+
+
 def _unknown(name: str, why: str) -> ValueError:
   bases = [n for n in kl_term_names() if "+" not in n]
   return ValueError(
       f"unknown KL term {name!r} ({why}). Valid names: {', '.join(bases)}; the as-loss and "
       f"straight-through ones optionally followed by one of "
       f"{', '.join('+' + c for c in CORRECTIONS)} (e.g. 'k2_as_loss+detached_ratio'); and "
-      f"{', '.join(VALUE_CLAMPED)} (verl's value-clamped k3)."
+      f"{', '.join(VALUE_CLAMPED)} (verl's value-clamped k3); and the per-position exact terms "
+      f"{', '.join(FULL_KL_NAMES)} (top<k> for any k >= 1)."
   )
 
 
@@ -386,7 +408,13 @@ def kl_term(
       "+clipped"; or "k3_as_loss+value_clamp" (verl's `low_var_kl` as loss: k3 clipped to
       [−10, 10], `kljax.estimators.k3_value_clamped`; it follows the frozen-prefix ∇FKL inside the
       clamp and has zero gradient outside it, and `term.count_clamped` counts the clamped tokens).
-      `kl_term_names()` lists them all.
+      `kl_term_names()` lists them all. Or a term over the whole next-token distribution,
+      `FULL_KL_NAMES` (a `kljax.full_kl.FullKLTerm`, placement "full"):
+        exact_rkl_as_loss   Σ_t KL(π_θ‖π_ref) per position as loss → frozen-prefix ∇RKL
+        exact_fkl_as_loss   Σ_t KL(π_ref‖π_θ) per position as loss → frozen-prefix ∇FKL
+        exact_rkl_rb        + reward-to-go of the future exact KLs (Rao-Blackwellized) →
+                            ∇RKL of the sequence, on-policy and (cumulative ratio) off-policy
+        top<k>_rkl_as_loss, top<k>_rkl_rb   the same with the top-k + tail estimate of KL_t
     clip_eps_low, clip_eps_high: ε of the clipped head.
     clamp: the exponent above which k3's δ and every importance ratio are continued linearly
       (`kljax.estimators.exp_clamped`).
@@ -396,6 +424,9 @@ def kl_term(
   if not isinstance(name, str):
     raise TypeError(f"name must be a string such as 'k2_as_loss', got {type(name).__name__}.")
   name = name.strip()
+  full = _FULL.match(name)
+  if full is not None:
+    return _full_kl_term(name, full, clamp)
   for pattern, make in _PATTERNS.items():
     m = pattern.match(name)
     if m is None:

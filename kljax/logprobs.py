@@ -217,3 +217,37 @@ def model_token_stats(model, tokens_bt, *, attention_mask_bt=None, ref_model=Non
     ref_h, ref_w = ref_h[:, :-1], ref_model.unembedding()
   return token_stats(h[:, :-1], model.unembedding(), tokens[:, 1:], ref_hidden_btd=ref_h,
                      ref_unembed_dv=ref_w, chunk_size=chunk_size)
+
+
+def position_kl(
+    hidden_btd: ArrayLike,
+    unembed_dv: ArrayLike,
+    ref_hidden_btd: ArrayLike,
+    ref_unembed_dv: ArrayLike,
+    *,
+    chunk_size: int = 512,
+) -> tuple[jax.Array, jax.Array]:
+  """Exact per-position reverse and forward KL between the two models' next-token distributions.
+
+    reverse_t = Σ_v π_θ(v|y_<t) (log π_θ(v|y_<t) − log π_ref(v|y_<t))
+    forward_t = Σ_v π_ref(v|y_<t) (log π_ref(v|y_<t) − log π_θ(v|y_<t))
+
+  The chunked custom-VJP path of `token_stats` (no token is needed: the KL is over the whole
+  vocabulary), so neither pass holds more than one chunk's [C, V] logits; float32 whatever the
+  hidden states' dtype. Differentiable in the policy's hidden states and unembedding; the reference
+  is detached.
+
+  Args:
+    hidden_btd, unembed_dv: the policy's final hidden states [B, T, D] and output projection [D, V].
+    ref_hidden_btd, ref_unembed_dv: the reference model's, same B, T and V.
+    chunk_size: positions per chunk.
+  Returns:
+    (reverse_bt, forward_bt), float32 [B, T].
+  """
+  if ref_hidden_btd is None or ref_unembed_dv is None:
+    raise ValueError("position_kl needs ref_hidden_btd and ref_unembed_dv (the reference model's).")
+  h = _checks.as_float(hidden_btd, "hidden_btd")
+  targets = jnp.zeros(h.shape[:2], jnp.int32)  # unused by the KL columns
+  stats = token_stats(h, unembed_dv, targets, ref_hidden_btd=ref_hidden_btd,
+                      ref_unembed_dv=ref_unembed_dv, chunk_size=chunk_size)
+  return stats.reverse_kl, stats.forward_kl

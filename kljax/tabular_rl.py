@@ -12,6 +12,7 @@ RL must move mass to a sequence the reference rarely produces, the regime where 
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -125,3 +126,62 @@ def kl_gradient_noise(term: KLTerm, policies, ref: exact.Policy, key: jax.Array,
   n = policies[0].shape[0]
   keys = jax.random.split(key, n)
   return np.asarray([float(one(tuple(t[i] for t in policies), keys[i])) for i in range(n)])
+
+
+def batch_loss_of(term):
+  """`(θ, ref, idx [N]) -> mean over the sampled sequences of Σ_t surrogate`, on-policy, for a
+  per-token `KLTerm` or a `kljax.full_kl.FullKLTerm` (top-k terms excepted: they draw their own
+  tail). θ and ref are tabular policies of one (V, T); idx indexes `exact.sequences(V, T)`."""
+  from kljax import full_kl  # noqa: PLC0415 - kept local: the per-token studies do not need it
+
+  if isinstance(term, full_kl.FullKLTerm):
+    if term.top_k is not None:
+      raise ValueError(f"{term.name}: top-k terms sample their tail; give an exact term.")
+
+    def loss(theta, ref, idx):
+      seqs = exact.sequences(*exact.shape_of(theta))
+      s = full_kl.logits_surrogate(term, exact.conditional_logits(theta)[idx],
+                                   exact.conditional_logits(ref)[idx], seqs[idx])
+      return jnp.mean(jnp.sum(s, -1))
+  else:
+    def loss(theta, ref, idx):
+      lp = exact.token_logprobs(theta)[idx]
+      ref_lp = exact.token_logprobs(ref)[idx]
+      return jnp.mean(jnp.sum(term.surrogate(lp, ref_lp, jax.lax.stop_gradient(lp)), -1))
+  return loss
+
+
+@functools.lru_cache(maxsize=64)
+def _trials(term, num_samples: int, num_trials: int):
+  """The jitted N-sequence sampled gradients of `term`, one compilation per table shape."""
+  loss = batch_loss_of(term)
+  flat = lambda g: jnp.concatenate([x.reshape(-1) for x in g])
+
+  @jax.jit
+  def trials(theta, ref, key):  # tables as arguments, not constants: nothing to constant-fold
+    logits = jnp.sum(exact.token_logprobs(theta), -1)
+
+    def one(k):
+      idx = jax.random.categorical(k, logits, shape=(num_samples,))
+      return flat(jax.grad(loss)(theta, ref, idx))
+    return jax.vmap(one)(jax.random.split(key, num_trials))
+  return trials
+
+
+def gradient_spread(term, policy: exact.Policy, ref: exact.Policy, expected: exact.Policy,
+                    key: jax.Array, *, num_samples: int, num_trials: int = 512
+                    ) -> tuple[float, float]:
+  """(std/‖E g‖, bias/‖E g‖) of the N-sequence sampled gradient of `term` on-policy: the spread
+  √E‖ĝ − mean ĝ‖² and ‖mean ĝ − E g‖ over `num_trials` batches, relative to the exact gradient
+  `expected` it estimates (e.g. `exact.rkl_grad`). `term`: see `batch_loss_of`."""
+  if num_samples < 1 or num_trials < 2:
+    raise ValueError(f"need num_samples >= 1 and num_trials >= 2, got {num_samples}, "
+                     f"{num_trials}.")
+  as32 = lambda p: tuple(jnp.asarray(t, jnp.float32) for t in p)
+  grads = np.asarray(_trials(term, int(num_samples), int(num_trials))(as32(policy), as32(ref), key),
+                     np.float64)
+  g = np.concatenate([np.asarray(x, np.float64).reshape(-1) for x in expected])
+  mean = grads.mean(0)
+  norm = max(np.linalg.norm(g), 1e-30)
+  spread = np.sqrt(np.mean(np.sum((grads - mean) ** 2, -1)))
+  return float(spread / norm), float(np.linalg.norm(mean - g) / norm)

@@ -36,6 +36,7 @@ from kljax import beta as beta_lib
 from kljax import data as data_lib
 from kljax import estimators as est
 from kljax import logprobs, losses, models, offpolicy, paths, rewards, sharding, text
+from kljax.full_kl import FullKLTerm
 from kljax.kl import KLTerm, kl_term, kl_term_names
 from kljax.sampling import sample
 from kljax.train import multihost, runlock, sft
@@ -443,8 +444,9 @@ def make_beta(config: ml_collections.ConfigDict) -> beta_lib.BetaController:
                              warmup_steps=config.kl.warmup_steps)
 
 
-def make_term(config: ml_collections.ConfigDict) -> KLTerm | None:
-  """The KL term of `kl.term` (None for "none")."""
+def make_term(config: ml_collections.ConfigDict) -> KLTerm | FullKLTerm | None:
+  """The KL term of `kl.term` (None for "none"): a per-token `KLTerm`, or a `FullKLTerm` over the
+  whole next-token distribution (placement "full": exact_rkl_as_loss, exact_rkl_rb, ...)."""
   if config.kl.term == "none":
     return None
   return kl_term(config.kl.term, clip_eps_low=config.loss.clip_eps_low,
@@ -535,7 +537,25 @@ def _kl_grad_zeroed_fraction(term: KLTerm, logp, ref_logp, old, mask) -> jax.Arr
   return jnp.sum(live & (g == 0)) / jnp.maximum(jnp.sum(live), 1)
 
 
-def make_loss_fn(term: KLTerm | None, *, graphdef, prompt_len: int, clip_eps_low: float,
+def _position_kl(term: FullKLTerm, stats: logprobs.TokenStats, hidden_btd, unembed_dv,
+                 ref: Reference, kl_seed_b, chunk_size: int) -> jax.Array:
+  """KL_t [B, N] of a full-vocabulary term, differentiable in the policy: the exact column of
+  `stats` (computed with the reference), or the top-k + tail estimate with a key from `kl_seed_b`
+  (one seed a row, drawn on the host per step: the minibatch's first row keys its draws)."""
+  if term.top_k is None:
+    return stats.reverse_kl if term.direction == "reverse" else stats.forward_kl
+  key = jax.random.fold_in(jax.random.PRNGKey(0), kl_seed_b[0])
+  return term.position_kl(hidden_btd, unembed_dv, ref.hidden_btd, ref.unembed_dv, key=key,
+                          chunk_size=chunk_size)
+
+
+def kl_seeds(config: ml_collections.ConfigDict, step: int, n: int) -> np.ndarray:
+  """int32 [n]: one seed per completion for a sampled (top-k) KL term's draws, a function of
+  (seed, step) so that a resumed run draws what an uninterrupted one would."""
+  return np.random.default_rng([config.seed, step, 7]).integers(0, 2**31 - 1, n, dtype=np.int32)
+
+
+def make_loss_fn(term: KLTerm | FullKLTerm | None, *, graphdef, prompt_len: int, clip_eps_low: float,
                  clip_eps_high: float, dual_clip: float | None, aggregation: str,
                  chunk_size: int, exact_kl: bool, on_policy: bool, with_ref: bool,
                  reward_stage: str = "after_norm", correction=None, correct_kl: bool = True):
@@ -552,11 +572,21 @@ def make_loss_fn(term: KLTerm | None, *, graphdef, prompt_len: int, clip_eps_low
 
   `correction` (a `kljax.offpolicy` weights fn; the batch then carries `sampler_logp`, log μ):
   every per-token loss, the PPO-clip one and (with `correct_kl`) the KL term's, is multiplied by
-  the detached weight w(π_old/μ) before `agg`, for rollouts sampled by μ ≠ π_old."""
+  the detached weight w(π_old/μ) before `agg`, for rollouts sampled by μ ≠ π_old (a "full"
+  term's per-position loss too).
+
+  A term over the whole next-token distribution (placement "full", `kljax.full_kl`) adds
+  β · agg(surrogate(KL_t, logp, old_logp)) with KL_t the per-position KL from the policy's and the
+  reference's hidden states (the reference pass then runs in the loss on- and off-policy; the
+  exact KL is the `token_stats` column, a top-k estimate draws its tail from the batch's
+  `kl_seed`); off-policy the Rao-Blackwellized term corrects its prefixes with the cumulative
+  ratio π_θ/π_old. aux["kl_term_value"] is the token mean of KL_t."""
   kl_in_loss = term is not None and term.placement == "loss"
+  full = term is not None and term.placement == "full"
+  exact_term = full and term.top_k is None
   shape_advantages = (on_policy and term is not None and term.placement == "reward"
                       and reward_stage == "after_norm")
-  ref_in_loss = on_policy and with_ref
+  ref_in_loss = (on_policy and with_ref) or full
   dual_clip = dual_clip or None
 
   def loss_fn(params, ref_params, beta, batch):
@@ -567,7 +597,8 @@ def make_loss_fn(term: KLTerm | None, *, graphdef, prompt_len: int, clip_eps_low
       ref = reference_pass(graphdef, ref_params, tokens, attn, prompt_len=prompt_len,
                            chunk_size=chunk_size)
       ref_logp = ref.logp_bt
-    exact = ref is not None and exact_kl  # the full-vocabulary KL columns only when logged
+    # the full-vocabulary KL columns only when logged or when the KL term is one of them
+    exact = ref is not None and (exact_kl or exact_term)
     policy = nnx.merge(graphdef, params)
     h = policy.hidden_states(tokens, attention_mask_bt=attn)[0][:, sl]
     s = logprobs.token_stats(h, policy.unembedding(), targets,
@@ -589,6 +620,12 @@ def make_loss_fn(term: KLTerm | None, *, graphdef, prompt_len: int, clip_eps_low
                                * term.surrogate(logp, ref_logp, old, mask=mask))
     n = jnp.maximum(jnp.sum(mask), 1)
     aux = {"clip_fraction": jnp.sum(pg.clipped_bt) / n, "ppo_kl": jnp.sum(pg.ppo_kl_bt) / n}
+    if full:
+      kl_bt = _position_kl(term, s, h, policy.unembedding(), ref, batch.get("kl_seed"),
+                           chunk_size)
+      loss = loss + beta * agg((w if correct_kl else 1.0)
+                               * term.surrogate(kl_bt, logp, None if on_policy else old, mask=mask))
+      aux["kl_term_value"] = jnp.sum(jnp.where(mask, jax.lax.stop_gradient(kl_bt), 0.0)) / n
     if kl_in_loss:
       aux["kl_grad_zeroed_fraction"] = _kl_grad_zeroed_fraction(term, logp, ref_logp, old, mask)
     if on_policy:
@@ -908,6 +945,8 @@ def train_step(setup: Setup, state: TrainState, fns: dict) -> tuple[TrainState, 
   batch = prepare_batch(ro, advantages_bt, stats, on_policy)
   if setup.correction is not None:
     batch["sampler_logp"] = to_host(ro.sampler_logp)  # log μ of the sampled tokens
+  if getattr(setup.term, "top_k", None) is not None:  # a sampled full-vocabulary KL term
+    batch["kl_seed"] = kl_seeds(setup.config, step, len(ro.tokens))
   t_logprobs = time.perf_counter()
   params, opt_state, auxes = update_epochs(setup, fns["update"], state, batch, step)
   t_update = time.perf_counter()
