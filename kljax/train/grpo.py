@@ -555,6 +555,45 @@ def kl_seeds(config: ml_collections.ConfigDict, step: int, n: int) -> np.ndarray
   return np.random.default_rng([config.seed, step, 7]).integers(0, 2**31 - 1, n, dtype=np.int32)
 
 
+def _policy_pass(graphdef, params, tokens, attn, sl, targets, *, ref: Reference | None,
+                 chunk_size: int):
+  """The policy's completion hidden states [B, N, D], its unembedding [D, V] and `token_stats`
+  (with the exact KL columns against `ref` when given)."""
+  policy = nnx.merge(graphdef, params)
+  h = policy.hidden_states(tokens, attention_mask_bt=attn)[0][:, sl]
+  unembed = policy.unembedding()
+  s = logprobs.token_stats(h, unembed, targets,
+                           ref_hidden_btd=None if ref is None else ref.hidden_btd,
+                           ref_unembed_dv=None if ref is None else ref.unembed_dv,
+                           chunk_size=chunk_size)
+  return h, unembed, s
+
+
+def _kl_loss(term, s, h, unembed, ref, ref_logp, old, mask, batch, *, chunk_size: int,
+             on_policy: bool) -> tuple[jax.Array, dict]:
+  """The per-token loss [B, N] of a KL term placed in the loss (or over the full distribution),
+  and its diagnostics for aux."""
+  logp = s.logp
+  if term.placement == "full":
+    kl_bt = _position_kl(term, s, h, unembed, ref, batch.get("kl_seed"), chunk_size)
+    n = jnp.maximum(jnp.sum(mask), 1)
+    value = jnp.sum(jnp.where(mask, jax.lax.stop_gradient(kl_bt), 0.0)) / n
+    return (term.surrogate(kl_bt, logp, None if on_policy else old, mask=mask),
+            {"kl_term_value": value})
+  return (term.surrogate(logp, ref_logp, old, mask=mask),
+          {"kl_grad_zeroed_fraction": _kl_grad_zeroed_fraction(term, logp, ref_logp, old, mask)})
+
+
+def _token_aux(s: logprobs.TokenStats, ref_logp, exact: bool) -> dict:
+  """The per-token statistics an on-policy loss returns for the metrics (no gradient)."""
+  tok = {"logp": s.logp, "entropy": s.entropy}
+  if ref_logp is not None:
+    tok["ref_logp"] = ref_logp
+  if exact:
+    tok |= {"rkl": s.reverse_kl, "fkl": s.forward_kl}
+  return jax.lax.stop_gradient(tok)
+
+
 def make_loss_fn(term: KLTerm | FullKLTerm | None, *, graphdef, prompt_len: int, clip_eps_low: float,
                  clip_eps_high: float, dual_clip: float | None, aggregation: str,
                  chunk_size: int, exact_kl: bool, on_policy: bool, with_ref: bool,
@@ -599,12 +638,8 @@ def make_loss_fn(term: KLTerm | FullKLTerm | None, *, graphdef, prompt_len: int,
       ref_logp = ref.logp_bt
     # the full-vocabulary KL columns only when logged or when the KL term is one of them
     exact = ref is not None and (exact_kl or exact_term)
-    policy = nnx.merge(graphdef, params)
-    h = policy.hidden_states(tokens, attention_mask_bt=attn)[0][:, sl]
-    s = logprobs.token_stats(h, policy.unembedding(), targets,
-                             ref_hidden_btd=ref.hidden_btd if exact else None,
-                             ref_unembed_dv=ref.unembed_dv if exact else None,
-                             chunk_size=chunk_size)
+    h, unembed, s = _policy_pass(graphdef, params, tokens, attn, sl, targets,
+                                 ref=ref if exact else None, chunk_size=chunk_size)
     logp = s.logp
     old = jax.lax.stop_gradient(logp) if on_policy else batch["old_logp"]
     advantages = batch["advantages"]
@@ -615,26 +650,15 @@ def make_loss_fn(term: KLTerm | FullKLTerm | None, *, graphdef, prompt_len: int,
     agg = functools.partial(losses.aggregate, mask_bt=mask, mode=aggregation)
     w = 1.0 if correction is None else correction(old, batch["sampler_logp"], mask).weights_bt
     loss = agg(w * pg.loss_bt)
-    if kl_in_loss:
-      loss = loss + beta * agg((w if correct_kl else 1.0)
-                               * term.surrogate(logp, ref_logp, old, mask=mask))
     n = jnp.maximum(jnp.sum(mask), 1)
     aux = {"clip_fraction": jnp.sum(pg.clipped_bt) / n, "ppo_kl": jnp.sum(pg.ppo_kl_bt) / n}
-    if full:
-      kl_bt = _position_kl(term, s, h, policy.unembedding(), ref, batch.get("kl_seed"),
-                           chunk_size)
-      loss = loss + beta * agg((w if correct_kl else 1.0)
-                               * term.surrogate(kl_bt, logp, None if on_policy else old, mask=mask))
-      aux["kl_term_value"] = jnp.sum(jnp.where(mask, jax.lax.stop_gradient(kl_bt), 0.0)) / n
-    if kl_in_loss:
-      aux["kl_grad_zeroed_fraction"] = _kl_grad_zeroed_fraction(term, logp, ref_logp, old, mask)
+    if kl_in_loss or full:
+      kl_loss_bt, kl_aux = _kl_loss(term, s, h, unembed, ref, ref_logp, old, mask, batch,
+                                    chunk_size=chunk_size, on_policy=on_policy)
+      loss = loss + beta * agg((w if correct_kl else 1.0) * kl_loss_bt)
+      aux |= kl_aux
     if on_policy:
-      tok = {"logp": logp, "entropy": s.entropy}
-      if with_ref:
-        tok["ref_logp"] = ref_logp
-      if exact:
-        tok |= {"rkl": s.reverse_kl, "fkl": s.forward_kl}
-      aux["tokens"] = jax.lax.stop_gradient(tok)
+      aux["tokens"] = _token_aux(s, ref_logp if with_ref else None, exact)
     return loss, aux
 
   return loss_fn
