@@ -51,4 +51,7 @@ def get_config(preset: str = "full") -> ml_collections.ConfigDict:
   c.stress_seeds = 2 if quick else 4
   c.stress_steps = 0 if quick else 300  # 0: the stress config's own num_steps
   c.stress_variants = "k2_as_loss,k3_as_loss" if quick else "none,k2_as_loss,k3_as_loss"
+
+  # Beyond the paper (experiments/studies): sequence ∇RKL variance, GRPO under stale rollouts.
+  c.studies = "quick"  # size of both studies: quick | full | none (full: longer, not yet timed)
   return c

@@ -70,6 +70,7 @@ def test_settings_reject_bad_values():
                           ({"steps": 0}, "steps must be >= 1, got 0"),
                           ({"bandit_modes": "exact,mc"}, "bandit_modes must be"),
                           ({"oracle_terms": "some"}, "oracle_terms must be 'core' or 'all'"),
+                          ({"studies": "tiny"}, "studies must be 'quick', 'full' or 'none'"),
                           ({"stress_config": "grpo_nothing"}, "stress_config must name a module")]:
     config = rsettings.load_config("quick")
     config.update(change)
@@ -84,7 +85,8 @@ def _small_settings(tmp_path):
   config = rsettings.load_config("quick")
   config.update(dict(seeds=1, steps=3, sft_steps=5, final_window=2, bandit_steps=2000,
                      bandit_modes="exact", data_dir=str(tmp_path / "tfds"), regime_steps=50,
-                     sequence_seeds=2, sequence_steps=50, stress_seeds=1, stress_steps=3))
+                     sequence_seeds=2, sequence_steps=50, stress_seeds=1, stress_steps=3,
+                     studies="none"))  # the studies have their own tests
   return config
 
 

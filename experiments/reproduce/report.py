@@ -137,6 +137,21 @@ def _stage_section(results: dict) -> list[str]:
           "from group to group.", ""] if results.get("reward_stage_audit") else [])
 
 
+def _studies_section(results: dict) -> list[str]:
+  """Beyond the paper: the two studies' own sections (experiments/studies), with their figures."""
+  studies = results.get("studies") or {}
+  if not studies:
+    return []
+  from experiments.studies import sequence_variance, staleness
+
+  stale = staleness.markdown(studies["staleness"])
+  return ["## Beyond the paper", "",
+          sequence_variance.markdown(studies["sequence_variance"]), "",
+          "![sequence ∇RKL variance](sequence_variance.png)", "",
+          "#" + stale if stale.startswith("## ") else stale, "",
+          "![stale rollouts](staleness.png)", ""]
+
+
 def cost_sentence(meta: dict) -> str:
   """What the results cost: the stored wall time of every cached piece of work plus the parts the
   last invocation recomputed (so re-running on a finished directory keeps the total)."""
@@ -206,7 +221,7 @@ def write_report(path, settings, results: dict, oracle_md: str) -> None:
            "forward-KL optimum and the β=0 optimum.", "",
            bandit_table(results["bandit"]), "![bandit](bandit_final_distances.png)", "",
            *_regime_section(results), *_sequence_section(results), *_stress_section(results),
-           *_stage_section(results),
+           *_stage_section(results), *_studies_section(results),
            "## Oracle: exact expected gradients", "",
            "‖g‖ is the norm of the exact expected gradient; distances are relative. *frozen* is "
            "the frozen-prefix ∇RKL (off-policy: prefixes weighted by π_old). A term *follows* a "

@@ -118,6 +118,30 @@ def run_sequence_study(settings, workdir, *, progress: bool = True) -> dict:
   return out
 
 
+def run_studies(settings, workdir) -> dict:
+  """Beyond the paper (`experiments/studies`): the variance of the sequence ∇RKL estimators and
+  GRPO under stale rollouts, at size `settings.studies` ("none": skipped, {}); cached in
+  WORKDIR/studies.json with their wall time ("seconds"), read back when the size matches."""
+  from experiments.studies import sequence_variance, staleness
+
+  size = settings.get("studies", "quick")
+  if size == "none":
+    return {}
+  path = workdir / "studies.json"
+  if path.exists():
+    cached = json.loads(path.read_text())
+    if cached.get("size") == size:
+      return cached
+  quick = size == "quick"
+  start = time.time()
+  out = {"size": size,
+         "sequence_variance": sequence_variance.run(quick=quick),
+         "staleness": staleness.run(quick, workdir / "studies")}
+  out["seconds"] = time.time() - start
+  paths.write_atomic(path, json.dumps(out, default=float))
+  return out
+
+
 def stability(runs: dict[str, list[list[dict]]], window: int) -> dict[str, dict[str, float]]:
   """Per variant: max per-step exact KL (over seeds), gradient-norm spikes (all seeds), seeds whose
   final entropy fell below 10% of their step-0 entropy (collapse), and the largest log π/π_ref of a
@@ -236,6 +260,9 @@ def run(settings, workdir, *, progress: bool = True) -> dict:
   seq = run_sequence_study(settings, workdir, progress=progress)
   costs[str(workdir / "sequence.json")] = seq.get("seconds", math.nan)
   runs["stress"] = block(settings_lib.split(settings.stress_variants), block="stress", stress=True)
+  studies = run_studies(settings, workdir)
+  if studies:
+    costs[str(workdir / "studies.json")] = studies["seconds"]
   start = time.time()
   figures.sequence_study(seq, workdir / "sequence_study.png")
   figures.gradient_noise(seq, workdir / "gradient_noise.png")
@@ -263,6 +290,11 @@ def run(settings, workdir, *, progress: bool = True) -> dict:
                       f"{settings.off_policy_minibatches} minibatches a rollout), β = "
                       f"{settings.beta} for every KL term, mean over {settings.seeds} seed(s)")
   figures.trajectory_gaps(gaps, workdir / "trajectory_k2_vs_k1_in_reward.png")
+  if studies:
+    from experiments.studies import sequence_variance, staleness
+
+    sequence_variance.figure(studies["sequence_variance"], workdir / "sequence_variance.png")
+    staleness.figure(studies["staleness"], workdir / "staleness.png")
 
   results = {
       "grpo": grpo_summary,
@@ -282,6 +314,7 @@ def run(settings, workdir, *, progress: bool = True) -> dict:
       "sequence": {k: v for k, v in seq.items() if k not in ("curves", "key", "seconds")},
       "grpo_stress": {"summary": stress["summary"], "stability": stress["stability"],
                       "description": stress["description"]},
+      "studies": {k: v for k, v in studies.items() if k != "seconds"},
       "reward_stage": reward_stage_effect(grpo_summary),
       "reward_stage_audit": reward_stage_audit(),
       "verdicts": verdicts_lib.verdicts(rows, exact_bandit, grpo_summary, off_summary, gaps,

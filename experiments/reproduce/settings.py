@@ -73,6 +73,8 @@ def validate(settings: ml_collections.ConfigDict) -> None:
   if not modes or any(m not in bandit.MODES for m in modes):
     raise ValueError(f"bandit_modes must be a comma-separated list of {', '.join(bandit.MODES)}, "
                      f"got {settings.bandit_modes!r}.")
+  if settings.get("studies", "quick") not in ("quick", "full", "none"):
+    raise ValueError(f"studies must be 'quick', 'full' or 'none', got {settings.studies!r}.")
   if not split(settings.stress_variants):
     raise ValueError("stress_variants must name at least one variant (comma-separated).")
   for name in ("grpo_config", "stress_config"):

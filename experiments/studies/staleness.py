@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import figures
+
 from kljax import exact, offpolicy, paths
 
 CAPS = (1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 100.0, math.inf)
@@ -190,11 +192,6 @@ def run(quick: bool, workdir, *, progress: bool = False) -> dict:
           "seconds": {"caps": t1 - t0, "grpo": t2 - t1}}
 
 
-def _smooth(y, w):
-  y = np.asarray(y, float)
-  return y if len(y) < w else np.convolve(y, np.ones(w) / w, mode="valid")
-
-
 def figure(results: dict, path) -> None:
   """Top: GRPO curves (exact KL, reward, sampler ESS; seed mean, moving average). Bottom: the
   relative bias, spread and n-sample RMSE of the three estimators over the cap C."""
@@ -210,7 +207,7 @@ def figure(results: dict, path) -> None:
             "sampler_ess": "sampler ESS (token ratios π_old/μ)"}
   for ax, metric in zip(axes[0], titles):
     for i, (name, curves) in enumerate(g["runs"].items()):
-      y = _smooth(np.mean(curves[metric], axis=0), w)
+      y = figures.moving_average(np.mean(curves[metric], axis=0), w)
       ax.plot(np.arange(len(y)) + (g["steps"] - len(y)), y, label=name, color=f"C{i}",
               ls="-" if "PG + KL" in name or name == "k=0" else "--" if "PG only" in name else ":")
     ax.set_title(f"GRPO: {titles[metric]}")
