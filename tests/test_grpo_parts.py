@@ -192,3 +192,25 @@ def test_leave_one_out_baseline_matches_a_loop(rng):
   np.testing.assert_allclose(leave_one_out(r.T, axis=0), loop.T, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="rewards needs >= 2 entries along axis -1"):
     leave_one_out(np.ones((4, 1)))
+
+
+def test_value_clamped_tokens_metric_counts_what_the_clamp_touches():
+  # verl's low_var_kl clamps k3 = δ − 1 − log δ (δ = π_ref/π) to [−10, 10]: count by hand in NumPy.
+  from kljax.kl import kl_term
+  from kljax.train import grpo as grpo_lib
+
+  rng = np.random.default_rng(0)
+  lp = rng.normal(-2.0, 1.0, (4, 6)).astype(np.float32)
+  ref = lp + rng.choice([-15.0, -1.0, 0.5, 3.0, 14.0], size=lp.shape).astype(np.float32)
+  mask = rng.random(lp.shape) > 0.3
+  log_delta = ref.astype(np.float64) - lp
+  k3 = np.exp(log_delta) - 1.0 - log_delta
+  expected = int(((np.abs(k3) > 10.0) & mask).sum())
+  assert expected > 0
+  m = mask.astype(np.float32)
+  tmean = lambda x: float((np.asarray(x) * m).sum() / m.sum())
+  stats = {"logp": lp, "ref_logp": ref}
+  out = grpo_lib._reference_metrics(stats, mask, tmean, kl_term("k3_as_loss+value_clamp"))
+  assert out["kl_value_clamped_tokens"] == expected
+  assert "kl_value_clamped_tokens" not in grpo_lib._reference_metrics(stats, mask, tmean,
+                                                                       kl_term("k3_as_loss"))

@@ -878,8 +878,9 @@ REFERENCE_METRICS = ("exact_rkl", "exact_fkl", "k1", "k2", "k3", "clamped_tokens
                      "max_log_ratio", "max_seq_log_ratio")
 
 
-def _reference_metrics(stats: dict, mask: np.ndarray, tmean) -> dict:
-  """The REFERENCE_METRICS of the rollout policy's per-token statistics."""
+def _reference_metrics(stats: dict, mask: np.ndarray, tmean, term=None) -> dict:
+  """The REFERENCE_METRICS of the rollout policy's per-token statistics (and, for a term that
+  clamps its value, e.g. `k3_as_loss+value_clamp`, the tokens its clamp touches)."""
   nan = float("nan")
   out = {"exact_rkl": tmean(stats["rkl"]) if "rkl" in stats else nan,
          "exact_fkl": tmean(stats["fkl"]) if "fkl" in stats else nan}
@@ -887,6 +888,8 @@ def _reference_metrics(stats: dict, mask: np.ndarray, tmean) -> dict:
     return out | {k: nan for k in REFERENCE_METRICS if k not in out}
   lp, ref_lp = stats["logp"], stats["ref_logp"]
   m = np.asarray(mask, np.float32)
+  if getattr(term, "count_clamped", None) is not None:
+    out["kl_value_clamped_tokens"] = float(term.count_clamped(lp, ref_lp, mask=mask))
   return out | {
       "k1": tmean(est.k1(lp, ref_lp)), "k2": tmean(est.k2(lp, ref_lp)),
       "k3": tmean(est.k3(lp, ref_lp)),
@@ -898,7 +901,8 @@ def _reference_metrics(stats: dict, mask: np.ndarray, tmean) -> dict:
 
 
 def step_metrics(ro: Rollout, scores: rewards.Scores, group: adv_lib.GroupAdvantages,
-                 stats: dict, auxes: list[dict], beta, times: tuple[float, ...]) -> dict:
+                 stats: dict, auxes: list[dict], beta, times: tuple[float, ...],
+                 term=None) -> dict:
   """The step's metrics: rewards, lengths, per-token statistics of the rollout policy, the KL to
   the reference, the updates' mean aux, and timings. `times`: (start, rollout done, advantages
   done, updates done) from `time.perf_counter`."""
@@ -907,7 +911,7 @@ def step_metrics(ro: Rollout, scores: rewards.Scores, group: adv_lib.GroupAdvant
   tmean = lambda x: float((to_host(x) * m).sum() / ntok)
   lengths = m.sum(1)
   t0, t_rollout, t_logprobs, t_update = times
-  ref = _reference_metrics(stats, ro.completion_mask, tmean)
+  ref = _reference_metrics(stats, ro.completion_mask, tmean, term)
   metrics = {
       "reward_mean": float(scores.total.mean()), "reward_std": float(scores.total.std()),
       # accuracy: completions the first reward function scores above 0
@@ -977,7 +981,7 @@ def train_step(setup: Setup, state: TrainState, fns: dict) -> tuple[TrainState, 
   if on_policy:  # the statistics of the rollout policy, from the update's own forward pass
     stats = {k: to_host(v) for k, v in auxes[0].pop("tokens").items()}
   metrics = step_metrics(ro, scores, group, stats, auxes, state.beta.beta,
-                         (t0, t_rollout, t_logprobs, t_update))
+                         (t0, t_rollout, t_logprobs, t_update), term=setup.term)
   metrics |= sampler_metrics(setup, ro, stats["logp"])
   kl = metrics["k1"] if uses_reference(setup.config) else 0.0
   return next_state(setup, state, params, opt_state, kl), metrics
