@@ -14,6 +14,7 @@ import time
 from absl import app, flags, logging
 
 from experiments import figures
+from experiments.reproduce.verdicts import nearest_optimum
 from kljax import bandit, cli
 from kljax.kl import kl_term, kl_term_names
 
@@ -45,7 +46,8 @@ def resolve_terms(value: str) -> list[str]:
 
 
 def results_table(results: list[bandit.Run], problem: bandit.Problem) -> str:
-  """A markdown table: one row per (term, mode), the nearest optimum in bold."""
+  """A markdown table: one row per (term, mode), the nearest optimum in bold (none when every
+  distance is ≥ the reproduction's threshold, `NEAREST_TV`)."""
   lines = [
       "| KL term | gradients | TV to π* (reverse-KL opt.) | TV to forward-KL opt. | TV to β=0 opt. "
       "| KL(π‖π_ref) | KL(π_ref‖π) | E[r] |",
@@ -53,7 +55,7 @@ def results_table(results: list[bandit.Run], problem: bandit.Problem) -> str:
   ]
   for r in results:
     d = bandit.final_distances(r, problem)
-    nearest = min(d, key=d.get)
+    nearest = nearest_optimum(d)
     cells = [f"**{v:.2e}**" if k == nearest else f"{v:.2e}" for k, v in d.items()]
     lines.append(
         f"| `{r.term}` | {r.mode} | " + " | ".join(cells)
@@ -68,14 +70,12 @@ def main(argv):
   config = _CONFIG.value
   terms = resolve_terms(config.terms)
   modes = _split(config.modes, "modes")
-  for mode in modes:
-    if mode not in bandit.MODES:
-      raise app.UsageError(f"--config.modes: {mode!r} is not one of {', '.join(bandit.MODES)}.")
-  if config.num_steps % config.inner_steps:
-    raise app.UsageError(
-        f"--config.num_steps ({config.num_steps}) must be a multiple of --config.inner_steps "
-        f"({config.inner_steps})."
-    )
+  try:
+    for mode in modes:
+      bandit.check_mode(mode)
+    bandit.check_steps(config.num_steps, config.inner_steps)
+  except ValueError as err:
+    raise app.UsageError(f"--config: {err}") from None
   workdir = _WORKDIR.value
   os.makedirs(workdir, exist_ok=True)
   try:

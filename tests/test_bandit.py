@@ -89,7 +89,7 @@ def test_cli_rejects_bad_config_before_running(tmp_path):
   assert out.returncode != 0
   assert "--config.terms: unknown KL term 'k9_as_loss'" in out.stderr
   out = _cli(f"--workdir={tmp_path}", "--config.inner_steps=7")
-  assert out.returncode != 0 and "must be a multiple of --config.inner_steps (7)" in out.stderr
+  assert out.returncode != 0 and "must be a positive multiple of inner_steps (7)" in out.stderr
 
 
 def test_regime_map_reaches_the_closed_forms_of_the_hard_regime():
