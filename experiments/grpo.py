@@ -71,6 +71,8 @@ def main(argv):
       with multihost.leader_first("to take the run lock"):
         if leader:
           stack.enter_context(runlock.hold(workdir))
+          # what experiments.plot labels the run by (KL term, β); the checkpoints are the state
+          paths.write_atomic(workdir / "config.json", config.to_json_best_effort(indent=1))
       with multihost.leader_first("to make the warm start"):
         init_model = initial_model(config, workdir / "sft")
       history = grpo.train(config, workdir, init_model=init_model)

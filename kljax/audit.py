@@ -62,6 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kljax import estimators as est
 from kljax import exact
 from kljax.advantages import reward_to_go
 from kljax.kl import KLTerm, kl_term
@@ -374,7 +375,7 @@ def _targets(policy, ref, old, space) -> dict[str, tuple]:
       prefix_law = _token_lp(theta if old is None else old, seqs)
       w = jax.lax.stop_gradient(_seq_prob(prefix_law, space))
       p, q = (cond, ref_cond) if direction == "reverse" else (ref_cond, cond)
-      kl_t = jnp.sum(jnp.exp(p) * (p - q), axis=-1)  # [N, T] per-position KL
+      kl_t = est.kl_from_log_probs(p, q)  # [N, T] per-position KL
       return jnp.sum(w * jnp.sum(mask * kl_t, -1))
     return objective
 
@@ -640,8 +641,8 @@ def _value_stats(impl: Implementation, seeds: int) -> dict[str, float]:
     lq = jax.nn.log_softmax(ref[0])
     p = np.exp(np.asarray(lp, np.float64))
     v = np.asarray(impl.value(lp[:, None], lq[:, None])[:, 0], np.float64)
-    rkl = float(np.sum(p * (lp - lq)))
-    fkl = float(np.sum(np.exp(np.asarray(lq, np.float64)) * (lq - lp)))
+    lp64, lq64 = np.asarray(lp, np.float64), np.asarray(lq, np.float64)
+    rkl, fkl = float(est.kl_from_log_probs(lp64, lq64)), float(est.kl_from_log_probs(lq64, lp64))
     mean = float(np.sum(p * v))
     rb.append((mean - rkl) / rkl)
     fb.append((mean - fkl) / fkl)

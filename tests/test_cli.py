@@ -254,6 +254,9 @@ def test_a_piped_run_logs_plain_lines_and_a_rerun_says_it_is_complete(data_dir, 
 
   rows = metrics.read_jsonl(workdir / "metrics.jsonl")
   assert [r["step"] for r in rows] == [0, 1, 2, 3]
+  # the run's config.json labels it in experiments.plot by KL term and β (grpo_tiny's defaults)
+  from experiments.plot import run_label
+  assert run_label(str(workdir), rows) == "k2_as_loss, β = 0.05"
   # 4 steps: the first and last 10% are one step each (at least one row a window)
   first, last = rows[0]["reward_mean"], rows[-1]["reward_mean"]
   assert f"reward {first:.3f} (mean of step 0) -> {last:.3f} (mean of step 3)" in out.stdout

@@ -205,13 +205,17 @@ def figure(results: dict, path) -> None:
   w = 5 if g["steps"] <= 60 else 15
   titles = {"exact_rkl": "exact KL(π‖π_ref) per token", "reward_mean": "reward",
             "sampler_ess": "sampler ESS (token ratios π_old/μ)"}
+  ylabels = {"exact_rkl": "nats per token", "reward_mean": "mean reward of a step (0–1)",
+             "sampler_ess": "effective sample size / batch size"}
   for ax, metric in zip(axes[0], titles):
     for i, (name, curves) in enumerate(g["runs"].items()):
       y = figures.moving_average(np.mean(curves[metric], axis=0), w)
       ax.plot(np.arange(len(y)) + (g["steps"] - len(y)), y, label=name, color=f"C{i}",
               ls="-" if "PG + KL" in name or name == "k=0" else "--" if "PG only" in name else ":")
-    ax.set_title(f"GRPO: {titles[metric]}")
+    ax.set_title(f"GRPO: {titles[metric]}\n(mean over seeds, {figures.smoothing_note(w)})",
+                 fontsize=10)
     ax.set_xlabel("step")
+    ax.set_ylabel(ylabels[metric])
     ax.grid(alpha=0.3)
   axes[0, 0].legend(fontsize=8)
   c = results["caps"]
@@ -227,11 +231,13 @@ def figure(results: dict, path) -> None:
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("cap C (rightmost: ∞)")
+    ax.set_ylabel("relative to ‖∇KL‖ (no unit)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, which="both")
   axes[1, 0].legend(fontsize=8)
-  fig.suptitle(f"Stale rollouts in GRPO (β = {g['beta']}) and the off-policy sequence ∇RKL "
-               f"(V = {c['vocab']}, T = {c['length']}, {c['draws']} draws)")
+  fig.suptitle(f"Stale rollouts in GRPO (β = {g['beta']}; k = staleness in steps) and the "
+               f"off-policy sequence ∇RKL (V = {c['vocab']}, T = {c['length']}, {c['draws']} "
+               "draws): the prefix estimator has the lowest RMSE at a finite cap")
   fig.tight_layout()
   paths.save_figure(fig, path, dpi=100)
   plt.close(fig)
