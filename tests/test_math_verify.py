@@ -76,3 +76,14 @@ def test_math_verify_fits_the_number_datasets():
   c.data.name, c.data.max_prompt_len = "countdown/n3", 27
   with pytest.raises(grpo.ConfigError, match="math_verify"):
     grpo.validate(c)  # countdown's answer is an expression to build, not a value
+
+
+def test_math_verify_reads_the_final_answer_of_long_completions():
+  # Only the tail is parsed (from the last \boxed, at most MATH_VERIFY_TAIL characters): a long
+  # preamble or a long afterword around the boxed answer changes nothing.
+  n = 5 * rewards.MATH_VERIFY_TAIL
+  long_before = "Let us think. " * n + r"So the answer is $\boxed{\frac{1}{2}}$."
+  long_after = r"The answer is $\boxed{3}$. " + "I double-checked it. " * n
+  assert rewards.math_verify_reward(["q"] * 2, [long_before, long_after], answer=["0.5", "3"]) == [
+      1.0, 1.0]
+  assert rewards.math_verify_reward(["q"], [long_before], answer=["0.25"]) == [0.0]
