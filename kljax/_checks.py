@@ -37,6 +37,21 @@ def same_shape(**arrays: jax.Array | None) -> None:
     raise ValueError(f"expected arrays of one shape, got {seen}.")
 
 
+def masked_series(values: ArrayLike, mask: ArrayLike | None, *, name: str,
+                  mask_name: str) -> tuple[jax.Array, jax.Array | None]:
+  """`values` as float32 with a time axis (the last), zeroed where `mask` is False, and the mask
+  as an array (None stays None); ValueError naming `name`/`mask_name` on a scalar or a shape
+  mismatch."""
+  x = as_float32(values, name)
+  if x.ndim < 1:
+    raise ValueError(f"{name} must have a time axis (the last), got shape {list(x.shape)}.")
+  if mask is not None:
+    mask = jnp.asarray(mask)
+    same_shape(**{name: x, mask_name: mask})
+    x = jnp.where(mask.astype(bool), x, 0.0)
+  return x, mask
+
+
 def positive(value: float, name: str, *, allow_zero: bool = False) -> float:
   """Raises ValueError unless `value` is a finite number > 0 (>= 0 with allow_zero)."""
   v = float(value)

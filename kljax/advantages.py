@@ -52,13 +52,7 @@ def reward_to_go(values_bt: ArrayLike, mask_bt: ArrayLike | None = None) -> jax.
   Returns:
     float32 `[..., T]`.
   """
-  values = _checks.as_float32(values_bt, "values_bt")
-  if values.ndim < 1:
-    raise ValueError(f"values_bt must have a time axis, got shape {list(values.shape)}.")
-  if mask_bt is not None:
-    mask = jnp.asarray(mask_bt)
-    _checks.same_shape(values_bt=values, mask_bt=mask)
-    values = jnp.where(mask.astype(bool), values, 0.0)
+  values, mask = _checks.masked_series(values_bt, mask_bt, name="values_bt", mask_name="mask_bt")
   rtg = _suffix_sum(values)
   return rtg if mask_bt is None else jnp.where(mask.astype(bool), rtg, 0.0)
 

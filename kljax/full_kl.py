@@ -54,14 +54,7 @@ Credit = Literal["position", "sequence"]
 
 
 def _masked_kl(kl_bt, mask):
-  kl = _checks.as_float32(kl_bt, "kl_bt")
-  if kl.ndim < 1:
-    raise ValueError(f"kl_bt must have a time axis (the last), got shape {list(kl.shape)}.")
-  if mask is not None:
-    mask = jnp.asarray(mask)
-    _checks.same_shape(kl_bt=kl, mask=mask)
-    kl = jnp.where(mask.astype(bool), kl, 0.0)
-  return kl, mask
+  return _checks.masked_series(kl_bt, mask, name="kl_bt", mask_name="mask")
 
 
 def position_surrogate(kl_bt: ArrayLike, *, mask: ArrayLike | None = None) -> jax.Array:
