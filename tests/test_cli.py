@@ -19,11 +19,13 @@ from kljax.train import config as config_lib
 from kljax.train import metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_grpo import child_xla_flags  # noqa: E402
 
 
 def _run(*args, timeout=300, env=None):
   env = dict(os.environ if env is None else env)
-  env.pop("XLA_FLAGS", None)  # one CPU device: the CLI runs below are single-device
+  env["XLA_FLAGS"] = child_xla_flags()  # one CPU device: the CLI runs below are single-device
   return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=timeout)
 

@@ -41,6 +41,16 @@ def tiny_config(data_dir, **changes):
   return c
 
 
+def child_xla_flags(devices: int = 1) -> str:
+  """XLA_FLAGS for a child process on `devices` CPU devices, with the suite's other flags
+  (tests/conftest.py)."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  if devices > 1:
+    flags.append(f"--xla_force_host_platform_device_count={devices}")
+  return " ".join(flags)
+
+
 def _init(path):
   from kljax import models
 
@@ -204,7 +214,7 @@ def _cli(workdir, sft_dir, *extra):
 
 @pytest.mark.slow
 def test_sigkill_and_restart_resumes_like_an_uninterrupted_run(data_dir, sft_dir, tmp_path):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = dict(os.environ, XLA_FLAGS=child_xla_flags())
   flags = [f"--config.data.data_dir={data_dir}"]
   clean = subprocess.run(_cli(tmp_path / "clean", sft_dir, *flags), cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=600)

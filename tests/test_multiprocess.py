@@ -16,7 +16,7 @@ from kljax.train.metrics import read_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_grpo import TIMING, tiny_config  # noqa: E402
+from test_grpo import TIMING, child_xla_flags, tiny_config  # noqa: E402
 
 FLAGS = ["--config.num_steps=2", "--config.checkpoint_every=1", "--config.batch_size=16",
          "--config.rollout.group_size=4", "--config.rollout.max_new_tokens=3",
@@ -43,7 +43,7 @@ def _two_processes(workdir, init, data_dir, cwd, caches=(None, None)) -> list[st
   port = _free_port()
   procs = []
   for i, cache in enumerate(caches):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    env = dict(os.environ, XLA_FLAGS=child_xla_flags(4),
                JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
     if cache:
       env["KLJAX_CACHE"] = cache

@@ -1,11 +1,16 @@
 """Every notebook executes top to bottom in its smallest setting (CI runs them; a broken notebook
 fails the build), displays its plots, and shows what it claims."""
 
+import os
 import pathlib
+import sys
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_grpo import child_xla_flags  # noqa: E402
 
 NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
@@ -19,7 +24,8 @@ def _stream_text(nb) -> str:
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_executes(path, tmp_path, monkeypatch):
   nb = nbformat.read(path, as_version=4)
-  monkeypatch.delenv("XLA_FLAGS", raising=False)  # the kernel runs on the plain 1-device CPU
+  # the kernel runs on the plain 1-device CPU, with the suite's other XLA flags (tests/conftest.py)
+  monkeypatch.setenv("XLA_FLAGS", child_xla_flags())
   monkeypatch.setenv("KLJAX_NOTEBOOK_SMALL", "1")
   monkeypatch.setenv("KLJAX_NOTEBOOK_WORKDIR", str(tmp_path / "work"))
   NotebookClient(nb, timeout=600, kernel_name="python3",
