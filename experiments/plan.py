@@ -89,7 +89,8 @@ def plan(args: argparse.Namespace) -> dict:
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
   graphdef, state = nnx.split(models.abstract(cfg))
-  shardings = sharding.state_shardings(state, mesh)
+  rules = sharding.rules_for(batch * (args.prompt_len + args.new_tokens), cfg.vocab_size)
+  shardings = sharding.state_shardings(state, mesh, rules=rules)
   is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
   params = jax.tree.map(lambda s, v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
                         shardings, state, is_leaf=is_var)

@@ -65,6 +65,29 @@ DEFAULT_RULES: Rules = (
     ("length", None),
 )
 
+# The same rules with the vocabulary off `fsdp` (the table's rows split over `embed`, ZeRO-3 style).
+EMBED_FIRST_RULES: Rules = tuple((k, "tensor") if k == "vocab" else (k, v) for k, v in DEFAULT_RULES)
+# An update of fewer tokens than vocabulary rows / VOCAB_FIRST_FACTOR takes the vocabulary-first
+# rules. The two splits trade the gather of the table [V, D] (embed-first: every device holds the
+# whole table, its gradient and float32 copies for the logits matmul) against the gather of the
+# update's activations [N, D] (vocabulary-first). Measured with `experiments.plan` on the README
+# table's 16 (preset × mesh) rows under each rule set: vocabulary-first was smaller at 12k tokens an
+# update (8 devices) and at the real-shape run's 384 tokens (2.92 → 0.18 GiB of temporaries), and
+# larger from 49k tokens up in 7 of the 8 rows that differ (at 393k tokens, qwen2.5-7b on 256
+# devices: 20.89 vs 5.62 GiB peak). 8 puts the switch between 12k and 49k for a 152k vocabulary.
+VOCAB_FIRST_FACTOR = 8
+
+
+def rules_for(tokens_per_update: int, vocab_size: int) -> Rules:
+  """The rules for a model of `vocab_size` trained on updates of `tokens_per_update` tokens (all
+  devices together): `DEFAULT_RULES` (vocabulary on `fsdp` first) for small updates,
+  `EMBED_FIRST_RULES` for large ones (see `VOCAB_FIRST_FACTOR`)."""
+  if tokens_per_update < 1 or vocab_size < 1:
+    raise ValueError(f"tokens_per_update and vocab_size must be >= 1, got {tokens_per_update} and "
+                     f"{vocab_size}.")
+  small = tokens_per_update * VOCAB_FIRST_FACTOR <= vocab_size
+  return DEFAULT_RULES if small else EMBED_FIRST_RULES
+
 
 def make_mesh(
     *, data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
