@@ -120,6 +120,28 @@ def test_the_vocabulary_split_follows_the_update_size():
   assert sharding.logical_to_spec(("vocab", "embed"), (1024, 64), mesh, large) == P(None, "fsdp")
   with pytest.raises(ValueError, match="tokens_per_update and vocab_size must be >= 1"):
     sharding.rules_for(0, 100)
+  # An explicit split overrides the size rule either way.
+  assert sharding.rules_for(393_216, 152_064, "vocab") == sharding.DEFAULT_RULES
+  assert sharding.rules_for(1_000, 152_064, "embed") == sharding.EMBED_FIRST_RULES
+  with pytest.raises(ValueError, match="embedding split must be one of auto, vocab, embed, got 'rows'"):
+    sharding.rules_for(1_000, 152_064, "rows")
+
+
+def test_the_trainer_reads_its_embedding_split_from_the_config():
+  from kljax.train import grpo
+  from kljax.train.config import grpo_tiny
+
+  c = grpo_tiny()  # 64 completions × (8 + 4) tokens = 768 tokens an update
+  c.mesh.devices = 1
+  assert grpo.param_rules(c, vocab_size=768 * 8) == sharding.DEFAULT_RULES
+  assert grpo.param_rules(c, vocab_size=768 * 8 - 1) == sharding.EMBED_FIRST_RULES
+  c.loss.minibatches = 2  # an update is one minibatch: 384 tokens
+  assert grpo.param_rules(c, vocab_size=384 * 8) == sharding.DEFAULT_RULES
+  c.mesh.embedding_split = "embed"
+  assert grpo.param_rules(c, vocab_size=384 * 8) == sharding.EMBED_FIRST_RULES
+  c.mesh.embedding_split = "rows"
+  with pytest.raises(grpo.ConfigError, match="mesh.embedding_split"):
+    grpo.validate(c)
 
 
 def test_storage_axis_falls_back_to_a_dimension_it_divides():

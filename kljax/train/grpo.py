@@ -158,6 +158,9 @@ def _check_sizes(config: ml_collections.ConfigDict) -> None:
     mesh = _mesh(config)
   except ValueError as err:
     _bad("mesh", f"{err} ({jax.device_count()} devices are visible).")
+  if config.mesh.embedding_split not in sharding.EMBEDDING_SPLITS:
+    _bad("mesh.embedding_split", f"must be one of {', '.join(sharding.EMBEDDING_SPLITS)}, got "
+         f"{config.mesh.embedding_split!r}.")
   per_minibatch = config.batch_size // config.loss.minibatches
   try:
     sharding.check_divisible(per_minibatch, mesh)
@@ -406,10 +409,11 @@ def build(config: ml_collections.ConfigDict, init_model: nnx.Module | None = Non
 
 
 def param_rules(config: ml_collections.ConfigDict, vocab_size: int) -> sharding.Rules:
-  """The parameters' sharding rules for this run's update size (`sharding.rules_for`)."""
+  """The parameters' sharding rules: `mesh.embedding_split` for this run's update size
+  (`sharding.rules_for`)."""
   tokens = (config.batch_size // config.loss.minibatches
             * (config.data.max_prompt_len + config.rollout.max_new_tokens))
-  return sharding.rules_for(tokens, vocab_size)
+  return sharding.rules_for(tokens, vocab_size, config.mesh.embedding_split)
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
