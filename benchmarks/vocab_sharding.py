@@ -2,9 +2,10 @@
 
   python benchmarks/vocab_sharding.py [experiments.plan flags]
 
-Compiles (experiments.plan, nothing runs) the GRPO update and the sampler under two rule sets: the
-embedding's `embed` dimension on fsdp (the rules before 2026-11-27: `vocab` on `tensor` only) and
-kljax's rules (`vocab` takes fsdp first). The default flags are the real-shape run's case:
+Compiles (experiments.plan, nothing runs) the GRPO update and the sampler under the two embedding
+splits (`--embedding_split embed`: the `embed` dimension on fsdp, `vocab` on `tensor` only;
+`--embedding_split vocab`: the vocabulary rows take fsdp first); `auto` picks one by the update's
+size (`kljax.sharding.rules_for`). The default flags are the real-shape run's case:
 qwen2.5-0.5b with 1 layer (real vocabulary 151,936) on 8 simulated CPU devices with fsdp=8, 8
 sequences of 8 + 4 tokens, remat on. XLA:CPU's compiled estimates, per device (on one host the 8
 simulated devices add up).
@@ -12,7 +13,6 @@ simulated devices add up).
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 
@@ -28,25 +28,15 @@ def main() -> None:
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from experiments import plan as plan_lib
-  from kljax import sharding
 
-  args = plan_lib._parser().parse_args(argv)
-  embed_first = tuple((k, "tensor") if k == "vocab" else (k, v) for k, v in sharding.DEFAULT_RULES)
-  state_shardings = sharding.state_shardings
-  print("python -m experiments.plan " + " ".join(argv))
+  print("python -m experiments.plan " + " ".join(argv) + " --embedding_split embed|vocab")
   print(f"GiB per device (XLA:CPU compiled estimates)\n{'rules':32s} {'params':>7s} "
         f"{'update temp':>12s} {'sampler temp':>13s} {'peak':>7s}")
-  try:
-    for name, rules in (("embed on fsdp (before)", embed_first),
-                        ("vocab on fsdp (kljax's rules)", sharding.DEFAULT_RULES)):
-      sharding.state_shardings = functools.partial(state_shardings, rules=rules)
-      r = plan_lib.plan(args)
-      b, c, g = r["per_device_bytes"], r["compiled"], 2**30
-      print(f"{name:32s} {b['params'] / g:7.3f} {c['update']['temp'] / g:12.2f} "
-            f"{c['sampler']['temp'] / g:13.2f} {b['total'] / g:7.2f}", flush=True)
-  finally:
-    sharding.state_shardings = state_shardings
-
+  for name, split in (("embed on fsdp", "embed"), ("vocab on fsdp", "vocab")):
+    r = plan_lib.plan(plan_lib._parser().parse_args([*argv, "--embedding_split", split]))
+    b, c, g = r["per_device_bytes"], r["compiled"], 2**30
+    print(f"{name:32s} {b['params'] / g:7.3f} {c['update']['temp'] / g:12.2f} "
+          f"{c['sampler']['temp'] / g:13.2f} {b['total'] / g:7.2f}", flush=True)
 
 if __name__ == "__main__":
   main()

@@ -19,7 +19,7 @@ Planned for a TPU v5e-32 slice (32 chips × 16 GiB), like the GSM8K config but w
 
   python -m experiments.plan --preset qwen2.5-math-1.5b --devices 32 --fsdp 32 --batch 128 \
       --rollout_batch 512 --prompt_len 512 --new_tokens 1024 --remat \
-      --json experiments/results/plan/grpo_qwen_math_openr1_v5e-32.json
+      --embedding_split vocab --json experiments/results/plan/grpo_qwen_math_openr1_v5e-32.json
 
 printed, per chip: parameters 0.18 GiB, optimizer 0.36 GiB, reference 0.18 GiB, gradients 0.18 GiB,
 KV cache 0.66 GiB, update temporaries 4.91 GiB, sampler temporaries 6.23 GiB; peak 6.95 GiB (fits

@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--dtype", default="bfloat16", help="compute dtype")
   p.add_argument("--param_dtype", default="float32", help="master-weight dtype")
   p.add_argument("--remat", action="store_true", help="rematerialize blocks in the backward pass")
+  p.add_argument("--embedding_split", choices=("auto", "vocab", "embed"), default="auto",
+                 help="which embedding dimension fsdp splits (the trainer's mesh.embedding_split; "
+                      "auto: by the update's size)")
   p.add_argument("--layers", type=int, default=0, help="decoder layers (0: the preset's)")
   p.add_argument("--vocab_multiple", type=int, default=1,
                  help="pad the stored vocabulary to a multiple of this (ModelConfig.vocab_multiple), "
@@ -89,7 +92,9 @@ def plan(args: argparse.Namespace) -> dict:
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
   graphdef, state = nnx.split(models.abstract(cfg))
-  shardings = sharding.state_shardings(state, mesh)
+  rules = sharding.rules_for(batch * (args.prompt_len + args.new_tokens), cfg.vocab_size,
+                             args.embedding_split)
+  shardings = sharding.state_shardings(state, mesh, rules=rules)
   is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
   params = jax.tree.map(lambda s, v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
                         shardings, state, is_leaf=is_var)
@@ -157,6 +162,7 @@ def plan(args: argparse.Namespace) -> dict:
       "param_dtype": cfg.param_dtype, "remat": bool(cfg.remat),
       "vocab_multiple": cfg.vocab_multiple, "padded_vocab": cfg.padded_vocab,
       "batch_constraint": not args.no_batch_constraint,
+      "embedding_split": "vocab" if rules == sharding.DEFAULT_RULES else "embed",
       "param_count": param_count,
       "per_device_bytes": {
           "params": p_bytes, "optimizer": per_device(opt_state), "reference": p_bytes,
@@ -182,7 +188,8 @@ def render(p: dict) -> str:
       f"{p['preset']}: {p['param_count'] / 1e9:.2f}B parameters on {p['devices']} simulated CPU "
       f"devices, mesh {p['mesh']}, update batch {p['batch']} (rollout {p['rollout_batch']}) × "
       f"({p['prompt_len']} + {p['new_tokens']}) tokens, {p['param_dtype']} weights, {p['dtype']} compute, remat {p['remat']}"
-      + (f", vocabulary padded to {p['padded_vocab']}" if p.get("vocab_multiple", 1) > 1 else ""),
+      + (f", vocabulary padded to {p['padded_vocab']}" if p.get("vocab_multiple", 1) > 1 else "")
+      + (f", embedding split over fsdp by {p['embedding_split']}" if "embedding_split" in p else ""),
       "per device (analytic from the shardings, except temporaries: XLA:CPU's compiled estimate, "
       "not a TPU/GPU measurement):",
       f"  parameters {g(b['params'])}, optimizer {g(b['optimizer'])}, reference "

@@ -177,11 +177,16 @@ def claims(results: dict) -> str:
            f" for k2.")
   stress = results["grpo_stress"]
   a, b = stress["summary"]["k3_as_loss"], stress["summary"]["k2_as_loss"]
-  ratio = max(x["max_seq_log_ratio"] for x in stress["stability"].values())
-  text += (f" The stressing GRPO run ({stress['description']}) ends at final KL "
+  st = stress["stability"]
+  target = stress.get("target")
+  rare = (f", whose fully rewarded completion {target['text']!r} has mean log π_ref "
+          f"{target['mean_log_ref']:.1f} nats" if target else "")
+  text += (f" The stressing GRPO run ({stress['description']}{rare}) ends at final KL "
            f"{_msr(a, 'exact_rkl')} (k3) vs {_msr(b, 'exact_rkl')} (k2), Welch "
-           f"{_p(a, b, 'exact_rkl')}; the largest log π/π_ref of a sampled completion there was "
-           f"{ratio:.1f} nats.")
+           f"{_p(a, b, 'exact_rkl')}, reward {_msr(a, 'reward')} vs {_msr(b, 'reward')}; the "
+           f"largest log π/π_ref of a sampled completion was "
+           f"{st['k3_as_loss']['max_seq_log_ratio']:.1f} (k3) vs "
+           f"{st['k2_as_loss']['max_seq_log_ratio']:.1f} (k2) nats.")
   out.append(text)
 
   means = results["off_policy_means"]

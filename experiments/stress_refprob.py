@@ -18,11 +18,16 @@ from kljax.train.sft import encode_pairs
 
 
 def correct_logprobs(sft_dir: str, dataset: str, prompt_len: int, completion_len: int,
-                     count: int = 1000) -> np.ndarray:
-  """log π_ref(answer + EOS | prompt) (float32) of the first `count` test examples."""
+                     count: int = 1000, *, answer: str | None = None,
+                     data_dir: str = "~/.cache/kljax/tfds") -> np.ndarray:
+  """log π_ref(answer + EOS | prompt) (float32) of the first `count` test examples, the completion
+  cut to `completion_len` tokens; `answer`: score this text after every prompt instead of the
+  example's own answer."""
   tok = text.CharTokenizer()
-  src = data_lib.load(dataset, "test", data_dir="~/.cache/kljax/tfds")
+  src = data_lib.load(dataset, "test", data_dir=data_dir)
   examples = src.take(range(min(len(src), count)))
+  if answer is not None:
+    examples = [{**ex, "answer": answer} for ex in examples]
   tokens, attn, target = encode_pairs(tok, examples, prompt_len=prompt_len,
                                       completion_len=completion_len)
   model = models.from_hf(sft_dir)

@@ -22,6 +22,10 @@ When it does not divide, what happens depends on the axis's role:
   an array divides the storage axis (qwen2.5-0.5b's attention weights [24, 896, 14, 64] on 256),
   use a mesh whose fsdp axis does (data 2 × fsdp 128); `experiments.plan` lists what stays
   replicated.
+
+Which dimension of the embedding `fsdp` takes (its vocabulary rows, or the embedding dimension as
+every other weight) depends on the update's size: `rules_for` picks `DEFAULT_RULES` or
+`EMBED_FIRST_RULES`, and the trainer and the planner both ask it.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 # over the vocabulary, where an embed-split table made every device hold the whole vocabulary-sized
 # weight, its gradient and their float32 copies (qwen2.5-0.5b, fsdp=8, 1 layer, 8 sequences of 12
 # tokens: 2.92 GiB of update temporaries per device before, 0.18 GiB after: XLA:CPU's figures from
-# benchmarks/vocab_sharding.py).
+# benchmarks/vocab_sharding.py). For large updates the trade reverses (`rules_for` chooses).
 DEFAULT_RULES: Rules = (
     ("batch", ("data", "fsdp")),
     ("vocab", ("tensor", "fsdp")),
@@ -64,6 +68,37 @@ DEFAULT_RULES: Rules = (
     ("norm", None),
     ("length", None),
 )
+
+# The same rules with the vocabulary off `fsdp` (the table's rows split over `embed`, ZeRO-3 style).
+EMBED_FIRST_RULES: Rules = tuple((k, "tensor") if k == "vocab" else (k, v) for k, v in DEFAULT_RULES)
+# An update of fewer tokens than vocabulary rows / VOCAB_FIRST_FACTOR takes the vocabulary-first
+# rules. The two splits trade the gather of the table [V, D] (embed-first: every device holds the
+# whole table, its gradient and float32 copies for the logits matmul) against the gather of the
+# update's activations [N, D] (vocabulary-first). Measured with `experiments.plan` on the README
+# table's 16 (preset × mesh) rows under each rule set: vocabulary-first was smaller at 12k tokens an
+# update (8 devices) and at the real-shape run's 384 tokens (2.92 → 0.18 GiB of temporaries), and
+# larger from 49k tokens up in 7 of the 8 rows that differ (at 393k tokens, qwen2.5-7b on 256
+# devices: 20.89 vs 5.62 GiB peak). 8 puts the switch between 12k and 49k for a 152k vocabulary.
+VOCAB_FIRST_FACTOR = 8
+
+
+EMBEDDING_SPLITS = ("auto", "vocab", "embed")
+
+
+def rules_for(tokens_per_update: int, vocab_size: int, split: str = "auto") -> Rules:
+  """The rules for a model of `vocab_size` trained on updates of `tokens_per_update` tokens (all
+  devices together). `split`: "vocab" (`DEFAULT_RULES`, the vocabulary rows on `fsdp` first),
+  "embed" (`EMBED_FIRST_RULES`), or "auto": "vocab" for small updates, "embed" for large ones
+  (see `VOCAB_FIRST_FACTOR`). The rule reads the update alone; where the sampler sets the peak,
+  `experiments.plan --embedding_split` compares both."""
+  if split not in EMBEDDING_SPLITS:
+    raise ValueError(f"embedding split must be one of {', '.join(EMBEDDING_SPLITS)}, got {split!r}.")
+  if tokens_per_update < 1 or vocab_size < 1:
+    raise ValueError(f"tokens_per_update and vocab_size must be >= 1, got {tokens_per_update} and "
+                     f"{vocab_size}.")
+  if split == "auto":
+    split = "vocab" if tokens_per_update * VOCAB_FIRST_FACTOR <= vocab_size else "embed"
+  return DEFAULT_RULES if split == "vocab" else EMBED_FIRST_RULES
 
 
 def make_mesh(

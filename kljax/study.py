@@ -24,6 +24,37 @@ from kljax import paths
 METRICS = ("reward", "exact_rkl", "exact_fkl", "entropy", "reward_std", "length_std")
 _COLUMN = {"reward": "reward_mean"}  # summary name -> metrics.jsonl name
 WALL_TIME_FILE = "wall_seconds.json"  # a finished piece of work's cost, kept beside it
+RUN_CONFIG_FILE = "run_config.json"  # the config a run directory was trained with
+
+
+def check_run_config(run_dir, config) -> None:
+  """Raises ValueError when `run_dir` holds a run trained with another config than `config` (the
+  one `record_run_config` stored), naming the settings that differ: a finished run is read back and
+  an interrupted one resumed only under the config that made it. A directory without a record
+  passes."""
+  path = paths.resolve(run_dir) / RUN_CONFIG_FILE
+  if not path.exists():
+    return
+  before, now = _flat(json.loads(path.read_text())), _flat(json.loads(config.to_json_best_effort()))
+  diff = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+  if diff:
+    shown = "; ".join(f"{k}: {before.get(k)!r} then, {now.get(k)!r} now" for k in diff[:5])
+    raise ValueError(f"{run_dir} holds a run trained with another config ({shown}"
+                     f"{'; …' if len(diff) > 5 else ''}): use another --workdir, or delete that "
+                     f"directory to train it again.")
+
+
+def record_run_config(run_dir, config) -> None:
+  """Stores the config a run in `run_dir` is trained with (see `check_run_config`)."""
+  paths.write_atomic(paths.resolve(run_dir) / RUN_CONFIG_FILE,
+                     config.to_json_best_effort(sort_keys=True, indent=1))
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
 
 
 def add_wall_seconds(path, seconds: float) -> None:
@@ -48,7 +79,8 @@ def run_variants(config_fn: Callable[[str, int], Any], workdir, variants, *, see
   `config_fn(variant, seed)` gives each run's GRPO config (every one is validated before any
   work). The warm start is trained from `config_fn(variants[0], 0)` once, into WORKDIR/<warm_start>.
   A run lives in WORKDIR/grpo/<block>/<variant>/seed<k>: an interrupted one resumes from its last
-  checkpoint, a finished one is read back, not rerun. Each piece of work stores its wall time
+  checkpoint, a finished one is read back, not rerun — both only under the config that made them
+  (`check_run_config`: another config is an error naming what changed). Each piece of work stores its wall time
   beside it (`WALL_TIME_FILE`); `costs` (if given) receives {path: seconds} of every run and of the
   warm start, read back for finished ones, so a report can state what its runs cost. `trained`
   (if given) receives the directories of the runs trained by this call."""
@@ -82,11 +114,14 @@ def run_variants(config_fn: Callable[[str, int], Any], workdir, variants, *, see
     bar.set_postfix_str(f"{variant} seed {seed}")
     run_dir = workdir / "grpo" / block / variant / f"seed{seed}"
     path = run_dir / "metrics.jsonl"
+    config = config_fn(variant, seed)
+    check_run_config(run_dir, config)
     if not (path.exists() and len(read_jsonl(path)) >= steps):
       if trained is not None:
         trained.append(run_dir)
+      record_run_config(run_dir, config)
       start = time.time()
-      grpo.train(config_fn(variant, seed), run_dir, init_model=init_model, progress=progress,
+      grpo.train(config, run_dir, init_model=init_model, progress=progress,
                  bar_options={"desc": f"  {variant} seed {seed}", "leave": False, "position": 1})
       add_wall_seconds(run_dir / WALL_TIME_FILE, time.time() - start)
     if costs is not None:

@@ -107,6 +107,43 @@ def test_sampler_runs_sharded_along_data():
 ODD = models.preset("tiny").replace(d_model=60, vocab_size=100)
 
 
+def test_the_vocabulary_split_follows_the_update_size():
+  # A [V, D] embedding on fsdp=8: small updates (tokens · 8 <= V) put fsdp on the vocabulary rows,
+  # large ones on the embedding dimension (ZeRO-3); both divide, so the rules alone decide.
+  mesh = sharding.make_mesh(data=1, fsdp=8, tensor=1)
+  small = sharding.rules_for(tokens_per_update=1_000, vocab_size=152_064)
+  large = sharding.rules_for(tokens_per_update=393_216, vocab_size=152_064)
+  assert small == sharding.DEFAULT_RULES and large == sharding.EMBED_FIRST_RULES
+  assert sharding.rules_for(19_008, 152_064) == sharding.DEFAULT_RULES  # 19,008·8 = 152,064
+  assert sharding.rules_for(19_009, 152_064) == sharding.EMBED_FIRST_RULES
+  assert sharding.logical_to_spec(("vocab", "embed"), (1024, 64), mesh, small) == P("fsdp", None)
+  assert sharding.logical_to_spec(("vocab", "embed"), (1024, 64), mesh, large) == P(None, "fsdp")
+  with pytest.raises(ValueError, match="tokens_per_update and vocab_size must be >= 1"):
+    sharding.rules_for(0, 100)
+  # An explicit split overrides the size rule either way.
+  assert sharding.rules_for(393_216, 152_064, "vocab") == sharding.DEFAULT_RULES
+  assert sharding.rules_for(1_000, 152_064, "embed") == sharding.EMBED_FIRST_RULES
+  with pytest.raises(ValueError, match="embedding split must be one of auto, vocab, embed, got 'rows'"):
+    sharding.rules_for(1_000, 152_064, "rows")
+
+
+def test_the_trainer_reads_its_embedding_split_from_the_config():
+  from kljax.train import grpo
+  from kljax.train.config import grpo_tiny
+
+  c = grpo_tiny()  # 64 completions × (8 + 4) tokens = 768 tokens an update
+  c.mesh.devices = 1
+  assert grpo.param_rules(c, vocab_size=768 * 8) == sharding.DEFAULT_RULES
+  assert grpo.param_rules(c, vocab_size=768 * 8 - 1) == sharding.EMBED_FIRST_RULES
+  c.loss.minibatches = 2  # an update is one minibatch: 384 tokens
+  assert grpo.param_rules(c, vocab_size=384 * 8) == sharding.DEFAULT_RULES
+  c.mesh.embedding_split = "embed"
+  assert grpo.param_rules(c, vocab_size=384 * 8) == sharding.EMBED_FIRST_RULES
+  c.mesh.embedding_split = "rows"
+  with pytest.raises(grpo.ConfigError, match="mesh.embedding_split"):
+    grpo.validate(c)
+
+
 def test_storage_axis_falls_back_to_a_dimension_it_divides():
   mesh = sharding.make_mesh(data=1, fsdp=8, tensor=1)
   # embed 60 is not a multiple of 8: fsdp moves to the largest dimension it divides.

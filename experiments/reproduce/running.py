@@ -156,6 +156,21 @@ def stability(runs: dict[str, list[list[dict]]], window: int) -> dict[str, dict[
   return out
 
 
+def stress_target(config, warm_start) -> dict[str, Any] | None:
+  """How rare the stress reward's best completion is under the stress runs' reference (their warm
+  start): log π_ref(TARGET | prompt) over 200 test prompts, teacher-forced; None when the config's
+  reward is not `experiments.rare_target:target_match`."""
+  from experiments import rare_target, stress_refprob
+
+  if config.reward.fns != "experiments.rare_target:target_match":
+    return None
+  logp = stress_refprob.correct_logprobs(
+      str(warm_start), config.data.name, config.data.max_prompt_len, config.rollout.max_new_tokens,
+      count=200, answer=rare_target.TARGET, data_dir=config.data.data_dir)
+  return {"text": rare_target.TARGET, "prompts": int(logp.size),
+          "mean_log_ref": float(np.mean(logp)), "max_log_ref": float(np.max(logp))}
+
+
 def reward_stage_audit() -> dict[str, str]:
   """What each reward stage's KL gradient follows for sequences on-policy (`kljax.audit`, exact
   enumeration). before_norm is audited with σ_g held fixed: its surrogate sg(Σ_t k1_t)·log π_t."""
@@ -270,8 +285,10 @@ def run(settings, workdir, *, progress: bool = True) -> dict:
   window = min(settings.final_window, stress_config.num_steps)
   stress = {"summary": study.summarize(runs["stress"], window),
             "stability": stability(runs["stress"], window),
-            "description": f"`configs/{settings.stress_config}.py`: {stress_config.data.name} from "
-                           f"a {stress_config.sft.steps}-step warm start, learning rate "
+            "target": stress_target(stress_config, workdir / "sft_stress"),
+            "description": f"`configs/{settings.stress_config}.py`: {stress_config.data.name} "
+                           f"prompts, reward `{stress_config.reward.fns}`, a "
+                           f"{stress_config.sft.steps}-step warm start, learning rate "
                            f"{stress_config.optim.learning_rate:g}, β = {stress_config.kl.beta:g}, "
                            f"{stress_config.num_steps} steps, {settings.stress_seeds} seeds"}
   figures.grpo_curves(runs["stress"], workdir / "grpo_stress.png",
@@ -313,7 +330,7 @@ def run(settings, workdir, *, progress: bool = True) -> dict:
                                      "final_fkl", "reward", "tv_star", "tv_fkl")} for r in regimes],
       "sequence": {k: v for k, v in seq.items() if k not in ("curves", "key", "seconds")},
       "grpo_stress": {"summary": stress["summary"], "stability": stress["stability"],
-                      "description": stress["description"]},
+                      "target": stress["target"], "description": stress["description"]},
       "studies": {k: v for k, v in studies.items() if k != "seconds"},
       "reward_stage": reward_stage_effect(grpo_summary),
       "reward_stage_audit": reward_stage_audit(),

@@ -105,9 +105,8 @@ def grpo_config(settings, term: str, seed: int, *, off_policy: bool = False,
   """The GRPO config of one run: `settings.grpo_config` (the tiny arithmetic setup) with β, the
   warm start, the term and the seed; `term` may end in "@<reward_stage>".
 
-  `stress`: `settings.stress_config` instead (a weak warm start from which correct answers are
-  rare, its own learning rate, β and number of steps; `settings.stress_steps` > 0 overrides the
-  latter)."""
+  `stress`: `settings.stress_config` instead (its own warm start, reward, learning rate, β and
+  number of steps; `settings.stress_steps` > 0 overrides the latter)."""
   if stress:
     c = _grpo_module(settings.stress_config, "stress_config").get_config()
     c.num_steps = settings.stress_steps or c.num_steps

@@ -274,7 +274,7 @@ def _claim3(o, bandit_runs: dict, grpo: dict, extra: dict) -> dict:
   stress = extra.get("stress")
   if stress:
     a, b = stress["summary"]["k3_as_loss"], stress["summary"]["k2_as_loss"]
-    found["stressing GRPO (weak warm start)"] = side(a, b, "exact_rkl")
+    found["stressing GRPO (a completion rare under π_ref)"] = side(a, b, "exact_rkl")
     st = stress["stability"]
     parts.append(
         f"Stressing GRPO ({stress['description']}): final exact KL k3_as_loss {mean_std(a, 'exact_rkl')} "

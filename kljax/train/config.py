@@ -95,6 +95,8 @@ def grpo_tiny() -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1  # fully sharded data-parallel axis size (parameters sharded)
   c.mesh.tensor = 1  # tensor-parallel axis size
   c.mesh.devices = 0  # 0: all devices; N: the first N
+  # `python -m experiments.plan --embedding_split vocab|embed` compares the two splits' memory.
+  c.mesh.embedding_split = "auto"  # vocab | embed | auto: the embedding dimension fsdp splits
 
   c.metrics = ml_collections.ConfigDict()
   c.metrics.exact_kl = True  # log the exact full-vocabulary KL(π‖π_ref), KL(π_ref‖π) per token

@@ -158,6 +158,9 @@ def _check_sizes(config: ml_collections.ConfigDict) -> None:
     mesh = _mesh(config)
   except ValueError as err:
     _bad("mesh", f"{err} ({jax.device_count()} devices are visible).")
+  if config.mesh.embedding_split not in sharding.EMBEDDING_SPLITS:
+    _bad("mesh.embedding_split", f"must be one of {', '.join(sharding.EMBEDDING_SPLITS)}, got "
+         f"{config.mesh.embedding_split!r}.")
   per_minibatch = config.batch_size // config.loss.minibatches
   try:
     sharding.check_divisible(per_minibatch, mesh)
@@ -393,7 +396,8 @@ def build(config: ml_collections.ConfigDict, init_model: nnx.Module | None = Non
     raise ConfigError(f"--config.model: the model's vocabulary ({init_model.config.vocab_size}) is "
                       f"smaller than the tokenizer's ({tokenizer.vocab_size}).")
   graphdef, params = nnx.split(init_model)
-  params = tree_to_devices(params, sharding.state_shardings(params, mesh))
+  params = tree_to_devices(params, sharding.state_shardings(
+      params, mesh, rules=param_rules(config, init_model.config.vocab_size)))
   optimizer, beta, term = make_optimizer(config), make_beta(config), make_term(config)
   fns = [rewards.load_reward_fn(s.strip()) for s in config.reward.fns.split(",")]
   weights = [float(w) for w in str(config.reward.weights).split(",")]
@@ -402,6 +406,14 @@ def build(config: ml_collections.ConfigDict, init_model: nnx.Module | None = Non
                      (params,) * config.rollout.get("staleness", 0))  # steps < k sample with θ_0
   return Setup(config, tokenizer, source, graphdef, mesh, optimizer, beta, term, fns, weights,
                make_correction(config)), state
+
+
+def param_rules(config: ml_collections.ConfigDict, vocab_size: int) -> sharding.Rules:
+  """The parameters' sharding rules: `mesh.embedding_split` for this run's update size
+  (`sharding.rules_for`)."""
+  tokens = (config.batch_size // config.loss.minibatches
+            * (config.data.max_prompt_len + config.rollout.max_new_tokens))
+  return sharding.rules_for(tokens, vocab_size, config.mesh.embedding_split)
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
