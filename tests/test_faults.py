@@ -23,7 +23,7 @@ from kljax.train.metrics import MetricsWriter, read_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_grpo import TIMING, _cli, _init, tiny_config  # noqa: E402
+from test_grpo import TIMING, _cli, _init, child_xla_flags, tiny_config  # noqa: E402
 
 STEPS, EVERY = 6, 2  # checkpoints 2, 4, 6 are saved; 4 and 6 are kept
 
@@ -172,7 +172,7 @@ def test_full_disk_during_a_save_is_one_message_and_a_rerun_resumes(data_dir, sf
                                                                     tmp_path):
   workdir = _copy(clean[0], tmp_path)
   shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))  # the run resumes at 4 and saves 6
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = dict(os.environ, XLA_FLAGS=child_xla_flags())  # one CPU device
   cmd = _cli(workdir, sft_dir, f"--config.data.data_dir={data_dir}")
   out = subprocess.run([sys.executable, "-c", _FULL_DISK, *cmd[3:]], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=600)
@@ -276,7 +276,7 @@ def test_bad_paths_are_config_errors_before_any_work(data_dir, sft_dir, tmp_path
 
 @pytest.mark.slow
 def test_cli_stops_on_a_bad_reward_path_before_the_warm_start(data_dir, tmp_path):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = dict(os.environ, XLA_FLAGS=child_xla_flags())  # one CPU device
   cmd = [sys.executable, "-m", "experiments.grpo", "--config", "configs/grpo_tiny.py",
          f"--workdir={tmp_path / 'run'}", f"--config.data.data_dir={data_dir}",
          "--config.reward.fns=no_such_module:score"]
@@ -299,7 +299,7 @@ def test_a_second_run_on_a_held_directory_stops_at_once_naming_the_holder(data_d
       cwd=REPO, stdout=subprocess.PIPE, text=True)
   try:
     assert holder.stdout.readline().strip() == "held"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ, XLA_FLAGS=child_xla_flags())  # one CPU device
     out = subprocess.run(_cli(workdir, sft_dir, f"--config.data.data_dir={data_dir}"), cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
