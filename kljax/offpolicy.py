@@ -1,8 +1,10 @@
 """Three policies: the sampler μ, the old policy π_old and the current policy π_θ.
 
 Rollouts may come from a policy μ that is not π_old, the policy whose log-probs the trainer
-computes at the start of a step: μ may sample in bfloat16 while the trainer runs in float32, or use
-the parameters of k steps ago (asynchronous rollouts). PPO's ratio ρ = π_θ/π_old then no longer
+computes at the start of a step: μ may sample in bfloat16 while the trainer runs in float32, use
+the parameters of k steps ago (asynchronous rollouts), or reshape π_old's distribution (a rollout
+temperature ≠ 1, top_k or top_p < 1: μ ∝ filtered softmax(logits / T), whose log-probs the sampler
+returns, so the same corrections apply). PPO's ratio ρ = π_θ/π_old then no longer
 corrects for the sampling distribution, and every term of the loss (the policy gradient *and* the
 KL term) is an expectation under μ, not π_old. The corrections here reweight each sampled token
 (or sequence) by a function of the sampler→trainer ratio

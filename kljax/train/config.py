@@ -41,6 +41,7 @@ def grpo_tiny() -> ml_collections.ConfigDict:
   c.rollout = ml_collections.ConfigDict()
   c.rollout.group_size = 8  # completions sampled per prompt (G); advantages compare within a group
   c.rollout.max_new_tokens = 4  # completion length limit, with <eos>
+  # A temperature != 1, top_k or top_p < 1 sample from μ != π (see rollout.correction below).
   c.rollout.temperature = 1.0  # sampling temperature (1: the policy's own distribution)
   c.rollout.top_k = 0  # sample among the k likeliest tokens (0: all)
   c.rollout.top_p = 1.0  # nucleus sampling mass (1: all)
