@@ -186,7 +186,8 @@ def claims(results: dict) -> str:
            f"{_p(a, b, 'exact_rkl')}, reward {_msr(a, 'reward')} vs {_msr(b, 'reward')}; the "
            f"largest log π/π_ref of a sampled completion was "
            f"{st['k3_as_loss']['max_seq_log_ratio']:.1f} (k3) vs "
-           f"{st['k2_as_loss']['max_seq_log_ratio']:.1f} (k2) nats.")
+           f"{st['k2_as_loss']['max_seq_log_ratio']:.1f} (k2) nats."
+           f"\n\n   ![GRPO stress curves]({QUICK}/grpo_stress.png)")
   out.append(text)
 
   means = results["off_policy_means"]
