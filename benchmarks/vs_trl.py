@@ -30,6 +30,41 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT_LEN, NEW_TOKENS, PROMPTS, GROUP, BETA = 16, 32, 8, 8, 0.04
 
 
+def time_phases(trainer, timings: list[dict]) -> None:
+  """Wraps a TRL `GRPOTrainer`'s generation, log-prob pass and training step so that every step
+  appends {"total", "generate", "reference", "update"} (seconds) to `timings`; "update" is what the
+  step spent outside generation and the reference model's log-prob pass."""
+  generate, ref_pass, step = (trainer._generate, trainer._get_per_token_logps_and_entropies,
+                              trainer.training_step)
+  cur: dict[str, float] = {}
+
+  def timed_generate(*a, **k):
+    t = time.perf_counter()
+    out = generate(*a, **k)
+    cur["generate"] = cur.get("generate", 0.0) + time.perf_counter() - t
+    return out
+
+  def timed_logps(model, *a, **k):
+    t = time.perf_counter()
+    out = ref_pass(model, *a, **k)
+    if trainer.ref_model is not None and model is trainer.ref_model:
+      cur["reference"] = cur.get("reference", 0.0) + time.perf_counter() - t
+    return out
+
+  def timed_step(*a, **k):
+    cur.clear()
+    t = time.perf_counter()
+    out = step(*a, **k)
+    total = time.perf_counter() - t
+    timings.append({"total": total, "generate": cur.get("generate", 0.0),
+                    "reference": cur.get("reference", 0.0),
+                    "update": total - cur.get("generate", 0.0) - cur.get("reference", 0.0)})
+    return out
+
+  trainer._generate, trainer._get_per_token_logps_and_entropies = timed_generate, timed_logps
+  trainer.training_step = timed_step
+
+
 def _matmul_peak() -> float:
   import jax
   import jax.numpy as jnp
@@ -119,36 +154,7 @@ def trl_runner(steps: int):
         disable_dropout=True)
     trainer = GRPOTrainer(model=model_dir, reward_funcs=reward, args=args,
                           train_dataset=dataset, processing_class=tokenizer)
-    generate, ref_pass, step = (trainer._generate, trainer._get_per_token_logps_and_entropies,
-                                trainer.training_step)
-    cur = {}
-
-    def timed_generate(*a, **k):
-      t = time.perf_counter()
-      out_ = generate(*a, **k)
-      cur["generate"] = cur.get("generate", 0.0) + time.perf_counter() - t
-      return out_
-
-    def timed_logps(model, *a, **k):
-      t = time.perf_counter()
-      out_ = ref_pass(model, *a, **k)
-      if trainer.ref_model is not None and model is trainer.ref_model:
-        cur["reference"] = cur.get("reference", 0.0) + time.perf_counter() - t
-      return out_
-
-    def timed_step(*a, **k):
-      cur.clear()
-      t = time.perf_counter()
-      out_ = step(*a, **k)
-      total = time.perf_counter() - t
-      timings.append({"total": total, "generate": cur.get("generate", 0.0),
-                      "reference": cur.get("reference", 0.0),
-                      "update": total - cur.get("generate", 0.0) - cur.get("reference", 0.0)})
-      return out_
-
-    trainer._generate = timed_generate
-    trainer._get_per_token_logps_and_entropies = timed_logps
-    trainer.training_step = timed_step
+    time_phases(trainer, timings)
     return trainer
 
   def block():

@@ -122,6 +122,7 @@ def _trl(args) -> dict:
   from tokenizers import Tokenizer, models, pre_tokenizers
   from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
   from trl import GRPOConfig, GRPOTrainer
+  from vs_trl import time_phases  # this script's folder is on sys.path (run as a script)
 
   a = torch.randn(2048, 2048)
   peak = 2 * 2048**3 / _best(lambda: a @ a, 5)
@@ -158,35 +159,7 @@ def _trl(args) -> dict:
       gradient_accumulation_steps=1, disable_dropout=True)
   trainer = GRPOTrainer(model=model_dir, reward_funcs=reward, args=train_args,
                         train_dataset=dataset, processing_class=tokenizer)
-  generate, ref_pass, step = (trainer._generate, trainer._get_per_token_logps_and_entropies,
-                              trainer.training_step)
-  cur: dict = {}
-
-  def timed_generate(*a, **k):
-    t = time.perf_counter()
-    out = generate(*a, **k)
-    cur["generate"] = cur.get("generate", 0.0) + time.perf_counter() - t
-    return out
-
-  def timed_logps(model, *a, **k):
-    t = time.perf_counter()
-    out = ref_pass(model, *a, **k)
-    if trainer.ref_model is not None and model is trainer.ref_model:
-      cur["reference"] = cur.get("reference", 0.0) + time.perf_counter() - t
-    return out
-
-  def timed_step(*a, **k):
-    cur.clear()
-    t = time.perf_counter()
-    out = step(*a, **k)
-    total = time.perf_counter() - t
-    timings.append({"total": total, "generate": cur.get("generate", 0.0),
-                    "reference": cur.get("reference", 0.0),
-                    "update": total - cur.get("generate", 0.0) - cur.get("reference", 0.0)})
-    return out
-
-  trainer._generate, trainer._get_per_token_logps_and_entropies = timed_generate, timed_logps
-  trainer.training_step = timed_step
+  time_phases(trainer, timings)
   trainer.train()
   hf_model = trainer.model
   ids = torch.as_tensor(_prompts(cfg.vocab_size, args.prompts * GROUP))
