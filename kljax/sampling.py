@@ -76,8 +76,9 @@ def _sample(graphdef, state, prompt_bp, mask_bp, key, temperature, top_p, eos_id
   model = nnx.merge(graphdef, state)
   u, p = prompt_bp.shape
   cache = model.init_cache(u, p + max_new_tokens)
-  # Unrolled layers: slice each layer's weights once here, not at every step of the loop below.
-  layers = None if model.config.scan_layers else model.split_layer_params()
+  # Each layer's weights sliced out of the stacked parameters once, here: the decode loop below
+  # reads them in place (a scan over the stacked weights would copy them all at every step).
+  layers = model.split_layer_params()
   positions = jnp.maximum(jnp.cumsum(mask_bp, axis=1) - 1, 0)
   logits, cache = model.logits_and_cache(prompt_bp, positions_bt=positions,
                                          attention_mask_bt=mask_bp, cache=cache, layers=layers)

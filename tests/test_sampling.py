@@ -53,8 +53,9 @@ def test_greedy_with_cache_equals_full_forward_passes(model):
 
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_cached_log_probs_equal_a_full_forward_pass(model, scan_layers):
-  """Both cache layouts (per-layer buffers when unrolled, one stacked buffer under scan) and the
-  one-query attention of a decode step give the log-probs of a cache-free forward pass."""
+  """Whether the training model scans its layers or not, the cached decode (unrolled layers on
+  per-layer weights and buffers) and the one-query attention of a decode step give the log-probs
+  of a cache-free forward pass."""
   m = models.create(models.preset("tiny", scan_layers=scan_layers), seed=3)
   m.lm_head[...] = model.lm_head[...]
   out = sample(m, PROMPTS, MASK, jax.random.PRNGKey(1), max_new_tokens=6, eos_id=63)
@@ -114,6 +115,44 @@ def test_sampled_frequencies_match_probabilities(model, temperature, top_k, top_
   assert chi2 < stats.chi2.ppf(1 - ALPHA, len(obs) - 1), (chi2, len(obs))
   # the sampler's log-probs are those of the distribution it drew from
   np.testing.assert_allclose(np.asarray(out.logprobs_bn[:, 0]), np.log(probs[first]), atol=2e-5)
+
+
+def _sampled_reference(model, prompts, mask, steps, eos, key, temperature):
+  """The sampler's contract with its key, by cache-free forward passes over the growing buffer:
+  at each step `key, sub = split(key)` and the token is `categorical(sub, logits / temperature)`;
+  its log-prob is that of log_softmax(logits / temperature). EOS applied afterwards."""
+  buf, bm = np.asarray(prompts), np.asarray(mask)
+  logps = []
+  for _ in range(steps):
+    key, sub = jax.random.split(key)
+    logits = model(jnp.asarray(buf), attention_mask_bt=jnp.asarray(bm))[:, -1] / temperature
+    nxt = np.asarray(jax.random.categorical(sub, logits, axis=-1))
+    logps.append(np.asarray(jax.nn.log_softmax(logits))[np.arange(len(buf)), nxt])
+    buf = np.concatenate([buf, nxt[:, None]], 1)
+    bm = np.concatenate([bm, np.ones((len(buf), 1), bool)], 1)
+  gen, logp = buf[:, prompts.shape[1]:], np.stack(logps, 1)
+  live = np.ones_like(gen, bool)
+  for row in range(len(gen)):
+    hits = np.flatnonzero(gen[row] == eos)
+    if hits.size:
+      live[row, hits[0] + 1:] = False
+  return np.where(live, gen, 0), np.where(live, logp, 0.0), live
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_sampled_tokens_and_log_probs_equal_the_cache_free_sampler_at_a_fixed_key(model,
+                                                                                 scan_layers):
+  """The decode loop that reads per-layer weights in place draws, at a fixed key, the very tokens
+  (and log-probs) of the key schedule run by full forward passes, for either training layout."""
+  m = models.create(models.preset("tiny", scan_layers=scan_layers), seed=3)
+  m.lm_head[...] = model.lm_head[...]
+  key = jax.random.PRNGKey(11)
+  out = sample(m, PROMPTS, MASK, key, max_new_tokens=7, eos_id=63, temperature=0.8)
+  gen, logp, live = _sampled_reference(m, PROMPTS, MASK, 7, 63, key, 0.8)
+  np.testing.assert_array_equal(out.tokens_bt[:, 5:], gen)
+  np.testing.assert_array_equal(out.completion_mask_bn, live)
+  np.testing.assert_allclose(out.logprobs_bn, logp, atol=2e-5)
+  assert len(np.unique(gen)) > 5  # really sampled, not a constant
 
 
 def test_deterministic_for_a_key(model):

@@ -38,7 +38,8 @@ class ModelConfig:
       Log-probabilities are always computed in float32 downstream.
     remat: rematerialize each block in the backward pass (less memory, ~⅓ more compute).
     scan_layers: run the stacked layers with `jax.lax.scan` (compile time independent of depth);
-      False unrolls them (faster on CPU for shallow models; slow to compile for deep ones).
+      False unrolls them (faster on CPU for shallow models; slow to compile for deep ones). Training
+      and scoring only: the sampler's decode loop always runs unrolled layers.
     model_type: "llama" or "qwen2" (what `export_hf` writes).
     vocab_multiple: the embedding (and untied unembedding) store `padded_vocab` rows, the
       vocabulary rounded up to this multiple, so that a large mesh axis divides them (151,936 =
