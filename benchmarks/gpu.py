@@ -80,14 +80,20 @@ def bench_preset(preset: str, *, prompts: int, group: int, prompt_len: int, new_
   optimizer = grpo.make_optimizer(c)
   setup = grpo.Setup(c, None, None, graphdef, mesh, optimizer, grpo.make_beta(c),
                      grpo.make_term(c), [], [])
-  opt_state = optimizer.init(params)
+  # The update donates the policy and its optimizer state: the policy gets arrays of its own, the
+  # model's (still sampled from above) serve as the reference.
+  state = {"params": sharding.copy_tree(params), "opt": optimizer.init(params)}
   completion = np.asarray(out.completion_mask_bn)
   batch_in = {"tokens": out.tokens_bt,
               "attn_mask": jnp.concatenate([jnp.repeat(mask, group, 0), completion], axis=1),
               "mask": jnp.asarray(completion),
               "advantages": jnp.asarray(rng.normal(size=completion.shape), jnp.float32)}
   update = grpo.compile_fns(setup)["update"]  # the trainer's jitted update
-  step = lambda: update(params, opt_state, jnp.float32(0.05), batch_in, params)  # noqa: E731
+  def step():
+    state["params"], state["opt"], aux = update(state["params"], state["opt"], jnp.float32(0.05),
+                                                batch_in, params)
+    return aux
+
   t_update = _median_time(step, reps)
   t_iteration = _median_time(lambda: (rollout(), step()), max(1, reps // 2))
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# GPU benchmark of kljax at real shapes (qwen2.5-0.5b and qwen2.5-1.5b, bfloat16), ≤ 6 minutes on
+# GPU benchmark of kljax at real shapes (qwen2.5-0.5b and qwen2.5-1.5b, bfloat16), ≤ 8 minutes on
 # one H100: sampler tokens/s, GRPO-update MFU against the bf16 matmul peak measured in the same
-# run, one GRPO iteration. Writes benchmarks/results/<date>_<device>.json.
+# run, one GRPO iteration. Writes benchmarks/results/<date>_<device>.json. Then kljax's side of
+# benchmarks/vs_peers.py at its shape (qwen2.5-0.5b, float32, 2 prompts × G=4 × 32 tokens):
+# benchmarks/results/<date>_<device>_vs_peers_kljax.json.
 #
 #   bash benchmarks/gpu.sh            # on the GPU machine
 #   bash benchmarks/gpu.sh --quick    # anywhere (CI runs it on CPU so it stays ready)
@@ -16,4 +18,13 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-.90}"
 python -c 'import jax; print("JAX", jax.__version__, "devices", jax.devices())'
-exec python benchmarks/gpu.py "$@"
+python benchmarks/gpu.py "$@"
+if [ "${1:-}" = "--quick" ]; then
+  python benchmarks/peer_kljax.py --preset small --layers 1 --iters 1 --new_tokens 4 >/dev/null
+  echo "vs_peers kljax side: ran (quick)"
+else
+  device=$(python -c 'import jax; print(jax.devices()[0].device_kind.replace(" ", "_"))')
+  python benchmarks/peer_kljax.py --iters 3 \
+    | tail -n 1 > "benchmarks/results/$(date +%F)_${device}_vs_peers_kljax.json"
+  cat "benchmarks/results/$(date +%F)_${device}_vs_peers_kljax.json"
+fi

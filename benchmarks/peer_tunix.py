@@ -5,9 +5,11 @@
 
 The model is tunix's own `tunix.models.qwen2.model.Qwen2` built from `ModelConfig.qwen2p5_0p5b()`
 with `num_layers=--layers` (vocab 151936, d 896, 14 heads / 2 KV heads of 64, MLP 4864, qkv bias,
-tied embeddings, rope θ 1e6, eps 1e-6), randomly initialised by tunix's own initialisers, float32
-params and compute, on one CPU device (a 1×1 ('fsdp', 'tp') mesh). The reference model is a second
-instance from the same seed (= the initial policy).
+tied embeddings, rope θ 1e6, eps 1e-6), float32 params and compute, on one CPU device (a 1×1
+('fsdp', 'tp') Auto mesh, as tunix.utils.mesh builds). Its weight matrices are then redrawn as
+N(0, 0.02²): tunix's own init (N(0, 1) tied embedding, zero MLP kernels) makes every row re-sample
+its last token, so all completions of a prompt coincide and the GRPO gradient is exactly zero. The
+reference model is a second instance holding the same weights (= the initial policy).
 
 Training runs through tunix's real learner: `tunix.rl.grpo.grpo_learner.GRPOLearner(...).train(ds)`
 on a `tunix.rl.rl_cluster.RLCluster` (rollout_engine="vanilla", actor, rollout and reference on the
@@ -21,9 +23,10 @@ jitted `_train_step` is `nnx.value_and_grad` of `algo_core.grpo_loss_fn` (policy
 `optax.adamw(1e-5)`. GRPOConfig: num_generations=--group, num_iterations=1, beta=0.04, epsilon 0.2,
 kl_loss_mode="low_var_kl" (k3, the estimator TRL uses; tunix's default "kl" costs the same).
 
-Timing: the dataset holds 1 + --iters identical batches of --prompts prompts (rows of
-`default_rng(1).integers(4, vocab, (prompts*group, prompt_len))`; the learner repeats each prompt
---group times). Step 0 compiles and is not counted; each later step is timed by wrapping, on the
+Timing: the dataset holds 1 + --iters identical batches of --prompts prompts (the first --prompts
+rows of `default_rng(1).integers(4, vocab, (prompts*group, prompt_len))`, as text of ids for a
+stand-in tokenizer; the learner repeats each prompt --group times, so the sampler gets
+prompts*group rows). Step 0 compiles and is not counted; each later step is timed by wrapping, on the
 instances, `RLCluster.generate` (sampler), `RLCluster.get_ref_per_token_logps` (blocked on its
 result) plus `RLCluster.update_actor` (together: update), and `GRPOLearner._run_global_step`
 (iteration: everything above plus the learner's reward, advantage, data-queue and metrics code).
@@ -34,7 +37,9 @@ EOS: the tokenizer's EOS id is `vocab` (151936), an id the model cannot sample (
 Sampling is temperature 1, top_p=1.0, top_k=None, which tunix routes to a plain
 `jax.random.categorical` over the full vocabulary. Tunix's decode loop runs one forward past the
 last kept token (it samples at step prompt+new_tokens and drops it), i.e. new_tokens decode
-forwards after the prefill.
+forwards after the prefill. Pad id is 0, so a sampled 0 (p ~ 1/vocab) would be masked as padding.
+Checks: completion count/length and prompt shape per rollout; finite loss and a finite, nonzero
+gradient norm (read back from the trainer's metrics buffer) per update.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import time
 
@@ -82,7 +88,6 @@ def measure(*, layers: int, prompts: int, group: int, prompt_len: int, new_token
   import jax
   import numpy as np
   import optax
-  import tunix
   from flax import nnx
   from importlib.metadata import version
   from tunix.models.qwen2 import model as qwen2
@@ -92,10 +97,21 @@ def measure(*, layers: int, prompts: int, group: int, prompt_len: int, new_token
 
   config = dataclasses.replace(qwen2.ModelConfig.qwen2p5_0p5b(), num_layers=layers)
   vocab = config.vocab_size
-  mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), devices=jax.devices()[:1])
+  mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), devices=jax.devices()[:1],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)  # as tunix.utils.mesh does
   policy = qwen2.Qwen2(config, rngs=nnx.Rngs(seed))
   reference = qwen2.Qwen2(config, rngs=nnx.Rngs(seed))
-  params = sum(x.size for x in jax.tree.leaves(nnx.state(policy, nnx.Param)))
+  # Redraw every weight matrix as N(0, 0.02^2) (HF's initializer_range) in both copies; norms and
+  # biases keep tunix's ones/zeros. Tunix's own N(0, 1) tied embedding makes each row re-sample its
+  # last token, so a group's completions coincide and advantages and gradients are all zero.
+  leaves, treedef = jax.tree.flatten(nnx.state(policy, nnx.Param))
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  leaves = [0.02 * jax.random.normal(k, x.shape, x.dtype) if x.ndim > 1 else x
+            for k, x in zip(keys, leaves)]
+  for model in (policy, reference):
+    nnx.update(model, jax.tree.unflatten(treedef, leaves))
+  params = sum(x.size for x in leaves)
+  del leaves
 
   cluster = rlc.RLCluster(
       actor=policy, reference=reference, tokenizer=_IdTokenizer(vocab),
@@ -108,12 +124,14 @@ def measure(*, layers: int, prompts: int, group: int, prompt_len: int, new_token
           rollout_config=base_rollout.RolloutConfig(
               max_tokens_to_generate=new_tokens, max_prompt_length=prompt_len,
               kv_cache_size=prompt_len + new_tokens, temperature=1.0, top_p=1.0, top_k=None,
-              eos_tokens=[vocab], seed=jax.random.PRNGKey(seed)),
+              eos_tokens=[vocab],
+              seed=seed),  # an int: a PRNGKey array here is donated by the prefill, then gone
       ))
   learner = grpo_learner.GRPOLearner(
       rl_cluster=cluster, reward_fns=_odd_tokens_reward,
       algo_config=grpo_learner.GRPOConfig(num_generations=group, num_iterations=1, beta=0.04,
                                           kl_loss_mode="low_var_kl"))
+  del policy, reference  # RLCluster holds its own (resharded) copies
 
   # Per-step (wall, cpu) seconds of each phase; step 0 is the compile step.
   phases: dict[str, list[list[float]]] = {"sampler": [], "reference": [], "policy": [],
@@ -138,10 +156,11 @@ def measure(*, layers: int, prompts: int, group: int, prompt_len: int, new_token
     assert np.asarray(out.left_padded_prompt_tokens).shape == (prompts * group, prompt_len)
 
   def check_update(_):
-    # The trainer buffers its loss for the metrics logger; read the latest one back.
-    loss = cluster.actor_trainer._buffered_train_metrics.losses[-1]  # pylint: disable=protected-access
-    checks["loss"] = float(loss)
-    assert np.isfinite(checks["loss"]), checks["loss"]
+    # After a step the trainer keeps that step's loss in this buffer for its metrics logger.
+    buf = cluster.actor_trainer._prev_buffered_train_metrics  # pylint: disable=protected-access
+    checks["loss"] = float(buf.losses[-1])
+    checks["grad_norm"] = float(buf.additional_metrics["grad_norm"][0][-1])
+    assert np.isfinite(checks["loss"]) and 0 < checks["grad_norm"] < np.inf, checks
 
   cluster.generate = timed("sampler", cluster.generate, check=check_rollout)
   cluster.get_ref_per_token_logps = timed("reference", cluster.get_ref_per_token_logps, block=True)
@@ -149,8 +168,9 @@ def measure(*, layers: int, prompts: int, group: int, prompt_len: int, new_token
   learner._run_global_step = timed("iteration", learner._run_global_step)  # pylint: disable=protected-access
 
   ids = np.random.default_rng(1).integers(4, vocab, (prompts * group, prompt_len))
-  batch = {"prompts": [" ".join(map(str, row)) for row in ids[:prompts]]}
-  with mesh:
+  # A numpy array, as tunix's grain pipelines yield: the learner np.repeat()s every leaf G times.
+  batch = {"prompts": np.array([" ".join(map(str, row)) for row in ids[:prompts]])}
+  with mesh:  # tunix enters meshes this way itself (RLCluster._get_mesh_and_logical_axis_rules_cm)
     learner.train([dict(batch) for _ in range(1 + iters)])
 
   assert all(len(v) == 1 + iters for v in phases.values()), {k: len(v) for k, v in phases.items()}
@@ -168,7 +188,8 @@ def measure(*, layers: int, prompts: int, group: int, prompt_len: int, new_token
       "update_s": update[0], "update_cpu_s": update[1],
       "iteration_s": med["iteration"][0], "cpu_s": med["iteration"][1],
       "compile_iteration_s": phases["iteration"][0][0],
-      "last_loss": checks["loss"],
+      "last_loss": checks["loss"], "last_grad_norm": checks["grad_norm"],
+      "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
       "notes": ("GRPOLearner.train on a 1x1 CPU mesh; iteration_s measured per global step "
                 "(sampler + reference + reward/advantage + policy update + learner bookkeeping); "
                 "update_s = reference log-probs + Trainer.train (value_and_grad of grpo_loss_fn + "

@@ -32,8 +32,15 @@ PROMPT_LEN, NEW_TOKENS, PROMPTS, GROUP, BETA = 16, 32, 8, 8, 0.04
 
 def time_phases(trainer, timings: list[dict]) -> None:
   """Wraps a TRL `GRPOTrainer`'s generation, log-prob pass and training step so that every step
-  appends {"total", "generate", "reference", "update"} (seconds) to `timings`; "update" is what the
-  step spent outside generation and the reference model's log-prob pass."""
+  appends {"total", "cpu", "generate", "reference", "update"} (seconds; "cpu": the process's user +
+  system seconds) to `timings`; "update" is what the step spent outside generation and the
+  reference model's log-prob pass."""
+  import resource
+
+  def cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
   generate, ref_pass, step = (trainer._generate, trainer._get_per_token_logps_and_entropies,
                               trainer.training_step)
   cur: dict[str, float] = {}
@@ -53,10 +60,10 @@ def time_phases(trainer, timings: list[dict]) -> None:
 
   def timed_step(*a, **k):
     cur.clear()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), cpu()
     out = step(*a, **k)
     total = time.perf_counter() - t
-    timings.append({"total": total, "generate": cur.get("generate", 0.0),
+    timings.append({"total": total, "cpu": cpu() - c, "generate": cur.get("generate", 0.0),
                     "reference": cur.get("reference", 0.0),
                     "update": total - cur.get("generate", 0.0) - cur.get("reference", 0.0)})
     return out

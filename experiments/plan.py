@@ -7,7 +7,8 @@ N simulated CPU devices, the real GRPO update step (`kljax.train.grpo.update`, o
 reference forward, backward, AdamW) and the real sampler (`kljax.sampling`, prefill + decode loop),
 and prints per device: parameters, optimizer state, reference parameters, gradients and KV cache
 (analytic, from the shardings), the temporaries XLA allocates (`memory_analysis()`), and FLOPs per
-update (`cost_analysis()`).
+update (`cost_analysis()`). The update donates the parameters and the optimizer state (as the
+trainer's does), so its peak, arguments + outputs − aliased + temporaries, holds them once.
 
 A CPU compile *estimates* accelerator memory, it does not measure it: XLA:CPU's buffer assignment
 and fusion differ from XLA:TPU's and XLA:GPU's, so treat temporaries as a guide (usually an upper
@@ -194,7 +195,9 @@ def render(p: dict) -> str:
       "not a TPU/GPU measurement):",
       f"  parameters {g(b['params'])}, optimizer {g(b['optimizer'])}, reference "
       f"{g(b['reference'])}, gradients {g(b['gradients'])}, KV cache {g(b['kv_cache'])}",
-      f"  update temporaries {g(b['temp'])}, sampler temporaries {g(b['sampler_temp'])}",
+      f"  update temporaries {g(b['temp'])}, sampler temporaries {g(b['sampler_temp'])}; the "
+      f"update donates {g(p['compiled']['update']['alias'])} (parameters and optimizer state, "
+      "updated in place: counted once in its peak)",
       f"  peak (max of update and sampling) {g(b['total'])}; FLOPs per update "
       f"{p['flops_per_step']:.3g}",
       "  fits: " + ", ".join(f"{name} ({gib} GiB) {'yes' if p['fits'][name] else 'NO'}"

@@ -145,14 +145,25 @@ def _chunked_bwd(saved, g):
   zeros = jnp.zeros(y_nc.shape, jnp.float32)
   g = tuple(zeros if x is None else x.astype(jnp.float32) for x in g)
 
-  def body(dw, xs):
+  def grads(xs):  # one chunk's (∂/∂w [D, V], ∂/∂h [C, D])
     hc, yc, rhc, rc, gc = xs
     dz = _chunk_dz(hc, w_dv, yc, rhc, ref_w_dv, rc, gc)
     dh = jnp.dot(dz, w_dv.T.astype(jnp.float32)).astype(hc.dtype)
-    return dw + jnp.dot(hc.T.astype(jnp.float32), dz), dh
+    return jnp.dot(hc.T.astype(jnp.float32), dz), dh
 
-  dw, dh = jax.lax.scan(body, jnp.zeros(w_dv.shape, jnp.float32),
-                        (h_ncd, y_nc, ref_h_ncd, res, g))
+  # The first chunk's ∂/∂w starts the sum: no zero-filled [D, V] accumulator (a vocabulary-sized
+  # buffer to allocate and fault in at every update), and none of the scan at all for one chunk.
+  xs = (h_ncd, y_nc, ref_h_ncd, res, g)
+  dw, dh = grads(jax.tree.map(lambda x: x[0], xs))
+  if h_ncd.shape[0] > 1:
+    def body(acc, chunk):
+      dw_c, dh_c = grads(chunk)
+      return acc + dw_c, dh_c
+
+    dw, dh_rest = jax.lax.scan(body, dw, jax.tree.map(lambda x: x[1:], xs))
+    dh = jnp.concatenate([dh[None], dh_rest])
+  else:
+    dh = dh[None]
   # the reference is data: no cotangent flows to it (its inputs were stop_gradient'ed too)
   return dh, dw.astype(w_dv.dtype), None, None, None
 

@@ -4,7 +4,8 @@ Each checkpoint holds two items: `state` (the arrays) and `digest` (a CRC-32 of 
 bytes, with its dtype and shape, and the step). Saves are asynchronous: `maybe_save` returns once
 orbax has taken the arrays, and the write, the digest and the final rename run in the background
 while training goes on. A save that fails in the background is reported at the next save, at
-`wait` or at `close`, naming its step.
+`wait` or at `close`, naming its step. A save writes a device copy of the state (held until it is
+on disk), so the trainer may donate the live state's buffers to its next update at once.
 
 `restore` recomputes the digest of what it read and compares; a checkpoint that cannot be read or
 does not match is moved to WORKDIR/rejected_checkpoints and the next older one is tried. The data
@@ -37,7 +38,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from kljax import paths
+from kljax import paths, sharding
 
 _DIGEST_VERSION = 1
 
@@ -140,7 +141,7 @@ class DigestHandler(ocp.AsyncCheckpointHandler):
 @ocp.args.register_with_handler(DigestHandler, for_save=True)
 @dataclasses.dataclass
 class DigestSave(ocp.args.CheckpointArgs):
-  state: Any  # read in the background: the caller must not donate or delete these arrays
+  state: Any  # read in the background: `maybe_save` passes a copy that nothing else holds
   step: int
 
 
@@ -242,6 +243,10 @@ class Checkpointer:
     if not force and step % self.every:
       return False
     self.wait()
+    # The save reads its arrays in the background while training goes on, and the trainer's next
+    # update donates (deletes) the live state's buffers: the save writes a copy of its own,
+    # released when it is on disk.
+    state = sharding.copy_tree(state)
     self._abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     try:
       self._manager.save(step, args=ocp.args.Composite(

@@ -401,9 +401,11 @@ def build(config: ml_collections.ConfigDict, init_model: nnx.Module | None = Non
   optimizer, beta, term = make_optimizer(config), make_beta(config), make_term(config)
   fns = [rewards.load_reward_fn(s.strip()) for s in config.reward.fns.split(",")]
   weights = [float(w) for w in str(config.reward.weights).split(",")]
-  state = TrainState(params, params, replicate(optimizer.init(params), mesh),
+  # The update donates the policy's buffers: the policy gets a copy of its own, and the arrays
+  # given (the caller's model stays valid) become the reference, and θ_0 for steps < staleness.
+  state = TrainState(sharding.copy_tree(params), params, replicate(optimizer.init(params), mesh),
                      replicate(beta.init(), mesh), replicate(jnp.zeros((), jnp.int32), mesh),
-                     (params,) * config.rollout.get("staleness", 0))  # steps < k sample with θ_0
+                     (params,) * config.rollout.get("staleness", 0))
   return Setup(config, tokenizer, source, graphdef, mesh, optimizer, beta, term, fns, weights,
                make_correction(config)), state
 
@@ -707,8 +709,12 @@ def compile_fns(setup: Setup) -> dict:
       exact_kl=c.metrics.exact_kl, on_policy=on_policy, with_ref=with_ref,
       reward_stage=c.kl.get("reward_stage", "after_norm"), correction=setup.correction,
       correct_kl=c.rollout.get("correct_kl", True))
-  # No buffer donation: the policy and the reference share arrays until the first update.
-  return {"stats": stats, "update": jax.jit(functools.partial(update, loss_fn, setup.optimizer))}
+  # The update donates the parameters and the optimizer state (arguments 0 and 1): no second copy
+  # of the train state at the update's peak, and on CPU no fresh pages to fault in each step.
+  # Whatever must outlive an update holds its own copy (`sharding.copy_tree`): the reference, the
+  # sampler's stale parameters, a checkpoint written in the background.
+  return {"stats": stats, "update": jax.jit(functools.partial(update, loss_fn, setup.optimizer),
+                                            donate_argnums=(0, 1))}
 
 
 # ---------------------------------------------------------------- host <-> devices
@@ -957,9 +963,12 @@ def sampler_metrics(setup: Setup, ro: Rollout, old_logp: np.ndarray) -> dict:
   return {k: float(v) for k, v in offpolicy.diagnostics(old_logp, mu, mask, weights).items()}
 
 
-def next_state(setup: Setup, state: TrainState, params, opt_state, kl: float) -> TrainState:
+def next_state(setup: Setup, state: TrainState, params, opt_state, kl: float,
+               sampled=None) -> TrainState:
   """The state after the step: β updated from the step's k1 estimate `kl` (0 without a
-  reference, where β multiplies nothing), the reference reset every `kl.reset_ref_every` steps."""
+  reference, where β multiplies nothing), the reference reset every `kl.reset_ref_every` steps,
+  and with rollout.staleness the step's starting parameters `sampled` (a copy: the update donated
+  `state.params`) queued for the sampler."""
   c, step = setup.config, int(state.step)
   # adaptive: n_steps counts samples (Ziegler et al.); a schedule counts GRPO steps
   per_update = c.batch_size if c.kl.controller == "adaptive" else 1
@@ -967,8 +976,8 @@ def next_state(setup: Setup, state: TrainState, params, opt_state, kl: float) ->
                          setup.mesh)
   ref_params = state.ref_params
   if c.kl.reset_ref_every and (step + 1) % c.kl.reset_ref_every == 0:
-    ref_params = params
-  stale = (*state.stale_params[1:], state.params) if state.stale_params else ()
+    ref_params = sharding.copy_tree(params)  # the next update donates `params`
+  stale = (*state.stale_params[1:], sampled) if state.stale_params else ()
   return TrainState(params, ref_params, opt_state, beta_state, state.step + 1, stale)
 
 
@@ -988,6 +997,7 @@ def train_step(setup: Setup, state: TrainState, fns: dict) -> tuple[TrainState, 
   if getattr(setup.term, "top_k", None) is not None:  # a sampled full-vocabulary KL term
     batch["kl_seed"] = kl_seeds(setup.config, step, len(ro.tokens))
   t_logprobs = time.perf_counter()
+  kept = sharding.copy_tree(state.params) if state.stale_params else None  # donated below
   params, opt_state, auxes = update_epochs(setup, fns["update"], state, batch, step)
   t_update = time.perf_counter()
   if on_policy:  # the statistics of the rollout policy, from the update's own forward pass
@@ -996,7 +1006,7 @@ def train_step(setup: Setup, state: TrainState, fns: dict) -> tuple[TrainState, 
                          (t0, t_rollout, t_logprobs, t_update), term=setup.term)
   metrics |= sampler_metrics(setup, ro, stats["logp"])
   kl = metrics["k1"] if uses_reference(setup.config) else 0.0
-  return next_state(setup, state, params, opt_state, kl), metrics
+  return next_state(setup, state, params, opt_state, kl, kept), metrics
 
 
 # ---------------------------------------------------------------- the loop

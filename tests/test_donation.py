@@ -1,0 +1,87 @@
+"""The update donates the train state: the donated buffers are really gone, everything that must
+outlive an update (the reference, the caller's model, the sampler's stale parameters, a checkpoint
+written in the background) holds arrays of its own, and a checkpoint saved right before a
+donating update restores bit-identical."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from kljax import models
+from kljax.train import grpo
+from kljax.train.checkpoint import Checkpointer
+from test_grpo import tiny_config
+
+
+def _host(tree):
+  return [np.array(x) for x in jax.tree.leaves(tree)]
+
+
+def _nbytes(tree) -> int:
+  return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
+@pytest.fixture(scope="module")
+def run(data_dir):
+  """A tiny setup built from a caller's model, its compiled functions, and the state before and
+  after one step (both staleness 1 and a reference reset every step, the two queues that keep
+  parameters across an update)."""
+  model = models.create(models.preset("tiny", vocab_size=83), seed=0)
+  c = tiny_config(data_dir, **{"rollout.staleness": 1, "kl.reset_ref_every": 1})
+  setup, state = grpo.build(c, init_model=model)
+  fns = grpo.compile_fns(setup)
+  before = _host(state)
+  with jax.set_mesh(setup.mesh):
+    after, _ = grpo.train_step(setup, state, fns)
+  return model, setup, fns, state, before, after
+
+
+def test_the_update_donates_params_and_optimizer_state(run):
+  model, setup, fns, state, _, after = run
+  assert all(x.is_deleted() for x in jax.tree.leaves(state.params))
+  assert all(x.is_deleted() for x in jax.tree.leaves(state.opt_state) if x.size > 1)
+  # what must outlive the update still reads
+  for tree in (state.ref_params, nnx.state(model), after.params, after.ref_params,
+               after.stale_params, after.opt_state):
+    assert not any(x.is_deleted() for x in jax.tree.leaves(tree))
+  # XLA aliases the donated inputs to the outputs: no second train state at the update's peak
+  batch = {"tokens": np.zeros((16, 11), np.int32), "attn_mask": np.ones((16, 11), bool),
+           "mask": np.ones((16, 3), bool), "advantages": np.zeros((16, 3), np.float32)}
+  with jax.set_mesh(setup.mesh):
+    mem = fns["update"].lower(after.params, after.opt_state, after.beta.beta, batch,
+                              after.ref_params).compile().memory_analysis()
+  assert mem.alias_size_in_bytes >= _nbytes(after.params) + _nbytes(after.opt_state) - 64
+
+
+def test_the_queues_hold_the_parameters_they_had_before_the_update(run):
+  _, _, _, state, before, after = run
+  n = len(jax.tree.leaves(state.params))
+  theta0 = before[:n]  # TrainState's first field: the policy before the step
+  # staleness 1: the sampler's next parameters are the step's starting ones, θ_0
+  for got, want in zip(_host(after.stale_params[0]), theta0):
+    np.testing.assert_array_equal(got, want)
+  # the reset reference equals the new policy, in buffers of its own
+  for a, b in zip(jax.tree.leaves(after.ref_params), jax.tree.leaves(after.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert a.unsafe_buffer_pointer() != b.unsafe_buffer_pointer()
+  pointers = lambda tree: {x.unsafe_buffer_pointer() for x in jax.tree.leaves(tree)}  # noqa: E731
+  assert not pointers(after.stale_params) & pointers(after.params)
+
+
+def test_a_checkpoint_saved_right_before_a_donating_update_restores_bit_identical(run, tmp_path):
+  _, setup, fns, _, _, after = run
+  saved = _host(after)
+  ckpt = Checkpointer(str(tmp_path), every=1)
+  ckpt.maybe_save(1, after)  # asynchronous: still writing while the update below runs
+  with jax.set_mesh(setup.mesh):
+    later, _ = grpo.train_step(setup, after, fns)
+    later, _ = grpo.train_step(setup, later, fns)
+  assert all(x.is_deleted() for x in jax.tree.leaves(after.params))
+  ckpt.wait()
+  restored = ckpt.restore(later)  # verifies the digest written in the background
+  ckpt.close()
+  assert restored.step == 1 and not restored.rejected
+  for got, want in zip(_host(restored.state), saved):
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
