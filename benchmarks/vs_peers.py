@@ -139,9 +139,10 @@ def render(r: dict) -> str:
   for side in (*SIDES, "hf_generate"):
     if side in r:
       x = r[side]
-      cell = lambda key, fmt: format(x[key], fmt) if x.get(key) is not None else "–"  # noqa: E731
-      lines.append(f"{side:12s} {cell('iteration_s', '12.2f')} {cell('cpu_s', '8.1f')} "
-                   f"{cell('update_s', '9.2f')} {cell('sampler_tokens_per_s', '14.1f')}")
+      cell = lambda key, w, d: (f"{x[key]:{w}.{d}f}" if x.get(key) is not None  # noqa: E731
+                                else f"{'–':>{w}}")
+      lines.append(f"{side:12s} {cell('iteration_s', 12, 2)} {cell('cpu_s', 8, 1)} "
+                   f"{cell('update_s', 9, 2)} {cell('sampler_tokens_per_s', 14, 1)}")
   lines.append("")
   for t in r["targets"]:
     lines.append(f"{t['name']}: {t['value']:.2f} (target {t['bound']} {t['target']:.2f}) "

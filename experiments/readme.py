@@ -260,10 +260,37 @@ def studies(results: dict) -> str:
   return text
 
 
+PEERS = {24: "benchmarks/results/vs_peers_24layers.json", 4: "benchmarks/results/vs_peers_4layers.json"}
+
+
+def peers() -> str:
+  """The speed table of benchmarks/vs_peers.py's committed runs (one per depth)."""
+  out = []
+  for layers, path in PEERS.items():
+    with open(os.path.join(ROOT, path)) as f:
+      r = json.load(f)
+    s, peak = r["shape"], r["matmul_peak_gflops"]
+    out += [f"**{layers} layers** (`{r['command']}`, [JSON]({path}); {r['timed_iterations_per_side']}"
+            f" timed iterations a side, medians; matmul peak XLA {peak['xla']:.0f}, torch "
+            f"{peak['torch']:.0f} GFLOP/s):", "",
+            "| side | GRPO iteration s | CPU s (user+sys) | update s | sampler tokens/s |",
+            "|---|---|---|---|---|"]
+    for side, label in (("kljax", "kljax"), ("trl", "TRL 1.16"), ("tunix", "tunix 0.1.7"),
+                        ("hf_generate", "HF `generate`")):
+      x = r[side]
+      cell = lambda key, d: "–" if x.get(key) is None else f"{x[key]:,.{d}f}"  # noqa: E731
+      out.append(f"| {label} | {cell('iteration_s', 2)} | {cell('cpu_s', 1)} | "
+                 f"{cell('update_s', 2)} | {cell('sampler_tokens_per_s', 1)} |")
+    out += [""] + [f"- {t['name']}: {t['value']:.2f} (target {t['bound']} {t['target']:.2f}): "
+                   + ("met" if t["met"] else f"**missed** by {abs(t['value'] - t['target']):.2f}")
+                   for t in r["targets"]] + [""]
+  return "\n".join(out)
+
+
 def contents() -> dict[str, str]:
-  """{block name: content} of every generated reproduce:* block."""
+  """{block name: content} of every generated block."""
   quick = _load(QUICK)
-  return {"reproduce:cost": cost(quick), "reproduce:bandit": bandit(quick),
+  return {"speed:peers": peers(),"reproduce:cost": cost(quick), "reproduce:bandit": bandit(quick),
           "reproduce:grpo": grpo(quick), "reproduce:claims": claims(quick),
           "reproduce:reward_stage": reward_stage(quick), "reproduce:full": full_note(),
           "reproduce:studies": studies(quick)}

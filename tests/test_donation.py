@@ -85,3 +85,17 @@ def test_a_checkpoint_saved_right_before_a_donating_update_restores_bit_identica
   for got, want in zip(_host(restored.state), saved):
     assert got.dtype == want.dtype
     np.testing.assert_array_equal(got, want)
+
+
+def test_later_steps_compile_nothing_new(run):
+  """The update's outputs are placed exactly as the state it was given (NamedShardings, one
+  device included), so neither the update nor the sampler compiles again at the next step."""
+  from kljax.sampling import _sample
+
+  model, setup, fns, _, _, _ = run
+  programs = fns["update"]._cache_size(), _sample._cache_size()
+  _, state = grpo.build(setup.config, init_model=model)  # a fresh state, through the same programs
+  with jax.set_mesh(setup.mesh):
+    for _ in range(3):
+      state, _ = grpo.train_step(setup, state, fns)
+  assert (fns["update"]._cache_size(), _sample._cache_size()) == programs

@@ -726,7 +726,10 @@ def to_devices(x, sharding_):
   """A global array with `sharding_` from a host value that every process holds in full (an array
   already placed that way is kept as it is, not copied: a large warm start is not held twice)."""
   if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding_, x.ndim):
-    return x
+    # Relabelled as `sharding_` (no copy): the jitted update returns NamedShardings, and a
+    # function's compilation cache keys on the sharding, so an array placed the same way but
+    # labelled otherwise (one device: SingleDeviceSharding) would compile every program twice.
+    return x if x.sharding == sharding_ else jax.device_put(x, sharding_)
   x = np.asarray(x)
   return jax.make_array_from_callback(x.shape, sharding_, lambda index: x[index])
 
@@ -743,7 +746,7 @@ def replicate(tree, mesh):
 
   def one(x):
     if isinstance(x, jax.Array) and len(x.sharding.device_set) == mesh.size:
-      return x
+      return to_devices(x, rep) if x.sharding.is_fully_replicated else x
     return to_devices(to_host(x), rep)
 
   return jax.tree.map(one, tree)
