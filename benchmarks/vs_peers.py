@@ -10,7 +10,8 @@ new tokens after 16-token prompts, temperature 1, β = 0.04 with a reference mod
 per iteration. Each side runs in its own process (`peer_kljax.py`, `peer_trl.py`,
 `peer_tunix.py`: two 0.5B models with AdamW do not fit this machine twice), `--rounds` times in
 alternation (round r starts with the r-th side), each process timing `--iters` iterations after an
-untimed warm-up; every figure is the median over all rounds, with wall and CPU seconds (user +
+untimed warm-up; every figure is the median over all rounds (tunix's process reports its own
+medians: the median of those), with wall and CPU seconds (user +
 system). Per side: the GRPO iteration, the sampler's tokens/s (HF `generate` is TRL's), and the
 update (reference pass + policy forward + backward + optimizer); the machine's float32 matmul
 peak is measured by each process (XLA's and torch's).
@@ -79,14 +80,16 @@ def run(args) -> dict:
                   "timed_iterations_per_side": args.rounds * args.iters,
                   "cpu_cores": os.cpu_count(), "matmul_peak_gflops": {}}
   for side, runs in raw.items():
-    tokens_per_s = [t / s for run in runs
-                    for t, s in zip(_as_list(run["sampler_tokens"]), _as_list(run["sampler_s"]))]
+    tokens_per_s = [t / s for run in runs for t, s in zip(
+        _as_list(run.get("sampler_tokens", run.get("sampler_tokens_per_s", 0) * run["sampler_s"])),
+        _as_list(run["sampler_s"]))]
     result[side] = {
         "iteration_s": med(runs, "iteration_s"), "cpu_s": med(runs, "cpu_s"),
         "update_s": med(runs, "update_s"), "sampler_tokens_per_s": statistics.median(tokens_per_s),
         "sampler_cpu_s": med(runs, "sampler_cpu_s")}
-    peak = med(runs, "matmul_peak_flops") / 1e9
-    result["matmul_peak_gflops"][{"kljax": "xla", "tunix": "xla_tunix", "trl": "torch"}[side]] = peak
+    if "matmul_peak_flops" in runs[0]:  # kljax's process measures XLA's, TRL's torch's
+      result["matmul_peak_gflops"][{"kljax": "xla", "trl": "torch"}[side]] = (
+          med(runs, "matmul_peak_flops") / 1e9)
   if "trl" in raw:  # HF generate is the TRL process's sampler
     result["hf_generate"] = {"sampler_tokens_per_s": result["trl"].pop("sampler_tokens_per_s")}
     result["trl"]["sampler_tokens_per_s"] = None  # TRL samples with generate: see hf_generate

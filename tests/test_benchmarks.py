@@ -19,6 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         ("train_step.py", [], "fraction"),
         ("grpo_step.py", ["--data_dir", "{tmp}"], "seconds per iteration"),
         ("checkpoint.py", ["--dir", "{tmp}"], "kljax/orbax"),
+        ("phases.py", ["--data_dir", "{tmp}"], "minor faults"),
     ],
 )
 def test_benchmark_quick(script, args, expect, tmp_path):
