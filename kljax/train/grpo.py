@@ -381,8 +381,9 @@ def make_tokenizer(config) -> text.Tokenizer:
 
 def build(config: ml_collections.ConfigDict, init_model: nnx.Module | None = None
           ) -> tuple[Setup, TrainState]:
-  """Everything a run needs, and its initial state: policy = reference = `init_model`, or a random
-  `config.model.preset` sized to the tokenizer's vocabulary."""
+  """Everything a run needs, and its initial state: the reference holds `init_model`'s arrays (or
+  a random `config.model.preset` sized to the tokenizer's vocabulary) and the policy a copy of them,
+  which the update donates."""
   validate(config)
   check_prompt_lengths(config)
   tokenizer = make_tokenizer(config)
@@ -1089,6 +1090,8 @@ def _open_run(stack: contextlib.ExitStack, config, workdir, init_model) -> _Run:
   setup, state = build(config, init_model)
   ckpt = Checkpointer(workdir, every=config.checkpoint_every)
   stack.callback(ckpt.close)
+  if ckpt.latest_step() is not None:
+    state = _abstract_for_restore(state)
   restored = ckpt.restore(state)
   start, notes = 0, {}
   if restored is not None:
@@ -1101,6 +1104,17 @@ def _open_run(stack: contextlib.ExitStack, config, workdir, init_model) -> _Run:
   if writer is not None:
     stack.callback(writer.close)
   return _Run(setup, state, ckpt, writer, start, start if restored is not None else None, notes)
+
+
+def _abstract_for_restore(state: TrainState) -> TrainState:
+  """The state's shapes, dtypes and shardings, its own arrays freed: a restore replaces them, and
+  holding both would peak at two train states (the arrays given to `build`, the reference and the
+  stale parameters, are the caller's and stay)."""
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          state)
+  for x in jax.tree.leaves((state.params, state.opt_state)):
+    x.delete()
+  return abstract
 
 
 def _check_shared(workdir) -> None:
