@@ -166,7 +166,9 @@ def measure(*, layers: int, prompts: int, group: int, prompt_len: int, new_token
     buf = cluster.actor_trainer._prev_buffered_train_metrics  # pylint: disable=protected-access
     checks["loss"] = float(buf.losses[-1])
     checks["grad_norm"] = float(buf.additional_metrics["grad_norm"][0][-1])
-    assert np.isfinite(checks["loss"]) and 0 < checks["grad_norm"] < np.inf, checks
+    # Zero where a group's rewards tie (all advantages 0) and π = π_ref (no KL gradient): the
+    # same programs run; kljax's random policy earns no reward at all, so it is no cheaper.
+    assert np.isfinite(checks["loss"]) and 0 <= checks["grad_norm"] < np.inf, checks
 
   cluster.generate = timed("sampler", cluster.generate, check=check_rollout)
   cluster.get_ref_per_token_logps = timed("reference", cluster.get_ref_per_token_logps, block=True)
