@@ -211,4 +211,7 @@ if __name__ == "__main__":
   for name, default in [("layers", 24), ("prompts", 2), ("group", 4), ("prompt_len", 16),
                         ("new_tokens", 32), ("iters", 3), ("seed", 0)]:
     p.add_argument(f"--{name}", type=int, default=default)
-  print(json.dumps(measure(**vars(p.parse_args()))))
+  args = p.parse_args()
+  if min(v for k, v in vars(args).items() if k != "seed") < 1:
+    p.error("--layers, --prompts, --group, --prompt_len, --new_tokens and --iters must be >= 1")
+  print(json.dumps(measure(**vars(args))))

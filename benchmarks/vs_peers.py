@@ -39,8 +39,14 @@ SCRIPTS = {"kljax": "peer_kljax.py", "trl": "peer_trl.py", "tunix": "peer_tunix.
 PROMPTS, GROUP, PROMPT_LEN, NEW_TOKENS = 2, 4, 16, 32
 
 
+def _layers(args) -> int:
+  from kljax import models
+
+  return args.layers or models.preset(args.preset).num_layers
+
+
 def _child(side: str, args) -> dict:
-  argv = [sys.executable, os.path.join(HERE, SCRIPTS[side]), "--layers", str(args.layers),
+  argv = [sys.executable, os.path.join(HERE, SCRIPTS[side]), "--layers", str(_layers(args)),
           "--iters", str(args.iters), "--prompts", str(PROMPTS), "--group", str(GROUP),
           "--prompt_len", str(PROMPT_LEN), "--new_tokens", str(NEW_TOKENS)]
   if side != "tunix":
@@ -73,7 +79,9 @@ def run(args) -> dict:
       raw[side].append(_child(side, args))
 
   med = lambda runs, key: statistics.median(v for run in runs for v in _as_list(run[key]))  # noqa: E731
-  result: dict = {"shape": {"preset": args.preset, "layers": raw[sides[0]][0]["layers"],
+  if any(run["layers"] != _layers(args) for runs in raw.values() for run in runs):
+    raise SystemExit(f"a side ran another depth than {_layers(args)} layers: {raw}")
+  result: dict = {"shape": {"preset": args.preset, "layers": _layers(args),
                             "prompts": PROMPTS, "group": GROUP, "prompt_len": PROMPT_LEN,
                             "new_tokens": NEW_TOKENS, "dtype": "float32",
                             "kljax_rollout_dtype": args.rollout_dtype},
@@ -96,8 +104,7 @@ def run(args) -> dict:
   if "kljax" in raw:
     from kljax import models
 
-    cfg = models.preset(args.preset)
-    cfg = cfg.replace(num_layers=args.layers) if args.layers else cfg
+    cfg = models.preset(args.preset).replace(num_layers=_layers(args))
     length = statistics.median(v for run in raw["kljax"] for v in run["length"])
     matmul_params = cfg.num_params() - (2 * cfg.num_layers + 1) * cfg.d_model
     flops = 4 * 2 * matmul_params * PROMPTS * GROUP * (PROMPT_LEN + length)

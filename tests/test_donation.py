@@ -69,7 +69,19 @@ def test_the_queues_hold_the_parameters_they_had_before_the_update(run):
   assert not pointers(after.stale_params) & pointers(after.params)
 
 
-def test_a_checkpoint_saved_right_before_a_donating_update_restores_bit_identical(run, tmp_path):
+def test_a_checkpoint_saved_right_before_a_donating_update_restores_bit_identical(run, tmp_path,
+                                                                                   monkeypatch):
+  import asyncio
+
+  from kljax.train import checkpoint
+
+  write = checkpoint.DigestHandler._write
+
+  async def late(self, directory, args):  # the digest is read after the updates below donated
+    await asyncio.sleep(1.0)
+    await write(self, directory, args)
+
+  monkeypatch.setattr(checkpoint.DigestHandler, "_write", late)
   _, setup, fns, _, _, after = run
   saved = _host(after)
   ckpt = Checkpointer(str(tmp_path), every=1)
@@ -99,3 +111,58 @@ def test_later_steps_compile_nothing_new(run):
     for _ in range(3):
       state, _ = grpo.train_step(setup, state, fns)
   assert (fns["update"]._cache_size(), _sample._cache_size()) == programs
+
+
+_SLOW_DIGEST = """
+import asyncio, runpy, sys
+from kljax.train import checkpoint
+write = checkpoint.DigestHandler._write
+async def slow(self, directory, args):  # the digest of a save lags behind the donating updates
+  await asyncio.sleep(2.0)
+  await write(self, directory, args)
+checkpoint.DigestHandler._write = slow
+sys.argv = ["experiments.grpo", *sys.argv[1:]]
+runpy.run_module("experiments.grpo", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint(data_dir, sft_dir, tmp_path):
+  """A save whose digest is still being written (2 s late, while the next donating updates run)
+  is killed with SIGKILL: the unfinished checkpoint is not taken for one, the rerun resumes from
+  the previous one and reproduces the uninterrupted run's metrics."""
+  import os
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  from kljax.train.metrics import read_jsonl
+  from test_grpo import REPO, TIMING, _cli, child_xla_flags
+
+  env = dict(os.environ, XLA_FLAGS=child_xla_flags())
+  flags = [f"--config.data.data_dir={data_dir}"]
+  clean = subprocess.run(_cli(tmp_path / "clean", sft_dir, *flags), cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+  assert clean.returncode == 0, clean.stderr[-2000:]
+  killed = tmp_path / "killed"
+  argv = [sys.executable, "-c", _SLOW_DIGEST, *_cli(killed, sft_dir, *flags)[3:]]
+  proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not list((killed / "checkpoints").glob("4.orbax-checkpoint-tmp*")):  # step 4 is saving
+    assert proc.poll() is None and time.time() < deadline, "the run ended before saving step 4"
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (killed / "checkpoints" / "4").exists()  # killed mid-save
+  resumed = subprocess.run(_cli(killed, sft_dir, *flags), cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  a = read_jsonl(str(tmp_path / "clean" / "metrics.jsonl"))
+  b = read_jsonl(str(killed / "metrics.jsonl"))
+  assert [r["step"] for r in b] == list(range(6))
+  for ra, rb in zip(a, b):
+    for k in ra:
+      if k not in TIMING:
+        assert rb[k] == ra[k], (ra["step"], k)
