@@ -134,7 +134,8 @@ def plan(args: argparse.Namespace) -> dict:
     sampler = _sample.lower(
         graphdef, params, sds((rollout, p_), jnp.int32), sds((rollout, p_), jnp.bool_), key,
         scalar(jnp.float32), scalar(jnp.float32), scalar(jnp.int32), scalar(jnp.int32),
-        max_new_tokens=n_, top_k=0, greedy=False, nucleus=False, samples_per_prompt=1).compile()
+        max_new_tokens=n_, top_k=0, greedy=False, nucleus=False, samples_per_prompt=1,
+        per_layer=all(a.sharding.is_fully_replicated for a in jax.tree.leaves(params))).compile()
   smem = sampler.memory_analysis()
 
   def per_device(tree) -> int:

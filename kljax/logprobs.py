@@ -151,19 +151,16 @@ def _chunked_bwd(saved, g):
     dh = jnp.dot(dz, w_dv.T.astype(jnp.float32)).astype(hc.dtype)
     return jnp.dot(hc.T.astype(jnp.float32), dz), dh
 
-  # The first chunk's ∂/∂w starts the sum: no zero-filled [D, V] accumulator (a vocabulary-sized
-  # buffer to allocate and fault in at every update), and none of the scan at all for one chunk.
   xs = (h_ncd, y_nc, ref_h_ncd, res, g)
-  dw, dh = grads(jax.tree.map(lambda x: x[0], xs))
-  if h_ncd.shape[0] > 1:
+  if h_ncd.shape[0] == 1:  # one chunk: no scan and no zero-filled [D, V] accumulator to fault in
+    dw, dh = grads(jax.tree.map(lambda x: x[0], xs))
+    dh = dh[None]
+  else:  # (starting the sum from the first chunk instead would hold a second [D, V] buffer)
     def body(acc, chunk):
       dw_c, dh_c = grads(chunk)
       return acc + dw_c, dh_c
 
-    dw, dh_rest = jax.lax.scan(body, dw, jax.tree.map(lambda x: x[1:], xs))
-    dh = jnp.concatenate([dh[None], dh_rest])
-  else:
-    dh = dh[None]
+    dw, dh = jax.lax.scan(body, jnp.zeros(w_dv.shape, jnp.float32), xs)
   # the reference is data: no cotangent flows to it (its inputs were stop_gradient'ed too)
   return dh, dw.astype(w_dv.dtype), None, None, None
 

@@ -70,15 +70,17 @@ def _repeat_rows(cache, n: int):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "greedy",
-                                             "nucleus", "samples_per_prompt"))
+                                             "nucleus", "samples_per_prompt", "per_layer"))
 def _sample(graphdef, state, prompt_bp, mask_bp, key, temperature, top_p, eos_id, pad_id, *,
-            max_new_tokens, top_k, greedy, nucleus, samples_per_prompt):
+            max_new_tokens, top_k, greedy, nucleus, samples_per_prompt, per_layer):
   model = nnx.merge(graphdef, state)
   u, p = prompt_bp.shape
-  cache = model.init_cache(u, p + max_new_tokens)
-  # Each layer's weights sliced out of the stacked parameters once, here: the decode loop below
-  # reads them in place (a scan over the stacked weights would copy them all at every step).
-  layers = model.split_layer_params()
+  # Weights whole on each device: each layer's sliced out of the stacked parameters once, here,
+  # and the decode loop reads them in place (a scan over the stacked weights copies them all at
+  # every step: a third of a CPU decode). Weights split over devices (fsdp) keep the scan, which
+  # gathers one layer at a time: sliced before the loop, XLA would gather the whole model there.
+  cache = model.init_cache(u, p + max_new_tokens, per_layer=per_layer)
+  layers = model.split_layer_params() if per_layer else None
   positions = jnp.maximum(jnp.cumsum(mask_bp, axis=1) - 1, 0)
   logits, cache = model.logits_and_cache(prompt_bp, positions_bt=positions,
                                          attention_mask_bt=mask_bp, cache=cache, layers=layers)
@@ -173,8 +175,10 @@ def sample(
     raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}.")
   graphdef, state = nnx.split(model)
   greedy = float(temperature) == 0.0
+  whole = all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state)
+              if isinstance(x, jax.Array))  # every device holds every weight
   return _sample(graphdef, state, prompt.astype(jnp.int32), mask, key,
                  jnp.float32(1.0 if greedy else temperature), jnp.float32(top_p),
                  jnp.int32(eos_id), jnp.int32(pad_id), max_new_tokens=int(max_new_tokens),
                  top_k=int(top_k), greedy=greedy, nucleus=float(top_p) < 1.0,
-                 samples_per_prompt=int(samples_per_prompt))
+                 samples_per_prompt=int(samples_per_prompt), per_layer=whole)

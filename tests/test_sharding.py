@@ -88,14 +88,19 @@ def test_mesh_errors_before_compilation():
     sharding.check_divisible(12, mesh)
 
 
-def test_sampler_runs_sharded_along_data():
+@pytest.mark.parametrize("axes", [dict(data=8), dict(data=2, fsdp=4)])
+def test_sampler_runs_sharded(axes):
+  """Replicated weights (data) decode on per-layer slices; weights split over fsdp keep the scan
+  over the stacked layers (one layer gathered at a time): both give the one-device tokens."""
   model = models.create(CFG, seed=2)
   prompts = jax.random.randint(jax.random.PRNGKey(3), (8, 5), 1, CFG.vocab_size)
   mask = jnp.ones_like(prompts, bool)
   ref = sample(model, prompts, mask, jax.random.PRNGKey(4), max_new_tokens=6, eos_id=0,
                temperature=0.0)
-  mesh = sharding.make_mesh(data=8)
+  mesh = sharding.make_mesh(**axes)
   sharded_model = sharding.shard_module(models.create(CFG, seed=2), mesh)
+  split = not all(x.sharding.is_fully_replicated for x in jax.tree.leaves(nnx.state(sharded_model)))
+  assert split == ("fsdp" in axes)
   placed = jax.device_put((prompts, mask), sharding.batch_sharding(mesh))
   out = sample(sharded_model, *placed, jax.random.PRNGKey(4), max_new_tokens=6, eos_id=0,
                temperature=0.0)

@@ -6,8 +6,7 @@ positions, and an optional KV cache for sampling.
 
 Layers are stored stacked (a leading `layers` axis on every block parameter) and run with
 `jax.lax.scan`, so compile time does not grow with depth (or unrolled, `scan_layers=False`: ~10%
-faster steps on CPU, for shallow models). Cached decoding always runs the layers unrolled, on
-per-layer weights and cache buffers (`hidden_states`). Every parameter carries logical axis names
+faster steps on CPU, for shallow models). Every parameter carries logical axis names
 (`nnx.with_partitioning`); `kljax.sharding` maps them to mesh axes.
 
 References:
@@ -35,8 +34,8 @@ _NEG_INF = -1e30  # a large finite negative: fully masked rows stay finite (no N
 class KVCache(NamedTuple):
   """Keys and values of every layer for S slots, and which slots hold a real (non-pad) token."""
 
-  k: tuple[jax.Array, ...]  # one [B, S, K, Hd] buffer a layer
-  v: tuple[jax.Array, ...]
+  k: jax.Array | tuple[jax.Array, ...]  # [L, B, S, K, Hd]; unrolled layers: L arrays [B, S, K, Hd]
+  v: jax.Array | tuple[jax.Array, ...]
   valid_bs: jax.Array  # [B, S] bool
   index: jax.Array  # int32 scalar: the next slot to write
 
@@ -138,6 +137,21 @@ def _buffer_writer(k_buf, v_buf, index, dtype):
   return write
 
 
+def _stacked_writer(k_all, v_all, layer, index, dtype):
+  """Layer `layer` of the whole [L, B, S, K, Hd] cache, written in place in the layer loop's carry
+  (no per-step copy of the cache)."""
+
+  def write(k, v):
+    at = (layer, 0, index, 0, 0)
+    k_new = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
+    v_new = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
+    k_l = jax.lax.dynamic_index_in_dim(k_new, layer, 0, keepdims=False).astype(dtype)
+    v_l = jax.lax.dynamic_index_in_dim(v_new, layer, 0, keepdims=False).astype(dtype)
+    return k_l, v_l, (k_new, v_new)
+
+  return write
+
+
 class Decoder(nnx.Module):
   """`model(tokens_bt)` → float32 logits [B, T, V]; see `__call__` for padding and the cache."""
 
@@ -185,8 +199,8 @@ class Decoder(nnx.Module):
 
   def _block(self, x, p, positions_bt, allowed_bts, inv_freq, kv):
     """One decoder layer. `kv(k, v) -> (keys, values, cache_out)` gives attention this step's keys
-    and values (`_uncached`) or writes them into a layer's cache and returns its slots
-    (`_buffer_writer`), so attention is written once for both."""
+    and values (`_uncached`) or writes them into a cache and returns its slots (`_buffer_writer`,
+    `_stacked_writer`), so attention is written once for every cache layout."""
     c = self.config
     dt = c.jnp_dtype
     h = rms_norm(x, p["attn_norm"], c.rms_eps)
@@ -222,10 +236,8 @@ class Decoder(nnx.Module):
   ) -> tuple[jax.Array, KVCache | None]:
     """Final-norm hidden states [B, T, D] (compute dtype) and the updated cache (or None).
 
-    With a cache the layers run unrolled, whatever `scan_layers` says: a decode step under a scan
-    over the stacked weights copies every layer's weights out of them (a third of a CPU decode
-    profile). `layers`: `split_layer_params()` computed once outside a decode loop, so the loop
-    reads each layer's weights in place.
+    `layers`: `split_layer_params()` computed once outside a decode loop (a per-layer cache);
+    inside a loop, slicing the stacked weights would copy every layer's weights per step.
     """
     c = self.config
     tokens = jnp.asarray(tokens_bt)
@@ -256,26 +268,35 @@ class Decoder(nnx.Module):
     inv_freq = rope_frequencies(c)
     x = jnp.take(self.embed[...], tokens, axis=0).astype(c.jnp_dtype)
     if cache is None:
-      x = self._scanned_layers(x, positions_bt, allowed, inv_freq)
+      x, _ = self._scanned_layers(x, positions_bt, allowed, inv_freq, None, None)
       return rms_norm(x, self.final_norm[...], c.rms_eps), None
-    x, (k, v) = self._unrolled_cached_layers(x, layers, positions_bt, allowed, inv_freq,
-                                              (cache.k, cache.v), index)
+    if isinstance(cache.k, tuple):  # unrolled layers, one buffer each (`init_cache`)
+      x, (k, v) = self._unrolled_cached_layers(x, layers, positions_bt, allowed, inv_freq,
+                                                (cache.k, cache.v), index)
+    else:
+      x, (k, v) = self._scanned_layers(x, positions_bt, allowed, inv_freq, (cache.k, cache.v),
+                                       index)
     x = rms_norm(x, self.final_norm[...], c.rms_eps)
     return x, KVCache(k, v, valid, index + t)
 
-  def _scanned_layers(self, x, positions_bt, allowed, inv_freq):
-    """The stacked layers without a cache, under `jax.lax.scan` (`unroll=True` when not
-    `scan_layers`)."""
+  def _scanned_layers(self, x, positions_bt, allowed, inv_freq, kv_all, index):
+    """The stacked layers under `jax.lax.scan` (`unroll=True` when not `scan_layers`), without a
+    cache (`kv_all=None`) or with the whole [L, B, S, K, Hd] cache riding in the carry."""
     c = self.config
 
-    def body(x, p):
+    def body(carry, layer):
+      x, kv_all = carry
+      p, i = layer
       x = sharding.constrain_batch(x)
-      return self._block(x, p, positions_bt, allowed, inv_freq, _uncached)[0], None
+      kv = _uncached if kv_all is None else _stacked_writer(*kv_all, i, index, c.jnp_dtype)
+      return self._block(x, p, positions_bt, allowed, inv_freq, kv), None
 
-    if c.remat:
+    if c.remat and kv_all is None:
       body = jax.checkpoint(body, prevent_cse=False)
-    x, _ = jax.lax.scan(body, x, self._layer_params(), unroll=1 if c.scan_layers else True)
-    return x
+    (x, kv_all), _ = jax.lax.scan(body, (x, kv_all),
+                                  (self._layer_params(), jnp.arange(c.num_layers)),
+                                  unroll=1 if c.scan_layers else True)
+    return x, kv_all
 
   def _unrolled_cached_layers(self, x, layers, positions_bt, allowed, inv_freq, kv, index):
     """Unrolled layers, each with its own [B, S, K, Hd] cache buffers (no slicing copies)."""
@@ -319,14 +340,20 @@ class Decoder(nnx.Module):
                                   attention_mask_bt=attention_mask_bt, cache=cache, layers=layers)
     return self._logits(h), cache
 
-  def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
-    """An empty cache of `max_len` slots, one buffer a layer, each updated in place (dtype
-    defaults to the compute dtype)."""
+  def init_cache(self, batch: int, max_len: int, dtype=None, *, per_layer: bool | None = None
+                 ) -> KVCache:
+    """An empty cache of `max_len` slots (dtype defaults to the compute dtype): one buffer a layer
+    (`per_layer`, by default when not `scan_layers`; the layers then run unrolled), or one stacked
+    buffer that a scan over the layers carries."""
     c = self.config
     dtype = c.jnp_dtype if dtype is None else dtype
     shape = (batch, max_len, c.num_kv_heads, c.head_dim)
-    k = v = tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers))
-    return KVCache(k, v, jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
+    if not (not c.scan_layers if per_layer is None else per_layer):
+      k = v = jnp.zeros((c.num_layers, *shape), dtype)
+    else:  # one buffer a layer: each is updated in place, never sliced out of a stacked array
+      k = v = tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers))
+    return KVCache(k, v,
+                   jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
 
 
 def create(config: ModelConfig, *, seed: int = 0) -> Decoder:
