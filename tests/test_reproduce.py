@@ -215,6 +215,30 @@ def test_seed_statistics_match_scipy_and_hand_values():
   assert not verdicts._differs(row([0.1]), row([0.9]), "reward")  # untestable → no claim
 
 
+def test_exact_permutation_test_by_hand_and_against_scipy():
+  from scipy import stats
+
+  # 2 vs 2, fully separated: 2 of the C(4, 2) = 6 splits (this one and its mirror) are as extreme.
+  t = study.permutation_test([0.92, 0.87], [0.31, 0.32])
+  assert t["p"] == pytest.approx(1 / 3) and t["min_p"] == pytest.approx(1 / 3)
+  # 4 vs 4, fully separated: 2 / C(8, 4) = 2/70, the smallest p 4 vs 4 can give.
+  t = study.permutation_test([0.95, 0.91, 0.94, 0.93], [0.31, 0.31, 0.30, 0.29])
+  assert t["p"] == pytest.approx(2 / 70) and t["min_p"] == pytest.approx(2 / 70)
+  assert study.permutation_test([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])["p"] == 1.0
+  # 1 vs 3: one split of four is the extreme one (no mirror with unequal groups).
+  assert study.permutation_test([10.0], [0.0, 0.1, 0.2])["p"] == pytest.approx(1 / 4)
+  rng = np.random.default_rng(0)
+  x, y = rng.normal(0, 1, 5), rng.normal(1, 1, 4)
+  # scipy's "two-sided" doubles the smaller one-sided p; ours counts |difference| ≥ observed
+  ref = stats.permutation_test((x, y), lambda a, b: abs(np.mean(a) - np.mean(b)),
+                               permutation_type="independent", alternative="greater",
+                               n_resamples=np.inf)
+  assert study.permutation_test(x, y)["p"] == pytest.approx(ref.pvalue)
+  assert "cannot reach p < 0.05" in verdicts.permutation_str([0.9, 0.8], [0.3, 0.2])
+  assert "cannot reach" not in verdicts.permutation_str([0.9, 0.8, 0.85, 0.95],
+                                                        [0.3, 0.2, 0.25, 0.35])
+
+
 def test_nearest_optimum_has_a_threshold():
   assert verdicts.nearest_optimum({"tv_star": 0.01, "tv_fkl": 0.3, "tv_zero": 0.6}) == "tv_star"
   assert verdicts.nearest_optimum({"tv_star": 0.2, "tv_fkl": 0.3, "tv_zero": 0.6}) == "none"
