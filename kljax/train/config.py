@@ -80,7 +80,7 @@ def grpo_tiny() -> ml_collections.ConfigDict:
   # from π_old and holds it over every epoch (verl's way; k1 then follows ∇RKL − ∇KL(π‖π_old)),
   # "current" recomputes it at the current parameters in every minibatch (one token: ∇RKL; token
   # credit: each position's ∇RKL, prefixes from π_old; reward-to-go stays biased off-policy).
-  c.kl.reward_at = "rollout"  # in-reward, off-policy: rollout (π_old's, biased) | current (θ's)
+  c.kl.reward_at = "rollout"  # off-policy k1: rollout ∇RKL − ∇KL(π‖π_old) | current ∇RKL per token
   c.kl.controller = "constant"  # "linear_warmup" (0 -> beta over kl.warmup_steps), or "adaptive"
   c.kl.warmup_steps = 0  # steps of linear_warmup
   c.kl.target_kl = 0.05  # adaptive: the per-token KL (k1) that β steers towards
