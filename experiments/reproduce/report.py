@@ -233,7 +233,8 @@ def write_report(path, settings, results: dict, oracle_md: str) -> None:
     text += [f"**{key[0]}. {claim}: {v[key]['verdict']}.** {v[key]['evidence']}", ""]
   text += ["## GRPO, on-policy", "", grpo_table(results["grpo"]),
            "![on-policy curves](grpo_on_policy.png)", "",
-           "## GRPO, off-policy (k2 as loss, with and without corrections)", "",
+           "## GRPO, off-policy (k2 as loss with and without corrections"
+           + ("; k1 in reward by penalty mode)" if results.get("reward_at") else ")"), "",
            grpo_table(results["grpo_off_policy"]), "![off-policy curves](grpo_off_policy.png)", "",
            *reward_at_lines(results),
            "## k2 as loss vs k1 in reward, identical seeds", "",
