@@ -98,7 +98,14 @@ def test_reproduce_end_to_end_small(tmp_path):
 
   on_file = json.load(open(os.path.join(work, "results.json")))
   assert set(on_file["grpo"]) == set(rsettings.ON_POLICY)
-  assert set(on_file["grpo_off_policy"]) == set(rsettings.OFF_POLICY)
+  off_variants = rsettings.OFF_POLICY + rsettings.OFF_POLICY_REWARD_AT
+  assert set(on_file["grpo_off_policy"]) == set(off_variants)
+  # k1_in_reward off-policy by penalty mode: both runs summarized, and what each follows (hand:
+  # rollout ∇RKL − ∇KL(π‖π_old), biased; current ∇RKL for one token, tests/test_reward_at.py)
+  assert set(on_file["reward_at"]) == {"exact_rkl", "reward", "entropy"}
+  assert on_file["reward_at"]["exact_rkl"]["permutation_min_p"] == 1.0  # 1 vs 1 seed
+  assert on_file["reward_at_audit"]["rollout"].startswith("one token, off-policy: biased")
+  assert on_file["reward_at_audit"]["current"].startswith("one token, off-policy: follows ∇RKL")
   for variant in rsettings.ON_POLICY:
     row = on_file["grpo"][variant]
     assert row["seeds"] == 1
@@ -135,7 +142,7 @@ def test_reproduce_end_to_end_small(tmp_path):
     for f in files:
       if f.endswith(study.WALL_TIME_FILE):
         stored[os.path.join(root, f)] = json.load(open(os.path.join(root, f)))["seconds"]
-  runs = len(rsettings.ON_POLICY) + len(rsettings.OFF_POLICY) + len(on_file["grpo_stress"]["summary"])
+  runs = len(rsettings.ON_POLICY) + len(off_variants) + len(on_file["grpo_stress"]["summary"])
   assert len(stored) == runs + 2 and all(v > 0 for v in stored.values())  # + 2 warm starts
   sequence_seconds = json.load(open(os.path.join(work, "sequence.json")))["seconds"]
   meta = on_file["meta"]
