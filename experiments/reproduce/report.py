@@ -257,7 +257,10 @@ def write_report(path, settings, results: dict, oracle_md: str) -> None:
            "## Oracle: exact expected gradients", "",
            "‖g‖ is the norm of the exact expected gradient; distances are relative. *frozen* is "
            "the frozen-prefix ∇RKL (off-policy: prefixes weighted by π_old). A term *follows* a "
-           "target within 1e-4.", "", oracle_md]
+           "target within 1e-4. Off-policy, the in-reward terms here take their penalty at the "
+           "current parameters (each term's own surrogate, `kl.reward_at=\"current\"`); computed "
+           "at rollout and held over the epochs (the trainer's default) k1 in reward is biased "
+           "off-policy: ∇RKL − ∇KL(π‖π_old) (`kljax.audit`, docs/kl_terms.md).", "", oracle_md]
   paths.write_atomic(paths.resolve(path), "\n".join(text))
 
 

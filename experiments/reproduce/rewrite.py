@@ -48,7 +48,7 @@ def rewrite(workdir) -> dict:
   old = (workdir / "report.md").read_text()
   if _ORACLE not in old:
     raise ValueError(f"{workdir / 'report.md'} has no '{_ORACLE}' section to keep.")
-  oracle_md = old.split(_ORACLE, 1)[1].split("target within 1e-4.", 1)[1].lstrip("\n")
+  oracle_md = old.split(_ORACLE, 1)[1].split("\n\n", 2)[2]  # past the heading and its note
   gaps = results["trajectory"]
   extra = {"regimes": results.get("regimes"), "sequence": results.get("sequence"),
            "stress": results.get("grpo_stress"), "off_policy_means": results["off_policy_means"],
