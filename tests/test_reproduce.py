@@ -293,3 +293,22 @@ def test_quick_selects_the_quick_preset_under_any_override():
   assert quick_argv(["prog", "--workdir=w"]) == ["prog", "--workdir=w"]  # the full preset
   explicit = ["prog", "--quick", "--config=configs/reproduce.py:full"]
   assert quick_argv(explicit) == explicit
+
+
+@pytest.mark.parametrize("which", ["quick", "full"])
+def test_committed_reports_are_what_rewrite_makes_of_their_results(tmp_path, which):
+  # The committed report.md and verdicts are a function of the committed results.json: rewriting
+  # them from it (no run) changes nothing.
+  import shutil
+
+  from experiments.reproduce import rewrite
+
+  src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                     "experiments", "results", which)
+  for f in ("results.json", "report.md"):
+    shutil.copy(os.path.join(src, f), tmp_path / f)
+  rewrite.rewrite(str(tmp_path))
+  for f in ("results.json", "report.md"):
+    assert (tmp_path / f).read_text() == open(os.path.join(src, f)).read(), (
+        f"{which}/{f} is stale: run python -m experiments.reproduce.rewrite "
+        f"experiments/results/{which}")
