@@ -1,6 +1,7 @@
 """`python -m kljax.audit` with the coefficient c(log δ) drawn as a PNG.
 
-  python -m experiments.audit kljax:k3 --placement loss --expect forward --plot c.png
+  python -m experiments.audit kljax:k3 --placement loss --expect forward --setting token-on \\
+      --plot c.png
 
 Every argument but --plot goes to `kljax.audit` unchanged (its report is printed, its exit status
 returned); --plot PNG draws the measured on-policy coefficient against log π − log π_ref (∇RKL) and

@@ -20,8 +20,8 @@ import numpy as np
 
 from experiments.reproduce import report
 from experiments.reproduce.settings import ALPHA, OFF_POLICY, VERL_K3
-from experiments.reproduce.verdicts import OPTIMA, regime_boundary
-from kljax.study import seed_std, welch
+from experiments.reproduce.verdicts import OPTIMA, STRESS_SEARCH, regime_boundary
+from kljax.study import permutation_test, seed_std, welch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = "experiments/results/quick"
@@ -77,6 +77,28 @@ def _msr(row: dict, metric: str) -> str:
 def _p(x: dict, y: dict, metric: str) -> str:
   p = welch(x[f"{metric}_seeds"], y[f"{metric}_seeds"])["p"]
   return "untestable" if math.isnan(p) else f"p = {p:.2g}"
+
+
+def _stress_test(quick_k3: dict, quick_k2: dict) -> str:
+  """The test behind the stress run's difference: the full run's (4 vs 4 seeds) when committed,
+  with the exact permutation p beside Welch's; the quick run's 2 vs 2 cannot reach p < 0.05."""
+  quick = permutation_test(quick_k3["exact_rkl_seeds"], quick_k2["exact_rkl_seeds"])
+  text = (f"The quick run's {int(quick['n_x'])} vs {int(quick['n_y'])} seeds cannot test it: no "
+          f"distribution-free test on them goes below p = {quick['min_p']:.2g} (its Welch "
+          f"{_p(quick_k3, quick_k2, 'exact_rkl')} rests on normality).")
+  if not os.path.exists(os.path.join(ROOT, FULL, "results.json")):
+    return text
+  full = _load(FULL)
+  if "grpo_stress" not in full:
+    return text
+  a, b = full["grpo_stress"]["summary"]["k3_as_loss"], full["grpo_stress"]["summary"]["k2_as_loss"]
+  perm = permutation_test(a["exact_rkl_seeds"], b["exact_rkl_seeds"])
+  smallest = (f" (the smallest p {int(perm['n_x'])} vs {int(perm['n_y'])} seeds can give: every k3 "
+              f"seed ends above every k2 seed)" if perm["p"] <= perm["min_p"] * (1 + 1e-9) else "")
+  return (text + f" The full run ([`{FULL}/report.md`]({FULL}/report.md): {int(perm['n_x'])} vs "
+          f"{int(perm['n_y'])} seeds, {full['meta']['settings']['stress_steps']} steps) ends at "
+          f"{_msr(a, 'exact_rkl')} (k3) vs {_msr(b, 'exact_rkl')} (k2): Welch "
+          f"{_p(a, b, 'exact_rkl')}, exact permutation p = {perm['p']:.2g}{smallest}.")
 
 
 def cost(results: dict) -> str:
@@ -152,8 +174,9 @@ def claims(results: dict) -> str:
   worst = max(((p, b) for (t_, p, b) in exact if t_ == verl),
               key=lambda k: exact[(verl, *k)] - exact[("k2_as_loss", *k)])
   text = (f"3. **k3 as loss regularizes more weakly than k2: "
-          f"{v['3_k3_as_loss_weaker_than_k2']['verdict']}.** Where RL sharpens a mode the "
-          f"reference already covers (the warm-start GRPO runs) the final KLs of k3 and k2 are "
+          f"{v['3_k3_as_loss_weaker_than_k2']['verdict']}.** Every variant and seed starts from "
+          f"one shared warm start (the seeds vary only the RL sampling). Where RL sharpens a mode "
+          f"the reference already covers (the warm-start GRPO runs) the final KLs of k3 and k2 are "
           f"{_msr(k3, 'exact_rkl')} and {_msr(k2, 'exact_rkl')} (Welch {_p(k3, k2, 'exact_rkl')}). "
           f"Where the reward sits on mass the reference barely covers (the bandit with one "
           f"rewarded arm, exact gradients) {regime}; the verl-style clamp at ±10 ends at "
@@ -174,19 +197,21 @@ def claims(results: dict) -> str:
            f"{mean_std(st['k1_in_reward_rtg']['final_rkl_seeds'])} for the sequence-exact "
            f"`k1_in_reward_rtg`; the median noise std/‖E g‖ of the sampled KL gradient is "
            f"{np.median(noise['k3_as_loss']):.3g} for k3 against {np.median(noise['k2_as_loss']):.3g}"
-           f" for k2.")
+           f" for k2 (evidence about the variance of the sampled gradient, not a regime that "
+           f"confirms the claim).")
   stress = results["grpo_stress"]
   a, b = stress["summary"]["k3_as_loss"], stress["summary"]["k2_as_loss"]
   st = stress["stability"]
   target = stress.get("target")
   rare = (f", whose fully rewarded completion {target['text']!r} has mean log π_ref "
           f"{target['mean_log_ref']:.1f} nats" if target else "")
-  text += (f" The stressing GRPO run ({stress['description']}{rare}) ends at final KL "
-           f"{_msr(a, 'exact_rkl')} (k3) vs {_msr(b, 'exact_rkl')} (k2), Welch "
-           f"{_p(a, b, 'exact_rkl')}, reward {_msr(a, 'reward')} vs {_msr(b, 'reward')}; the "
-           f"largest log π/π_ref of a sampled completion was "
-           f"{st['k3_as_loss']['max_seq_log_ratio']:.1f} (k3) vs "
-           f"{st['k2_as_loss']['max_seq_log_ratio']:.1f} (k2) nats."
+  text += (f" The stressing reward was designed after a search of GRPO configurations that found "
+           f"no difference between k2 and k3 ([`{STRESS_SEARCH}`]({STRESS_SEARCH})): a "
+           f"constructed regime. The stressing GRPO run ({stress['description']}{rare}) ends at "
+           f"final KL {_msr(a, 'exact_rkl')} (k3) vs {_msr(b, 'exact_rkl')} (k2), reward "
+           f"{_msr(a, 'reward')} vs {_msr(b, 'reward')}; the largest log π/π_ref of a sampled "
+           f"completion was {st['k3_as_loss']['max_seq_log_ratio']:.1f} (k3) vs "
+           f"{st['k2_as_loss']['max_seq_log_ratio']:.1f} (k2) nats. {_stress_test(a, b)}"
            f"\n\n   ![GRPO stress curves]({QUICK}/grpo_stress.png)")
   out.append(text)
 
@@ -212,9 +237,22 @@ def claims(results: dict) -> str:
 def reward_stage(results: dict) -> str:
   e = results["reward_stage"]
   names = {"exact_rkl": "final KL", "reward": "reward", "entropy": "entropy"}
-  return ("Measured (quick, `k1_in_reward` after vs before normalization): " + ", ".join(
+  text = ("Measured (quick, `k1_in_reward` after vs before normalization): " + ", ".join(
       f"{names[m]} {x['after_norm']:.4f} vs {x['before_norm']:.4f} (p = {x['p']:.2g})"
-      for m, x in e.items()) + ".\n")
+      for m, x in e.items()) + ".")
+  r = results.get("reward_at")
+  if r:
+    x = r["exact_rkl"]
+    text += (f" Off-policy (`k1_in_reward`, {results['meta']['settings']['off_policy_epochs']} "
+             f"epochs × {results['meta']['settings']['off_policy_minibatches']} minibatches a "
+             f"rollout), the penalty held from rollout vs recomputed at the current parameters "
+             f"(`kl.reward_at`): final exact KL {x['rollout']:.4f} ± {x['rollout_seed_std']:.4f} "
+             f"vs {x['current']:.4f} ± {x['current_seed_std']:.4f} (difference "
+             f"{x['difference']:+.4f}, Welch p = {x['p']:.2g}, exact permutation p = "
+             f"{x['permutation_p']:.2g}" + (f", the smallest these seeds can give is "
+                                             f"{x['permutation_min_p']:.2g}"
+                                             if x["permutation_min_p"] >= ALPHA else "") + ").")
+  return text + "\n"
 
 
 def full_note() -> str:

@@ -7,7 +7,10 @@ then names it:
   ∇RKL   ∇ KL(π‖π_ref), the reverse KL (the objective of KL-regularized RL)
   ∇FKL   ∇ KL(π_ref‖π), the forward KL
   frozen-prefix ∇RKL / ∇FKL  (sequences) Σ_t of each position's KL with its prefix law held fixed:
-         what per-token penalties without reward-to-go credit follow
+         what per-token penalties without reward-to-go credit follow. Off-policy there are two,
+         named by their prefix law: "prefixes from π_θ" (the on-policy target, which a whole-
+         sequence ratio Π_t π/π_old recovers) and "prefixes from π_old" (what per-token ratios
+         give: a token's ratio fixes that token's law, not its prefix's)
   0      no regularization at all
 
 A gradient "follows" a target when it equals a positive multiple s of it to relative precision `tol`
@@ -18,7 +21,10 @@ Inputs (`implementation` dispatches on them):
       fn(logp, ref_logp) -> per-element value. "loss": the framework differentiates fn. "reward":
       it adds −β·sg(fn) to the reward of that token (or to every earlier token, reward-to-go), so
       the gradient is E[sg(c)·∇logp], importance-weighted by ρ = π/π_old off-policy (the PPO ratio
-      that multiplies the advantage).
+      that multiplies the advantage). `penalty_at` says when c is computed: "rollout" (default)
+      from π_old's log-probs, once, held over later epochs and minibatches (verl's
+      `apply_kl_penalty`, kljax's trainer by default): off-policy k1 then follows
+      ∇RKL − ∇KL(π‖π_old); "current" at the parameters being updated: ∇RKL for one token.
   sequence(fn)
       fn(logp_t, ref_logp_t, old_logp_t, mask_t) -> per-token loss [B, T], for code that needs the
       sampling policy or mixes tokens (live ratios, sequence-level geometric-mean ratios). On-policy
@@ -46,6 +52,8 @@ KL(π‖π_ref) and KL(π_ref‖π); non-finite values or gradients for |log δ|
 bfloat16; and gradients a clamp sets to zero where the coefficient is finite and non-zero nearer
 to log δ = 0.
 
+`--expect` / `assert_follows` check every setting the report runs, or those named (`--setting`).
+
 References:
   Liu et al., "Rethinking KL Regularization in RLHF", arXiv:2510.01555 (2025), §4–§6.
 """
@@ -69,10 +77,25 @@ from kljax.kl import KLTerm, kl_term
 
 Placement = Literal["loss", "reward"]
 Credit = Literal["token", "reward_to_go"]
+PenaltyAt = Literal["rollout", "current"]
+PENALTY_AT = ("rollout", "current")
+PENALTY_NOTE = {
+    "rollout": "In-reward penalty computed **at rollout**, from π_old's log-probs, and held fixed "
+               "over every later epoch and minibatch (verl's `apply_kl_penalty`, kljax's "
+               "`kl.reward_at=\"rollout\"`): off-policy the surrogate is sg(c(π_old))·ρ.",
+    "current": "In-reward penalty recomputed **at the current parameters** in every epoch and "
+               "minibatch (kljax's `kl.reward_at=\"current\"`): off-policy the surrogate is "
+               "sg(c(π_θ))·ρ."}
 Aggregation = Literal["sum", "token_mean", "seq_mean_token_mean"]
 AGGREGATIONS = ("sum", "token_mean", "seq_mean_token_mean")
+# Off-policy, a frozen-prefix target names the law its prefixes are drawn from: π_θ (what an
+# on-policy per-token term follows, and a whole-sequence-ratio reweighting recovers) or π_old (what
+# per-token importance ratios give: a token's ratio fixes the law of that token, not of its prefix).
+PREFIX_THETA, PREFIX_OLD = ", prefixes from π_θ", ", prefixes from π_old"
 EXPECTATIONS = {"reverse": "∇RKL", "forward": "∇FKL", "zero": "0",
-                "frozen_reverse": "frozen-prefix ∇RKL", "frozen_forward": "frozen-prefix ∇FKL"}
+                "frozen_reverse": "frozen-prefix ∇RKL", "frozen_forward": "frozen-prefix ∇FKL",
+                "frozen_reverse_old": "frozen-prefix ∇RKL" + PREFIX_OLD,
+                "frozen_forward_old": "frozen-prefix ∇FKL" + PREFIX_OLD}
 
 
 class AuditError(ValueError):
@@ -95,6 +118,9 @@ class Implementation(NamedTuple):
   surrogate: Callable[..., jax.Array]
   value: Callable[..., jax.Array]
   elementwise: bool  # True: it can also be applied to whole-sequence log-probs (level="sequence")
+  # In-reward penalties: "rollout" (computed once from π_old, held fixed over the epochs) or
+  # "current" (recomputed at the current parameters); None for other implementations.
+  penalty_at: str | None = None
 
 
 def _same_shape(out, like, name, expected):
@@ -115,14 +141,37 @@ def _ratio(logp, old_logp):
   return jnp.exp(logp - _on_policy_old(logp, old_logp))
 
 
+def _check_penalty_at(penalty_at, placement) -> str | None:
+  """The mode of an in-reward penalty ("rollout" unless given); None for a loss."""
+  if penalty_at is not None and penalty_at not in PENALTY_AT:
+    raise ValueError(f"penalty_at must be one of {', '.join(PENALTY_AT)}, got {penalty_at!r}.")
+  if placement != "reward":
+    if penalty_at is not None:
+      raise ValueError(f"penalty_at applies to in-reward penalties only; this one is placed in "
+                       f"the {placement!r}.")
+    return None
+  return penalty_at or "rollout"
+
+
+def _penalty_kind(penalty_at: str) -> str:
+  return ("penalty computed at rollout from π_old" if penalty_at == "rollout"
+          else "penalty recomputed at the current parameters")
+
+
 def elementwise(fn: Callable, *, placement: Placement = "loss", credit: Credit = "token",
-                name: str | None = None) -> Implementation:
+                penalty_at: PenaltyAt | None = None, name: str | None = None) -> Implementation:
   """An elementwise penalty `fn(logp, ref_logp) -> value`, used as a loss or inside the reward.
 
   Args:
     fn: the penalty; any JAX-traceable function of two same-shape float arrays.
     placement: "loss" (differentiated) or "reward" (detached, multiplies the score).
     credit: for placement="reward": "token" (a token's own penalty) or "reward_to_go" (Σ_{s≥t}).
+    penalty_at: for placement="reward": when the penalty is computed. "rollout" (the default, what
+      verl, OpenRLHF and kljax's trainer run): once, from π_old's log-probs, and reused by every
+      later epoch and minibatch, so off-policy the surrogate is sg(c(π_old))·ρ, whose expected
+      gradient for k1 is ∇RKL − ∇KL(π‖π_old). "current": sg(c(π_θ))·ρ, recomputed at the
+      parameters being updated (`kl.reward_at="current"` in kljax's trainer). On-policy the two
+      are the same.
     name: a label (default: the function's name).
   """
   if placement not in ("loss", "reward"):
@@ -131,6 +180,7 @@ def elementwise(fn: Callable, *, placement: Placement = "loss", credit: Credit =
     raise ValueError(f"credit must be 'token' or 'reward_to_go', got {credit!r}.")
   if placement == "loss" and credit != "token":
     raise ValueError("credit applies to placement='reward' only; a loss is credited to its token.")
+  penalty_at = _check_penalty_at(penalty_at, placement)
   name = name or getattr(fn, "__name__", "fn")
 
   def masked_call(logp, ref_logp, mask):
@@ -142,13 +192,16 @@ def elementwise(fn: Callable, *, placement: Placement = "loss", credit: Credit =
   def surrogate(logp, ref_logp, old_logp, mask):
     if placement == "loss":
       return masked_call(logp, ref_logp, mask)
-    c = jax.lax.stop_gradient(masked_call(logp, ref_logp, mask))
+    at = logp if penalty_at == "current" or old_logp is None else old_logp
+    c = jax.lax.stop_gradient(masked_call(at, ref_logp, mask))
     if credit == "reward_to_go":
       c = reward_to_go(c, mask).astype(c.dtype)
     return c * _ratio(logp, old_logp)
 
-  kind = "as loss" if placement == "loss" else f"in reward ({credit.replace('_', '-')} credit)"
-  return Implementation(name, f"elementwise, {kind}", surrogate, lambda lp, lq: fn(lp, lq), True)
+  kind = ("as loss" if placement == "loss" else
+          f"in reward ({credit.replace('_', '-')} credit, {_penalty_kind(penalty_at)})")
+  return Implementation(name, f"elementwise, {kind}", surrogate, lambda lp, lq: fn(lp, lq), True,
+                        penalty_at)
 
 
 def sequence(fn: Callable, *, name: str | None = None) -> Implementation:
@@ -171,8 +224,14 @@ def sequence(fn: Callable, *, name: str | None = None) -> Implementation:
   return Implementation(name, "per-sequence surrogate", surrogate, value, False)
 
 
-def from_term(term: KLTerm | str) -> Implementation:
-  """A kljax `KLTerm` (or a name for `kljax.kl_term`)."""
+def from_term(term: KLTerm | str, *, penalty_at: PenaltyAt | None = None) -> Implementation:
+  """A kljax `KLTerm` (or a name for `kljax.kl_term`).
+
+  An in-reward term (placement "reward") is audited as kljax's trainer runs it: with
+  penalty_at="rollout" (the default, `kl.reward_at="rollout"`) its coefficient comes from the
+  rollout policy π_old's log-probs, sg(c(π_old))·ρ; with "current" it is the term's own surrogate
+  sg(c(π_θ))·ρ (`kl.reward_at="current"`).
+  """
   term = kl_term(term) if isinstance(term, str) else term
   if not isinstance(term, KLTerm):
     raise AuditError(
@@ -181,27 +240,41 @@ def from_term(term: KLTerm | str) -> Implementation:
         "run it; its gradients are proved by exact enumeration in tests/test_full_kl.py "
         "(`kljax.exact.expected_gradient_full`).")
 
+  penalty_at = _check_penalty_at(penalty_at, term.placement)
+
   def surrogate(logp, ref_logp, old_logp, mask):
+    if penalty_at == "rollout" and old_logp is not None:
+      c = jax.lax.stop_gradient(term.coefficient(old_logp, ref_logp, mask=mask))
+      return jnp.where(mask.astype(bool), c * _ratio(logp, old_logp), 0.0)
     return term.surrogate(logp, ref_logp, old_logp, mask=mask)
 
-  return Implementation(term.name, f"kljax term ({term.placement})", surrogate, term.value, True)
+  kind = f"kljax term ({term.placement}" + (
+      f"; {_penalty_kind(penalty_at)})" if penalty_at else ")")
+  return Implementation(term.name, kind, surrogate, term.value, True, penalty_at)
 
 
 def implementation(obj: Any, *, placement: Placement = "loss", credit: Credit = "token",
                    signature: Literal["elementwise", "sequence"] = "elementwise",
+                   penalty_at: PenaltyAt | None = None,
                    name: str | None = None) -> Implementation:
   """Whatever the caller has, as an `Implementation` (see the module docstring)."""
   if isinstance(obj, Implementation):
+    if penalty_at is not None and penalty_at != obj.penalty_at:
+      raise ValueError(f"penalty_at={penalty_at!r} cannot change an Implementation already built "
+                       f"({obj.name}: penalty_at={obj.penalty_at!r}); build it with penalty_at.")
     return obj
   if isinstance(obj, (KLTerm, str)):
-    return from_term(obj)
+    return from_term(obj, penalty_at=penalty_at)
   if not callable(obj):
     raise AuditError(f"expected a callable, a KLTerm or a kl_term name, got {type(obj).__name__}.")
   if signature == "sequence":
+    if penalty_at is not None:
+      raise ValueError("penalty_at applies to elementwise in-reward penalties; a per-sequence fn "
+                       "computes its loss from the old_logp_t it is given.")
     return sequence(obj, name=name)
   if signature != "elementwise":
     raise ValueError(f"signature must be 'elementwise' or 'sequence', got {signature!r}.")
-  return elementwise(obj, placement=placement, credit=credit, name=name)
+  return elementwise(obj, placement=placement, credit=credit, penalty_at=penalty_at, name=name)
 
 
 # ---------------------------------------------------------------- PyTorch functions
@@ -369,10 +442,10 @@ def _targets(policy, ref, old, space) -> dict[str, tuple]:
     lp = _token_lp(theta, seqs)
     return jnp.sum(_seq_prob(ref_lp, space) * jnp.sum(mask * (ref_lp - lp), -1))
 
-  def frozen(direction):
+  def frozen(direction, prefixes):
     def objective(theta):
       cond = _conditionals(theta, seqs)
-      prefix_law = _token_lp(theta if old is None else old, seqs)
+      prefix_law = _token_lp(theta if prefixes is None else prefixes, seqs)
       w = jax.lax.stop_gradient(_seq_prob(prefix_law, space))
       p, q = (cond, ref_cond) if direction == "reverse" else (ref_cond, cond)
       kl_t = est.kl_from_log_probs(p, q)  # [N, T] per-position KL
@@ -381,8 +454,11 @@ def _targets(policy, ref, old, space) -> dict[str, tuple]:
 
   out = {"∇RKL": jax.grad(rkl)(policy), "∇FKL": jax.grad(fkl)(policy)}
   if len(policy) > 1:
-    out["frozen-prefix ∇RKL"] = jax.grad(frozen("reverse"))(policy)
-    out["frozen-prefix ∇FKL"] = jax.grad(frozen("forward"))(policy)
+    # On-policy one prefix law; off-policy both, each named (PREFIX_THETA, PREFIX_OLD).
+    laws = (("", None),) if old is None else ((PREFIX_THETA, None), (PREFIX_OLD, old))
+    for direction, short in (("reverse", "RKL"), ("forward", "FKL")):
+      for suffix, prefixes in laws:
+        out[f"frozen-prefix ∇{short}{suffix}"] = jax.grad(frozen(direction, prefixes))(policy)
   return out
 
 
@@ -428,7 +504,9 @@ class SettingResult:
   scale_free: dict[str, float]  # target -> max over seeds of min_{s>0} ‖g − s·t‖/‖g‖
   scale: dict[str, list[float]]  # target -> [min, max] over seeds of the best s
   verdict: str
-  follows: str  # "∇RKL", "∇FKL", "frozen-prefix ∇RKL", "frozen-prefix ∇FKL", "0" or "biased"
+  # "∇RKL", "∇FKL", "frozen-prefix ∇RKL", "frozen-prefix ∇FKL" (on-policy; off-policy with
+  # PREFIX_THETA or PREFIX_OLD appended: the prefix law), "0" or "biased"
+  follows: str
 
 
 @dataclasses.dataclass
@@ -445,6 +523,8 @@ class AuditReport:
   coefficient: dict[str, Any]
   value: dict[str, float]
   robustness: dict[str, Any]
+  # In-reward penalties: "rollout" (from π_old, held over epochs) or "current"; None otherwise.
+  penalty_at: str | None = None
 
   def result(self, setting: str) -> SettingResult:
     for r in self.settings:
@@ -463,12 +543,22 @@ class AuditReport:
   def markdown(self) -> str:
     out = [f"## Audit of `{self.name}` ({self.kind})", "",
            f"Aggregation `{self.aggregation}`, {self.level}-level, {self.seeds} random policies "
-           f"per setting, tolerance {self.tol:g} (relative).", "",
-           "| setting | ‖g‖/‖∇RKL‖ | to ∇RKL | to ∇FKL | to frozen ∇RKL | to frozen ∇FKL | verdict |",
-           "|---|---|---|---|---|---|---|"]
+           f"per setting, tolerance {self.tol:g} (relative).", ""]
+    if self.penalty_at:
+      out += [PENALTY_NOTE[self.penalty_at], ""]
+    out += ["| setting | ‖g‖/‖∇RKL‖ | to ∇RKL | to ∇FKL | to frozen ∇RKL | to frozen ∇FKL | verdict |",
+            "|---|---|---|---|---|---|---|"]
+
+    def cell(r, k):
+      if k in r.distance:
+        return f"{r.distance[k]:.1e}"
+      laws = [(law, r.distance[k + suffix]) for law, suffix in (("π_θ", PREFIX_THETA),
+                                                                 ("π_old", PREFIX_OLD))
+              if k + suffix in r.distance]
+      return " / ".join(f"{d:.1e} (prefixes {law})" for law, d in laws) or "—"
+
     for r in self.settings:
-      d = [f"{r.distance[k]:.1e}" if k in r.distance else "—"
-           for k in ("∇RKL", "∇FKL", "frozen-prefix ∇RKL", "frozen-prefix ∇FKL")]
+      d = [cell(r, k) for k in ("∇RKL", "∇FKL", "frozen-prefix ∇RKL", "frozen-prefix ∇FKL")]
       out.append(f"| {r.setting} | {r.relative_norm:.3g} | " + " | ".join(d) + f" | {r.verdict} |")
     c = self.coefficient
     out += ["", f"**On-policy coefficient** (gradient = E[c·∇logp], one token): c(log δ) "
@@ -510,8 +600,9 @@ def _label(per_seed: list[dict], tol: float) -> tuple[str, str, dict, dict, dict
           f" (×{lo:.3g})" if abs(hi - lo) <= 1e-3 * hi else f" (×{lo:.3g}…{hi:.3g})")
       return f"follows {k}{extra}", k, distance, scale_free, scale, norm
   nearest = min(keys, key=lambda k: scale_free[k])
-  return (f"biased: nearest {nearest} at {scale_free[nearest]:.2g}", "biased", distance, scale_free,
-          scale, norm)
+  at = ", at" if "," in nearest else " at"
+  return (f"biased: nearest {nearest}{at} {scale_free[nearest]:.2g}", "biased", distance,
+          scale_free, scale, norm)
 
 
 def _policies(s: Setting, seed: int):
@@ -655,7 +746,7 @@ def audit(obj: Any, *, placement: Placement = "loss", credit: Credit = "token",
           signature: Literal["elementwise", "sequence"] = "elementwise",
           aggregation: Aggregation = "sum", level: Literal["token", "sequence"] = "token",
           settings: Sequence[Setting] = SETTINGS, seeds: int = 3, tol: float = 1e-4,
-          name: str | None = None) -> AuditReport:
+          penalty_at: PenaltyAt | None = None, name: str | None = None) -> AuditReport:
   """Audits a KL implementation: what its exact expected gradient follows in every setting.
 
   Args:
@@ -666,11 +757,15 @@ def audit(obj: Any, *, placement: Placement = "loss", credit: Credit = "token",
     aggregation: "sum", "token_mean" or "seq_mean_token_mean" over the tokens of a sequence.
     level: "token" (per-token log-probs) or "sequence" (the fn applied to Σ_t logp; elementwise only).
     settings: the `Setting`s; seeds: random policies per setting; tol: relative tolerance.
+    penalty_at: for in-reward penalties (placement="reward", or an in-reward kljax term): "rollout"
+      (default: computed once from π_old and reused over epochs, as verl and kljax's trainer do)
+      or "current" (recomputed at the current parameters). See `elementwise`.
     name: a label.
   Raises:
     AuditError when the callable has the wrong signature, shape or dtype, or is not finite.
   """
-  key = (obj, placement, credit, signature, aggregation, level, tuple(settings), seeds, tol, name)
+  key = (obj, placement, credit, signature, aggregation, level, tuple(settings), seeds, tol,
+         penalty_at, name)
   if isinstance(obj, str) and key in _MEMO:  # kljax names are pure: audit each once per process
     return _MEMO[key]
   if aggregation not in AGGREGATIONS:
@@ -679,7 +774,8 @@ def audit(obj: Any, *, placement: Placement = "loss", credit: Credit = "token",
     raise ValueError(f"level must be 'token' or 'sequence', got {level!r}.")
   if seeds < 1:
     raise ValueError(f"seeds must be >= 1, got {seeds}.")
-  impl = implementation(obj, placement=placement, credit=credit, signature=signature, name=name)
+  impl = implementation(obj, placement=placement, credit=credit, signature=signature,
+                        penalty_at=penalty_at, name=name)
   if level == "sequence" and not impl.elementwise:
     raise ValueError("level='sequence' applies an elementwise penalty to whole-sequence log-probs; "
                      f"{impl.name} is a per-sequence surrogate already.")
@@ -699,7 +795,7 @@ def audit(obj: Any, *, placement: Placement = "loss", credit: Credit = "token",
   grid = np.asarray(COEFFICIENT_GRID)
   coefficient = _identify(grid, _coefficients(impl, grid)[0])
   report = AuditReport(impl.name, impl.kind, aggregation, level, seeds, tol, results, coefficient,
-                       _value_stats(impl, seeds), _robustness(impl))
+                       _value_stats(impl, seeds), _robustness(impl), impl.penalty_at)
   if isinstance(obj, str):
     _MEMO[key] = report
   return report
@@ -708,27 +804,82 @@ def audit(obj: Any, *, placement: Placement = "loss", credit: Credit = "token",
 _MEMO: dict[tuple, AuditReport] = {}
 
 
-def assert_follows(obj: Any, expected: str, *, setting: str = SETTINGS[0].name,
-                   **kwargs) -> AuditReport:
-  """Raises AssertionError (with the audit table) unless the gradient follows `expected`.
+# Short names of the settings for the command line (`--setting seq-on`); full names work too.
+SETTING_KEYS = {"token-on": SETTINGS[0].name, "token-off": SETTINGS[1].name,
+                "seq-on": SETTINGS[2].name, "seq-off": SETTINGS[3].name, "eos-on": SETTINGS[4].name}
 
-  Args:
-    obj: as for `audit`.
-    expected: "reverse", "forward", "zero", "frozen_reverse" or "frozen_forward".
-    setting: the `Setting` name to check (default: one token, on-policy).
-    **kwargs: passed to `audit` (placement, credit, signature, aggregation, ...).
+
+def accepted(expected: str, setting: Setting) -> str:
+  """The follows-label that agrees with `expected` in `setting`.
+
+  "reverse", "forward", "zero": ∇RKL, ∇FKL, 0 in every setting. "frozen_reverse"/"frozen_forward":
+  the frozen-prefix gradient with prefixes from π_θ (what a per-token term follows on-policy), which
+  for one token is ∇RKL/∇FKL itself; "frozen_reverse_old"/"frozen_forward_old": with prefixes from
+  π_old off-policy (per-token importance ratios), the same as the former on-policy.
   """
   if expected not in EXPECTATIONS:
     raise ValueError(f"expected must be one of {', '.join(EXPECTATIONS)}, got {expected!r}.")
-  names = [s.name for s in kwargs.get("settings", SETTINGS)]
-  if setting not in names:
-    raise ValueError(f"setting must be one of {names}, got {setting!r}.")
+  if not expected.startswith("frozen_"):
+    return EXPECTATIONS[expected]
+  short = "RKL" if expected.startswith("frozen_reverse") else "FKL"
+  if setting.length == 1:
+    return f"∇{short}"
+  if not setting.off_policy:
+    return f"frozen-prefix ∇{short}"
+  return f"frozen-prefix ∇{short}" + (PREFIX_OLD if expected.endswith("_old") else PREFIX_THETA)
+
+
+def resolve_settings(names: str | Sequence[str] | None,
+                     settings: Sequence[Setting] = SETTINGS) -> tuple[Setting, ...]:
+  """The `Setting`s named (full names or SETTING_KEYS); None: all of `settings`."""
+  if names is None:
+    return tuple(settings)
+  by_name = {s.name: s for s in settings}
+  out = []
+  for n in [names] if isinstance(names, str) else names:
+    full = SETTING_KEYS.get(n, n)
+    if full not in by_name:
+      raise ValueError(f"setting must be one of {list(by_name)} or the short names "
+                       f"{', '.join(k for k, v in SETTING_KEYS.items() if v in by_name)}, got {n!r}.")
+    out.append(by_name[full])
+  return tuple(out)
+
+
+def disagreements(report: AuditReport, expected: str, settings: Sequence[Setting]
+                  ) -> list[tuple[str, str, str]]:
+  """[(setting, verdict, expected label)] for each setting of `settings` whose verdict is not
+  `expected` (see `accepted`)."""
+  out = []
+  for s in settings:
+    want = accepted(expected, s)
+    r = report.result(s.name)
+    if r.follows != want:
+      out.append((s.name, r.verdict, want))
+  return out
+
+
+def assert_follows(obj: Any, expected: str, *, setting: str | Sequence[str] | None = None,
+                   **kwargs) -> AuditReport:
+  """Raises AssertionError (naming each setting that disagrees, with the audit table) unless the
+  gradient follows `expected` in every setting checked.
+
+  Args:
+    obj: as for `audit`.
+    expected: "reverse", "forward", "zero", "frozen_reverse", "frozen_forward",
+      "frozen_reverse_old" or "frozen_forward_old" (see `accepted`).
+    setting: the `Setting` name(s) (or SETTING_KEYS) to check; None (default): every setting the
+      audit runs (`settings=` in kwargs, else all of SETTINGS).
+    **kwargs: passed to `audit` (placement, credit, signature, aggregation, penalty_at, ...).
+  """
+  if expected not in EXPECTATIONS:
+    raise ValueError(f"expected must be one of {', '.join(EXPECTATIONS)}, got {expected!r}.")
+  checked = resolve_settings(setting, kwargs.get("settings", SETTINGS))
   report = audit(obj, **kwargs)
-  got = report.result(setting).follows
-  if got != EXPECTATIONS[expected]:
-    raise AssertionError(f"{report.name}: in setting {setting!r} the gradient "
-                         f"{report.result(setting).verdict}, not {EXPECTATIONS[expected]}.\n\n"
-                         + report.markdown())
+  bad = disagreements(report, expected, checked)
+  if bad:
+    lines = "\n".join(f"  {name}: the gradient {verdict}, not {want}" for name, verdict, want in bad)
+    raise AssertionError(f"{report.name} does not follow {expected} in {len(bad)} of "
+                         f"{len(checked)} settings:\n{lines}\n\n" + report.markdown())
   return report
 
 
@@ -759,10 +910,14 @@ def terms_table(names: Sequence[str]) -> str:
           "off-policy | sequence, per-token, on-policy | sequence, off-policy | value bias vs "
           "KL(π‖π_ref) |", "|---|---|---|---|---|---|---|"]
   for name in names:
-    r = audit(name)
-    rows.append(f"| `{name}` | {_cell(r.coefficient['identified'].removeprefix('= '))} | "
-                + " | ".join(_cell(r.settings[i].verdict) for i in range(4))
-                + f" | {r.value['relative_bias_rkl']:+.0%} |")
+    modes = PENALTY_AT if kl_term(name).placement == "reward" else (None,)
+    for at in modes:
+      r = audit(name, penalty_at=at)
+      label = f"`{name}`" + (f" (penalty at {'rollout' if at == 'rollout' else 'current θ'})"
+                             if at else "")
+      rows.append(f"| {label} | {_cell(r.coefficient['identified'].removeprefix('= '))} | "
+                  + " | ".join(_cell(r.settings[i].verdict) for i in range(4))
+                  + f" | {r.value['relative_bias_rkl']:+.0%} |")
   return "\n".join(rows) + "\n"
 
 
@@ -776,7 +931,8 @@ def gallery_table(entries=None) -> str:
   for e in entries:
     r = audit(e.impl)
     numerics = robustness_summary(r.robustness) + (f"; {e.numerics}" if e.numerics else "")
-    rows.append(f"| {e.framework} | {_cell(e.option)} | {_cell(e.computes)} | "
+    computes = e.computes + (f"; {_penalty_kind(r.penalty_at)}" if r.penalty_at else "")
+    rows.append(f"| {e.framework} | {_cell(e.option)} | {_cell(computes)} | "
                 f"{_cell(r.settings[0].verdict)} | {_cell(r.settings[1].verdict)} | "
                 f"{_cell(r.settings[2].verdict)} | {_cell(numerics)} |")
   return "\n".join(rows) + "\n"
@@ -791,20 +947,26 @@ _HEADER = ("<!-- Generated by `python -m kljax.audit --update-docs`; a test fail
 
 def generated_docs() -> dict[str, str]:
   """{path: content} of every generated document, and of the README block (key 'README.md#terms')."""
-  from kljax.audit_gallery import GALLERY
+  from kljax.audit_gallery import CHANGE_NOTE, GALLERY
   from kljax.estimators import k3 as _k3
   from kljax.kl import kl_term_names
   settings = "; ".join(s.name for s in SETTINGS)
   note = (f"\nExact expected gradients by enumeration over {len(SETTINGS)} settings ({settings}); "
           f"{3} random policies each, relative tolerance 1e-4. A verdict \"follows X (×s)\" means "
-          "a positive multiple s of ∇X (a rescaled β).\n")
+          "a positive multiple s of ∇X (a rescaled β). Off-policy, a frozen-prefix verdict names "
+          "its prefix law (π_θ: the on-policy target; π_old: what per-token ratios give). "
+          "In-reward penalties are audited as they run: computed at rollout from π_old and held "
+          "over later epochs (verl, OpenRLHF and kljax's default `kl.reward_at=\"rollout\"`; off-"
+          "policy k1 then follows ∇RKL − ∇KL(π‖π_old)), or recomputed at the current θ "
+          "(`kl.reward_at=\"current\"`); each row says which.\n")
   return {
       "docs/kl_terms.md": _HEADER + "\n# Every kljax KL term, audited\n" + note + "\n"
                           + terms_table(kl_term_names()),
       "docs/frameworks.md": _HEADER + "\n# The KL terms other frameworks ship, audited\n" + note
                             + "\nEach row is re-derived from the framework's source; the file and "
                               "version verified are cited next to each function in "
-                              "`kljax/audit_gallery.py`.\n\n" + gallery_table(GALLERY),
+                              "`kljax/audit_gallery.py`.\n\n" + gallery_table(GALLERY)
+                            + "\n" + CHANGE_NOTE,
       "docs/audit_kljax_k3.md": _HEADER.replace("--update-docs", "kljax:k3 --placement loss")
                                 + "\n" + audit(elementwise(_k3, name="kljax:k3")).markdown(),
       "README.md#terms": terms_table(README_TERMS),
@@ -886,8 +1048,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help="loss: the code differentiates fn; reward: it subtracts β·sg(fn) from rewards")
   p.add_argument("--credit", choices=("token", "reward_to_go"), default="token",
                  help="for --placement reward: a token's own penalty, or the sum of later ones")
+  p.add_argument("--penalty-at", choices=PENALTY_AT, default=None,
+                 help="in-reward penalties (--placement reward, or an in-reward --term): computed "
+                      "once at rollout from π_old and held over epochs (default, what verl and "
+                      "kljax's trainer do), or recomputed at the current parameters")
   p.add_argument("--expect", choices=tuple(EXPECTATIONS),
-                 help="exit 0 when the on-policy one-token gradient follows this, 1 otherwise")
+                 help="exit 0 when the gradient follows this in every setting checked (all that "
+                      "the report runs, or those of --setting), 1 otherwise, naming each setting "
+                      "that disagrees; frozen_*: the frozen-prefix gradient (prefixes from π_θ; "
+                      "_old: from π_old), which for one token is the divergence's own")
+  p.add_argument("--setting", action="append", metavar="NAME",
+                 help="with --expect: check this setting only (repeatable): "
+                      + ", ".join(f"{k} ({v})" for k, v in SETTING_KEYS.items()))
   p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
   p.add_argument("--signature", choices=("elementwise", "sequence"), default=None,
                  help="the function's signature (default: 4 positional parameters -> sequence)")
@@ -909,15 +1081,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.gallery:
       print(gallery_table(), end="")
       return 0
+    checked = resolve_settings(args.setting)
+    if args.setting and not args.expect:
+      raise ValueError("--setting names the settings --expect checks; give --expect too.")
     if args.term:
-      obj = args.term
+      obj = implementation(args.term, penalty_at=args.penalty_at)
     elif args.function:
       obj = _load(args.function)
       signature = args.signature or signature_of(obj)
       if args.torch:
         obj = from_torch(obj, signature=signature)
       obj = implementation(obj, placement=args.placement, credit=args.credit, signature=signature,
-                           name=args.function)
+                           penalty_at=args.penalty_at, name=args.function)
     else:
       p.error("give MODULE:FUNCTION, --term NAME, --gallery or --update-docs")
     report = audit(obj, aggregation=args.aggregation, level=args.level, seeds=args.seeds)
@@ -929,10 +1104,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     with open(args.json, "w") as f:
       f.write(to_json(report))
   if args.expect:
-    ok = report.on_policy == EXPECTATIONS[args.expect]
-    print(f"\n--expect {args.expect}: {'yes' if ok else 'NO'} (one token, on-policy: "
-          f"{report.settings[0].verdict})")
-    return 0 if ok else 1
+    bad = disagreements(report, args.expect, checked)
+    print(f"\n--expect {args.expect}: {'NO' if bad else 'yes'} ({len(checked) - len(bad)} of "
+          f"{len(checked)} settings agree)")
+    for name, verdict, want in bad:
+      print(f"  {name}: the gradient {verdict}, not {want}")
+    return 1 if bad else 0
   return 0
 
 

@@ -19,16 +19,22 @@ Signatures follow `kljax.audit`:
 Inputs are float32 log-probabilities of the sampled tokens. `ref_logp` and `old_logp` are data:
 every function stops their gradient itself, as the frameworks do by computing them under no_grad.
 
-Versions read (snapshots fetched 2026; "vX+N" = N commits after tag vX):
-  verl       v0.7.0+125, commit b178a3c (2026-01-29)
-  TRL        v1.9.0+26, commit f2cd577 (2026-07-24)
-  OpenRLHF   v0.11.0, commit 3c3be62 (2026-08-13); PR #1309 head commit 8ac8e06 (2026-08-14)
-  NeMo-RL    v0.1.0+1338, commit 7ea279a (2026-08-22)
-  tunix      v0.1.7+326 (pyproject 0.1.8), commit c7d8950 (2026-08-21)
-  MaxText    maxtext-v0.2.4+10, commit e591f30 (2026-08-22), pinning tunix c4ec573 (2026-08-05)
+Versions read. Released packages (December 2026: the wheel from the package registry, unzipped;
+"PyPI X" below) where the framework publishes one, else a repository snapshot ("vX+N" = N commits
+after tag vX):
+  verl       0.9.1 (PyPI wheel verl-0.9.1-py3-none-any.whl); before: v0.7.0+125, commit b178a3c
+  TRL        1.16.0 (PyPI wheel trl-1.16.0-py3-none-any.whl); before: v1.9.0+26, commit f2cd577
+  OpenRLHF   0.11.2 (PyPI wheel openrlhf-0.11.2-cp311); before: v0.11.0, commit 3c3be62
+  NeMo-RL    v0.1.0+1338, commit 7ea279a (2026-08-22): PyPI's nemo-rl is a 0.0.0 placeholder, and
+             the newest repository snapshot reachable here is still this commit
+  tunix      0.1.7 (PyPI wheel google_tunix-0.1.7, the latest on PyPI), and v0.1.7+326 (pyproject
+             0.1.8), commit c7d8950 (2026-08-21)
+  MaxText    0.2.5 (PyPI wheel maxtext-0.2.5-py3-none-any.whl, requires google-tunix>=0.1.7);
+             before: maxtext-v0.2.4+10, commit e591f30
   slime      v0.3.1+38, commit 624b824 (2026-08-21)
   ROLL       v0.3.0+9, commit 8eb27cc (2026-08-19)
-  SkyRL      skyrl_train-v0.4.0+516, commit a956457 (2026-08-21)
+  SkyRL      0.4.0 (PyPI wheel skyrl-0.4.0-py3-none-any.whl); before: skyrl_train-v0.4.0+516,
+             commit a956457
   AReaL      v1.0.4+17, commit 4aef98d (2026-05-21)
 docs/frameworks_sources.md holds the notes behind each entry.
 
@@ -49,16 +55,16 @@ from kljax import audit
 
 _sg = jax.lax.stop_gradient
 
-_VERL = "verl v0.7.0+125 (commit b178a3c, 2026-01-29)"
-_TRL = "TRL v1.9.0+26 (commit f2cd577, 2026-07-24)"
-_OPENRLHF = "OpenRLHF v0.11.0 (commit 3c3be62, 2026-08-13)"
-_OPENRLHF_PR1309 = "OpenRLHF PR #1309 (commit 8ac8e06, 2026-08-14; not in v0.11.0)"
+_VERL = "verl 0.9.1 (PyPI)"
+_TRL = "TRL 1.16.0 (PyPI)"
+_OPENRLHF = "OpenRLHF 0.11.2 (PyPI)"
+_OPENRLHF_PR1309 = "OpenRLHF 0.11.2 (PyPI; PR #1309)"
 _NEMO = "NeMo-RL v0.1.0+1338 (commit 7ea279a, 2026-08-22)"
-_TUNIX = "tunix v0.1.7+326 (commit c7d8950, 2026-08-21)"
-_MAXTEXT = "MaxText v0.2.4+10 (commit e591f30, 2026-08-22; pins tunix c4ec573)"
+_TUNIX = "tunix 0.1.7 (PyPI; and v0.1.7+326, commit c7d8950)"
+_MAXTEXT = "MaxText 0.2.5 (PyPI; tunix >= 0.1.7)"
 _SLIME = "slime v0.3.1+38 (commit 624b824, 2026-08-21)"
 _ROLL = "ROLL v0.3.0+9 (commit 8eb27cc, 2026-08-19)"
-_SKYRL = "SkyRL skyrl_train-v0.4.0+516 (commit a956457, 2026-08-21)"
+_SKYRL = "SkyRL 0.4.0 (PyPI)"
 _AREAL = "AReaL v1.0.4+17 (commit 4aef98d, 2026-05-21)"
 
 
@@ -102,7 +108,8 @@ def _straight_through(value: jax.Array, grad_surrogate: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------------------------------
 # verl — verl/trainer/ppo/core_algos.py `kl_penalty`, `kl_penalty_forward`; callers
 # verl/workers/actor/dp_actor.py (use_kl_loss) and verl/trainer/ppo/ray_trainer.py
-# `apply_kl_penalty` (use_kl_in_reward). Read at v0.7.0+125, commit b178a3c (2026-01-29).
+# `apply_kl_penalty` (use_kl_in_reward, from `old_log_probs`: the penalty is computed once, at
+# rollout). Read in the 0.9.1 wheel (before: v0.7.0+125, commit b178a3c).
 
 
 def verl_kl(logp: ArrayLike, ref_logp: ArrayLike) -> jax.Array:
@@ -131,26 +138,28 @@ def verl_low_var_kl(logp: ArrayLike, ref_logp: ArrayLike) -> jax.Array:
 
 
 def verl_low_var_kl_plus(logp: ArrayLike, ref_logp: ArrayLike) -> jax.Array:
-  """verl `low_var_kl+` (intended): value k3 (as `low_var_kl`), gradient of k2 (straight-through).
+  """verl `low_var_kl+`: value k3 (as `low_var_kl`), gradient of k2 (straight-through).
 
-  sg(k3_clamped) + k2 − sg(k2). In the version read, `kl_penalty` passes the unstripped name
-  ("low_var_kl+") to `kl_penalty_forward`, which raises NotImplementedError: this is the documented
-  behaviour, not the shipped one.
+  sg(k3_clamped) + k2 − sg(k2). Shipped since 0.9.1's `kl_penalty` strips the '+' before
+  `kl_penalty_forward` (v0.7.0+125 passed it unstripped and raised NotImplementedError).
   """
   k2 = 0.5 * jnp.square(_log_ratio(logp, ref_logp))
   return _straight_through(verl_low_var_kl(logp, ref_logp), k2)
 
 
 def verl_kl_plus(logp: ArrayLike, ref_logp: ArrayLike) -> jax.Array:
-  """verl `kl+` / `k1+` (intended): value k1, gradient of k2: sg(k1) + k2 − sg(k2)."""
+  """verl `kl+` / `k1+`: value k1, gradient of k2: sg(k1) + k2 − sg(k2)."""
   k2 = 0.5 * jnp.square(_log_ratio(logp, ref_logp))
   return _straight_through(verl_kl(logp, ref_logp), k2)
 
 
 # --------------------------------------------------------------------------------------------------
 # TRL — trl/trainer/grpo_trainer.py `GRPOTrainer._compute_loss` (per_token_kl, coef_1) and
-# trl/trainer/grpo_config.py (beta, use_bias_correction_kl, importance_sampling_level).
-# Read at v1.9.0+26, commit f2cd577 (2026-07-24).
+# trl/trainer/grpo_config.py (beta=0.0, use_bias_correction_kl=True, importance_sampling_level).
+# Read in the 1.16.0 wheel: the KL maths is that of v1.9.0+26 (commit f2cd577) with the bias
+# correction on by default; the vLLM importance weight (vllm_importance_sampling_correction)
+# multiplies the policy-gradient loss before β·KL is added, so the KL never sees the sampler μ;
+# trl/experimental/async_grpo/async_grpo_trainer.py has no reference KL.
 
 
 def trl_k3(logp: ArrayLike, ref_logp: ArrayLike) -> jax.Array:
@@ -173,7 +182,7 @@ def trl_k3_sequence_ratio(logp, ref_logp, old_logp, mask):
 
   s = exp(Σ_t m_t(logp_t − old_t) / max(Σ_t m_t, 1)), the live per-sequence geometric-mean ratio
   ([B, 1]), broadcast over the per-token k3 ([B, T]). For T > 1 the gradient gains
-  (Σ_t k3_t)·∇ mean_t logp_t (TRL issue #6586).
+  (Σ_t k3_t)·∇ mean_t logp_t (TRL issue #6586, still open at 1.16.0).
   """
   m = _keep(mask).astype(jnp.float32)
   log_s = jnp.sum(_masked_log_weight(logp, old_logp, mask), -1, keepdims=True)
@@ -181,11 +190,23 @@ def trl_k3_sequence_ratio(logp, ref_logp, old_logp, mask):
   return jnp.where(_keep(mask), jnp.exp(log_s) * trl_k3(logp, ref_logp), 0.0)
 
 
+def trl_k3_sequence_ratio_sum(logp, ref_logp, old_logp, mask):
+  """The sum reading of a sequence-level weight (TRL #5814; NeMo-RL #2269): W·k3_t with
+  W = exp(Σ_t m_t(logp_t − old_t)) live, the whole-sequence ratio P_θ(y)/P_old(y), not its
+  geometric mean. E_old[∇(W·Σ_t k3_t)] = ∇_θ E_θ[Σ_t k3_t]: the sequence ∇RKL, on- and off-policy.
+  Not shipped by TRL 1.16.0 (it takes the mean); the row shows what the proposal would follow.
+  """
+  log_w = jnp.sum(_masked_log_weight(logp, old_logp, mask), -1, keepdims=True)
+  return jnp.where(_keep(mask), jnp.exp(log_w) * trl_k3(logp, ref_logp), 0.0)
+
+
 # --------------------------------------------------------------------------------------------------
 # OpenRLHF — openrlhf/models/utils.py `compute_approx_kl`, `compute_reward`;
 # openrlhf/trainer/ppo_utils/experience_maker.py (group_norm, then KL per token, then reward-to-go);
-# openrlhf/trainer/ray/ppo_actor.py (--algo.kl.use_loss). Read at v0.11.0, commit 3c3be62
-# (2026-08-13). The opt-in --algo.kl.unbiased_gradient is from PR #1309 (commit 8ac8e06).
+# openrlhf/trainer/ray/ppo_actor.py (--algo.kl.use_loss). Read in the 0.11.2 wheel (before: v0.11.0,
+# commit 3c3be62): it ships the opt-in --algo.kl.unbiased_gradient (PR #1309) and clamps k3's
+# log-ratio at −10 before the exp (PR #1335). The in-reward KL is computed in the experience maker
+# from the rollout log-probs (`action_log_probs`): at rollout.
 
 
 def openrlhf_k1(logp: ArrayLike, ref_logp: ArrayLike) -> jax.Array:
@@ -199,13 +220,18 @@ def openrlhf_k2(logp: ArrayLike, ref_logp: ArrayLike) -> jax.Array:
 
 
 def openrlhf_k3(logp: ArrayLike, ref_logp: ArrayLike) -> jax.Array:
-  """OpenRLHF `k3`: clip(e^(−lr) − 1 + lr, −10, 10), lr = logp − ref_logp; no input clamp."""
-  lr = _log_ratio(logp, ref_logp)
+  """OpenRLHF `k3`: x = max(lr, −10); clip(e^(−x) − 1 + x, −10, 10), lr = logp − ref_logp.
+
+  The log-ratio clamp before the exp (0.11.2, PR #1335) acts only where the value clamp already
+  has (k3 > 10 from log δ ≈ 2.61 on), so it removes the overflow, not a gradient.
+  """
+  lr = jnp.maximum(_log_ratio(logp, ref_logp), -10.0)
   return jnp.clip(jnp.exp(-lr) - 1.0 + lr, -10.0, 10.0)
 
 
 def openrlhf_k3_unbiased_gradient(logp, ref_logp, old_logp, mask):
-  """OpenRLHF PR #1309 `--algo.kl.unbiased_gradient` with k3: value k3, gradient w·k1·∇logp.
+  """OpenRLHF `--algo.kl.unbiased_gradient` (PR #1309, in 0.11.2) with k3: value k3, gradient
+  w·k1·∇logp.
 
   sg(k3_clamped) + w·k2 − sg(w·k2), w = sg(min(exp(logp − old_logp), 10)) (detached, clamped above).
   Shapes [B, T] → [B, T].
@@ -284,7 +310,10 @@ def nemo_k3_unweighted(logp: ArrayLike, ref_logp: ArrayLike) -> jax.Array:
 # --------------------------------------------------------------------------------------------------
 # tunix — tunix/rl/common.py `compute_kl_divergence`; tunix/rl/algo_core.py (β·KL added to the
 # loss); tunix/rl/grpo/grpo_learner.py `GrpoConfig` (beta=0.04, kl_loss_mode="kl");
-# tunix/rl/ppo/ppo_learner.py (KL in reward, kl_method="low_var_kl"). Read at v0.1.7+326, c7d8950.
+# tunix/rl/ppo/ppo_learner.py (KL in reward, kl_method="low_var_kl", from old_per_token_logps: at
+# rollout). Read in the 0.1.7 wheel (the latest on PyPI) and at v0.1.7+326, c7d8950: the same KL
+# maths. tunix/rl/agentic/agentic_rl_learner.py `use_rollout_logps=True` by default: π_old is the
+# rollout engine's μ, and `sampler_is` weights only the policy-gradient loss.
 # `kl_clamp_value` (default None) would clip the value after the exp.
 
 
@@ -399,8 +428,9 @@ def roll_full(logp: ArrayLike, ref_logp: ArrayLike) -> jax.Array:
 # --------------------------------------------------------------------------------------------------
 # SkyRL — skyrl/backends/skyrl_train/utils/ppo_utils.py `compute_approx_kl`;
 # skyrl/backends/skyrl_train/workers/worker.py (KL loss); skyrl/train/trainer.py
-# `apply_reward_kl_penalty`; skyrl/train/config/config.py `AlgorithmConfig`. Read at
-# skyrl_train-v0.4.0+516, commit a956457 (2026-08-21).
+# `apply_reward_kl_penalty`; skyrl/train/config/config.py `AlgorithmConfig`. Read in the 0.4.0
+# wheel (before: skyrl_train-v0.4.0+516, commit a956457): the same KL maths; the in-reward KL is
+# computed from the rollout log-probs.
 
 
 def skyrl_k3(logp: ArrayLike, ref_logp: ArrayLike) -> jax.Array:
@@ -457,6 +487,34 @@ def areal_pure_kd(logp, ref_logp, old_logp, mask):
 # --------------------------------------------------------------------------------------------------
 # The gallery.
 
+# What changed in docs/frameworks.md when the gallery moved to the releases of December 2026 and
+# the audit began to model when an in-reward penalty is computed (generated into the document).
+CHANGE_NOTE = """\
+## Change note (December 2026)
+
+The gallery now reads the published releases (verl 0.9.1, TRL 1.16.0, OpenRLHF 0.11.2, SkyRL 0.4.0,
+tunix 0.1.7, MaxText 0.2.5; NeMo-RL, slime, ROLL and AReaL at the snapshots cited), and the audit
+models *when* an in-reward penalty is computed: every framework read computes it once at rollout,
+from π_old's log-probs, and reuses it over the PPO epochs (`penalty_at="rollout"`). Verdicts that
+changed:
+
+- verl `use_kl_in_reward=True, kl_penalty=kl`, OpenRLHF's default k1 in reward, ROLL
+  `add_token_level_kl=True, kl_penalty=kl` and AReaL's k1 in reward: **off-policy (one token)** was
+  "follows ∇RKL" (the penalty was recomputed at the current policy, code nobody runs), is now
+  "biased" (0.3 from ∇RKL here): its expected gradient is ∇RKL − ∇KL(π‖π_old).
+- The other in-reward rows (k3 or clamped terms, already biased, or zero) keep their verdicts and
+  now say where the penalty is computed.
+- New row: a sequence-level weight as exp(Σ_t log ρ_t) (the proposal of TRL #5814 and NeMo-RL
+  #2269) follows the sequence ∇RKL, where TRL's shipped exp(mean) is biased for sequences.
+
+Notes that changed without a verdict: verl's `+` names run since 0.9.1 (they raised
+NotImplementedError before); TRL 1.16.0 defaults `use_bias_correction_kl=True`, its vLLM importance
+weight multiplies only the policy-gradient loss and AsyncGRPO has no reference KL; OpenRLHF 0.11.2
+ships `--algo.kl.unbiased_gradient` and clamps k3's log-ratio before the exp (no NaN gradient past
+log δ ≈ 88.7); NeMo-RL and SkyRL use one estimator setting for loss and reward (k3 in reward by
+default); MaxText's shared `rl.yml` runs β = 0.08 on k1 as loss with `use_rollout_logps=True`.
+"""
+
 _REVERSE_K1 = "c = log π − log π_ref: ∇RKL"
 _FORWARD = "c = 1 − δ: ∇FKL"
 _ZERO_K1 = "c = ∂k1/∂logp = 1, E[∇logp] = 0: no regularization"
@@ -495,25 +553,25 @@ GALLERY: tuple[Entry, ...] = (
         _loss(verl_mse, "verl/mse"), "reverse", "c = ∂k2/∂logp = k1: ∇RKL",
         f"{_VERL}, verl/trainer/ppo/core_algos.py kl_penalty_forward", ""),
     Entry(
-        "verl", "actor.use_kl_loss=True, kl_loss_type=low_var_kl+ (documented)",
+        "verl", "actor.use_kl_loss=True, kl_loss_type=low_var_kl+",
         "value k3 (clamped), gradient of k2 (straight-through)",
         _loss(verl_low_var_kl_plus, "verl/low_var_kl+"), "reverse", "c = ∂k2/∂logp = k1: ∇RKL",
         f"{_VERL}, verl/trainer/ppo/core_algos.py kl_penalty",
-        "shipped code raises NotImplementedError for any '+' name: kl_penalty passes 'low_var_kl+' "
-        "unstripped to kl_penalty_forward"),
+        "runs since 0.9.1 strips the '+' (v0.7.0+125 raised NotImplementedError for any '+' name)"),
     Entry(
-        "verl", "actor.use_kl_loss=True, kl_loss_type=kl+ (documented)",
+        "verl", "actor.use_kl_loss=True, kl_loss_type=kl+",
         "value k1, gradient of k2 (straight-through)",
         _loss(verl_kl_plus, "verl/kl+"), "reverse", "c = ∂k2/∂logp = k1: ∇RKL",
         f"{_VERL}, verl/trainer/ppo/core_algos.py kl_penalty",
-        "shipped code raises NotImplementedError for any '+' name"),
+        "runs since 0.9.1 strips the '+'"),
     Entry(
         "verl", "algorithm.use_kl_in_reward=True, kl_penalty=kl (default; kl_coef 0.001)",
         "β·k1 subtracted from per-token rewards before GRPO sums and group-normalizes them",
         _reward(verl_kl, "verl/kl in reward"), "reverse", "c = k1: ∇RKL",
         f"{_VERL}, verl/trainer/ppo/ray_trainer.py apply_kl_penalty; "
         "verl/trainer/ppo/core_algos.py compute_grpo_outcome_advantage",
-        "whole-sequence credit (expected gradient = reward-to-go); β is divided by the group std"),
+        "whole-sequence credit (expected gradient = reward-to-go); β is divided by the group std; "
+        "penalty from old_log_probs, reused by every PPO epoch: off-policy ∇RKL − ∇KL(π‖π_old)"),
     Entry(
         "verl", "algorithm.use_kl_in_reward=True, kl_penalty=low_var_kl",
         "β·k3 (clamped) subtracted from per-token rewards before group normalization",
@@ -523,25 +581,38 @@ GALLERY: tuple[Entry, ...] = (
         "value clamp ±10 caps the penalty"),
     # TRL: β = 0 (no KL) by default.
     Entry(
-        "TRL", "beta>0 (use_bias_correction_kl=False, default in v1.9)", "k3 as loss, no clamp",
+        "TRL", "beta>0, use_bias_correction_kl=False (the default in v1.9)",
+        "k3 as loss, no clamp",
         _loss(trl_k3, "trl/k3"), "forward", _FORWARD,
         f"{_TRL}, trl/trainer/grpo_trainer.py GRPOTrainer._compute_loss",
         "no clamp: exp(log δ) overflows to inf past log δ ≈ 88.7 (float32)"),
     Entry(
-        "TRL", "beta>0, use_bias_correction_kl=True (importance_sampling_level=token)",
+        "TRL", "beta>0 (use_bias_correction_kl=True default; importance_sampling_level=token)",
         "ρ·k3 as loss, ρ = exp(logp − old_logp) live per token",
         _seq(trl_k3_token_ratio, "trl/k3·ρ token"), "reverse",
         "c = (1 − δ) + k3 = −log δ: ∇RKL",
         f"{_TRL}, trl/trainer/grpo_trainer.py GRPOTrainer._compute_loss",
-        "c = (1 − δ) + k3 cancels in float32: gradient 0 for log δ ≳ 20; inf past log δ ≈ 88.7"),
+        "c = (1 − δ) + k3 cancels in float32: gradient 0 for log δ ≳ 20; inf past log δ ≈ 88.7; "
+        "the vLLM importance weight (vllm_importance_sampling_correction) multiplies only the "
+        "policy-gradient loss, so the KL is not corrected for the sampler μ; AsyncGRPO has no "
+        "reference KL"),
     Entry(
         "TRL", "beta>0, use_bias_correction_kl=True, importance_sampling_level=sequence",
         "s·k3_t as loss, s = exp(mean_t(logp_t − old_t)) live, one ratio per sequence",
         _seq(trl_k3_sequence_ratio, "trl/k3·ρ sequence"), "reverse",
         "one token: s = ρ, c = −log δ; T > 1 adds (Σ_t k3_t)·∇mean_t logp_t (biased)",
         f"{_TRL}, trl/trainer/grpo_trainer.py GRPOTrainer._compute_loss",
-        "verdict holds for one token only (TRL #6586); float32 cancellation as the token-level "
-        "ratio"),
+        "verdict holds for one token only (TRL #6586, open at 1.16.0): biased for sequences; "
+        "float32 cancellation as the token-level ratio"),
+    Entry(
+        "TRL", "sequence-level weight as exp(Σ_t log ρ_t) instead of exp(mean) (TRL #5814, "
+        "NeMo-RL #2269; not shipped)",
+        "W·k3_t as loss, W = Π_t ρ_t live (the whole-sequence ratio)",
+        _seq(trl_k3_sequence_ratio_sum, "trl/k3·Πρ sequence (proposal)"), "reverse",
+        "one token: W = ρ, c = −log δ; sequences: E_old[∇(W Σ_t k3_t)] = ∇E_θ[Σ_t k3_t] = sequence ∇RKL",
+        f"{_TRL}, trl/trainer/grpo_trainer.py GRPOTrainer._compute_loss (the mean it replaces)",
+        "follows the sequence ∇RKL on- and off-policy; W's variance grows with length (NeMo-RL "
+        "#2269 reports a weight of 0.06 where the mean gave 1.0)"),
     # OpenRLHF: KL in reward, k1, init_coef 0.01, on by default.
     Entry(
         "OpenRLHF",
@@ -550,7 +621,8 @@ GALLERY: tuple[Entry, ...] = (
         _reward(openrlhf_k1, "openrlhf/k1 in reward"), "reverse", "c = k1: ∇RKL",
         f"{_OPENRLHF}, openrlhf/models/utils.py compute_approx_kl, compute_reward; "
         "openrlhf/trainer/ppo_utils/experience_maker.py",
-        "value clamp ±10 caps the coefficient where |log π/π_ref| > 10"),
+        "value clamp ±10 caps the coefficient where |log π/π_ref| > 10; penalty computed in the "
+        "experience maker from the rollout log-probs and reused over epochs"),
     Entry(
         "OpenRLHF", "--algo.kl.use_loss --algo.kl.estimator k1", "k1 (clamped ±10) as loss",
         _loss(openrlhf_k1, "openrlhf/k1 loss"), "zero", _ZERO_K1,
@@ -566,15 +638,15 @@ GALLERY: tuple[Entry, ...] = (
         "OpenRLHF", "--algo.kl.use_loss --algo.kl.estimator k3", "k3 (clamped ±10) as loss",
         _loss(openrlhf_k3, "openrlhf/k3 loss"), "forward", _FORWARD,
         f"{_OPENRLHF}, openrlhf/models/utils.py compute_approx_kl",
-        "value clamp: zero gradient where log δ > 2.61 or < −11; no input clamp: NaN gradient "
-        "past log δ ≈ 88.7 (0·inf)"),
+        "value clamp: zero gradient where log δ > 2.61 or < −11; the log-ratio clamp at −10 before "
+        "the exp (PR #1335) removed the NaN gradient past log δ ≈ 88.7 of v0.11.0"),
     Entry(
         "OpenRLHF", "--algo.kl.use_loss --algo.kl.unbiased_gradient (PR #1309), estimator k3",
         "value k3, gradient w·k1·∇logp with w = sg(min(π/π_old, 10))",
         _seq(openrlhf_k3_unbiased_gradient, "openrlhf/unbiased_gradient k3"), "reverse",
         "c = w·k1, w = 1 on-policy: ∇RKL",
         f"{_OPENRLHF_PR1309}, openrlhf/models/utils.py compute_approx_kl",
-        "not on main in v0.11.0; w clamped at 10 (detached)"),
+        "opt-in; w clamped at 10 (detached): exact off-policy while π/π_old ≤ 10"),
     # NeMo-RL: k3, β = 0.01, on by default.
     Entry(
         "NeMo-RL", "reference_policy_kl_type=k3 (default; penalty 0.01)",
@@ -603,7 +675,9 @@ GALLERY: tuple[Entry, ...] = (
         _reward(nemo_k3_unweighted, "nemo/k3 in reward", credit="token"), "biased",
         "c = k3: ∇RKL − ∇FKL",
         f"{_NEMO}, nemo_rl/algorithms/advantage_estimator.py ReinforcePlusPlusAdvantageEstimator",
-        ""),
+        "one setting (reference_policy_kl_type, default k3) serves loss and reward, so KL in the "
+        "reward is k3 by default; token credit only (no reward-to-go); from prev_logprobs (at "
+        "rollout)"),
     # tunix: β = 0.04, kl_loss_mode = "kl" by default.
     Entry(
         "tunix", "GrpoConfig(kl_loss_mode='kl') (default; beta 0.04)", "k1 as loss",
@@ -628,8 +702,10 @@ GALLERY: tuple[Entry, ...] = (
     Entry(
         "MaxText", "rl.grpo_beta=0.08 (default; kl_loss_mode not exposed → tunix 'kl')",
         "k1 as loss", _loss(tunix_kl, "maxtext/kl"), "zero", _ZERO_K1,
-        f"{_MAXTEXT}, src/maxtext/trainers/post_train/rl/train_rl.py; "
-        "src/maxtext/configs/post_train/rl.yml", ""),
+        f"{_MAXTEXT}, maxtext/trainers/post_train/rl/train_rl.py; "
+        "maxtext/configs/post_train/rl.yml; maxtext/configs/types.py",
+        "rl.yml, shared by its model sizes (the 8B recipes), sets β = 0.08 on a term with zero "
+        "expected gradient; use_rollout_logps=True by default (π_old is the rollout engine's μ)"),
     # slime: --use-kl-loss off, --kl-loss-coef 0, --kl-loss-type k1 by default.
     Entry(
         "slime", "--use-kl-loss --kl-loss-type k1 (default type; --kl-loss-coef default 0)",
@@ -705,7 +781,9 @@ GALLERY: tuple[Entry, ...] = (
         "SkyRL", "use_kl_in_reward=True, use_kl_loss=False (kl_estimator_type=k3)",
         "β·k3 subtracted from per-token rewards before GRPO sums and group-normalizes them",
         _reward(skyrl_k3, "skyrl/k3 in reward"), "biased", "c = k3: ∇RKL − ∇FKL",
-        f"{_SKYRL}, skyrl/train/trainer.py apply_reward_kl_penalty", ""),
+        f"{_SKYRL}, skyrl/train/trainer.py apply_reward_kl_penalty; skyrl/train/config/config.py",
+        "one kl_estimator_type (default k3) serves loss and reward, so KL in the reward is k3 by "
+        "default; computed from the rollout log-probs"),
     # AReaL: kl_ctl 0.1, k1 in reward, but no reference model unless `ref` is configured.
     Entry(
         "AReaL", "actor.kl_ctl>0, kl_estimator=k1 (default), ref configured",

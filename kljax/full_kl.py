@@ -26,7 +26,15 @@ computed from the models' final hidden states in chunks (`kljax.logprobs.positio
   top-k + tail       KL_t estimated by the exact sum over the k tokens π_θ ranks first plus an
                      importance-sampled tail (`topk_tail_kl`): unbiased in value and gradient.
 
+Prior art: Amini, Vieira & Cotterell introduced this Rao-Blackwellized estimator of the KL between
+language models (the exact next-token KL at each sampled prefix, unbiased, with variance at most the
+Monte Carlo estimator's) and the analogous Rao-Blackwellized estimator of its gradient; kljax's
+`exact_rkl_rb` is that gradient estimator, written as a per-token surrogate for a GRPO loss (with
+the live prefix ratio W_{<t} off-policy), and `exact_rkl_as_loss` its frozen-prefix part.
+
 References:
+  A. Amini, T. Vieira, R. Cotterell, "Better Estimation of the KL Divergence Between Language
+  Models", NeurIPS 2025, arXiv:2504.10637 (reference code: rycolab/kl-rb).
   Liu et al., "Rethinking KL Regularization in RLHF", arXiv:2510.01555 (2025), §5 (token vs
   sequence level).
   Casella & Robert, "Rao-Blackwellisation of sampling schemes", Biometrika 83 (1996).
@@ -76,6 +84,10 @@ def sequence_surrogate(
   y ~ π_old (π_θ on-policy, `old_logp_bt=None`: W ≡ 1) is ∇ KL(P_θ‖P_ref) of the whole sequence
   when `kl_bt` is the exact per-position reverse KL. The time axis is the last; masked positions
   (False in `mask`) contribute neither a KL nor a ratio factor.
+
+  The Rao-Blackwellized gradient estimator of Amini, Vieira & Cotterell (NeurIPS 2025,
+  arXiv:2504.10637), as a per-token surrogate (`exact_rkl_rb`); `position_surrogate` is its
+  frozen-prefix part (`exact_rkl_as_loss`).
 
   Args:
     kl_bt: per-position KL [..., T], differentiable (e.g. `logprobs.position_kl`'s reverse column).

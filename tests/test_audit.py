@@ -84,11 +84,17 @@ def test_builtin_term_on_policy_verdict_by_hand(name):
     ("k2_as_loss", 1, "biased"),
     ("k2_as_loss+detached_ratio", 1, "∇RKL"),
     ("k3_as_loss+ratio", 1, "∇RKL"),
-    ("k3_as_loss+ratio", 3, "frozen-prefix ∇RKL"),  # a token's ratio does not correct its prefix
-    ("k1_in_reward", 1, "∇RKL"),  # importance-weighted through ρ
+    # a token's ratio does not correct its prefix
+    ("k3_as_loss+ratio", 3, "frozen-prefix ∇RKL, prefixes from π_old"),
+    # in reward, penalty at rollout (from π_old): ∇RKL − ∇KL(π‖π_old) (tests/test_audit_offpolicy.py)
+    ("k1_in_reward", 1, "biased"),
 ])
 def test_builtin_term_other_settings(name, setting, expected):
   assert audit.audit(name).settings[setting].follows == expected
+
+
+def test_in_reward_penalty_at_the_current_parameters_is_importance_weighted_through_rho():
+  assert audit.audit("k1_in_reward", penalty_at="current").settings[1].follows == "∇RKL"
 
 
 def test_enumeration_targets_equal_the_chain_rule_divergences():
@@ -97,8 +103,13 @@ def test_enumeration_targets_equal_the_chain_rule_divergences():
   policy, ref, old = audit._policies(s, 0)
   got = audit._targets(policy, ref, old, audit._space(s))
   want = {"∇RKL": exact.rkl_grad(policy, ref), "∇FKL": exact.fkl_grad(policy, ref),
-          "frozen-prefix ∇RKL": exact.frozen_prefix_rkl_grad(policy, ref, prefixes=old),
-          "frozen-prefix ∇FKL": exact.frozen_prefix_fkl_grad(policy, ref, prefixes=old)}
+          "frozen-prefix ∇RKL, prefixes from π_θ": exact.frozen_prefix_rkl_grad(policy, ref),
+          "frozen-prefix ∇FKL, prefixes from π_θ": exact.frozen_prefix_fkl_grad(policy, ref),
+          "frozen-prefix ∇RKL, prefixes from π_old": exact.frozen_prefix_rkl_grad(policy, ref,
+                                                                                 prefixes=old),
+          "frozen-prefix ∇FKL, prefixes from π_old": exact.frozen_prefix_fkl_grad(policy, ref,
+                                                                                 prefixes=old)}
+  assert set(got) == set(want)
   for k in want:
     np.testing.assert_allclose(audit._flat(got[k]), audit._flat(want[k]), rtol=1e-5, atol=1e-7)
 
@@ -217,10 +228,14 @@ def test_wrong_signature_shape_dtype_and_nonfinite_are_named():
 
 
 def test_assert_follows():
-  audit.assert_follows("k2_as_loss", "reverse")
+  audit.assert_follows("k2_as_loss", "reverse", setting="one token, on-policy")
+  # per-token k2 follows each position's reverse KL on-policy; off-policy it ignores π_old
+  audit.assert_follows("k2_as_loss", "frozen_reverse", setting=["token-on", "seq-on", "eos-on"])
+  with pytest.raises(AssertionError, match="one token, off-policy: the gradient biased"):
+    audit.assert_follows("k2_as_loss", "frozen_reverse")
   with pytest.raises(AssertionError, match="follows ∇FKL, not ∇RKL"):
-    audit.assert_follows("k3_as_loss", "reverse")
-  audit.assert_follows(kljax.k1, "zero")
+    audit.assert_follows("k3_as_loss", "reverse", setting="token-on")
+  audit.assert_follows(kljax.k1, "zero", setting=["token-on", "seq-on", "eos-on"])
 
 
 # ---- the command line ----
@@ -232,9 +247,17 @@ def test_cli_in_process(tmp_path, monkeypatch, capsys):
       "def k2(logp, ref_logp):\n  return 0.5 * (ref_logp - logp) ** 2\n"
       "def one(logp):\n  return logp\n")
   monkeypatch.chdir(tmp_path)
-  assert audit.main(["mykl:k2", "--expect", "reverse", "--json", "r.json", "--seeds", "1"]) == 0
+  assert audit.main(["mykl:k2", "--expect", "reverse", "--setting", "token-on", "--json", "r.json",
+                     "--seeds", "1"]) == 0
   assert "follows ∇RKL" in capsys.readouterr().out and (tmp_path / "r.json").exists()
-  assert audit.main(["mykl:k2", "--expect", "forward", "--seeds", "1"]) == 1
+  assert audit.main(["mykl:k2", "--expect", "forward", "--setting", "token-on", "--seeds", "1"]) == 1
+  # every setting by default: uncorrected off-policy k2 is biased, sequences frozen-prefix
+  assert audit.main(["mykl:k2", "--expect", "reverse", "--seeds", "1"]) == 1
+  assert "one token, off-policy: the gradient biased" in capsys.readouterr().out
+  assert audit.main(["mykl:k2", "--placement", "reward", "--penalty-at", "current", "--json",
+                     "p.json", "--seeds", "1"]) == 0
+  assert '"penalty_at": "current"' in (tmp_path / "p.json").read_text()
+  assert "recomputed **at the current parameters**" in capsys.readouterr().out
   assert audit.main(["nosuchmodule:k2"]) == 2
   assert "cannot import module 'nosuchmodule'" in capsys.readouterr().err
   assert audit.main(["mykl:k9"]) == 2
@@ -247,7 +270,7 @@ def test_cli_in_process(tmp_path, monkeypatch, capsys):
 def test_cli_pinned_command(tmp_path):
   png = tmp_path / "c.png"
   cmd = [sys.executable, "-m", "experiments.audit", "kljax:k3", "--placement", "loss", "--expect",
-         "forward", "--plot", str(png)]  # kljax.audit's command line with the figure
+         "forward", "--setting", "token-on", "--plot", str(png)]  # kljax.audit's CLI and a figure
   out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
   assert out.returncode == 0, out.stderr
   assert "| one token, on-policy |" in out.stdout and "follows ∇FKL" in out.stdout

@@ -34,8 +34,9 @@ def test_entry_is_complete_and_cites_a_source_file(entry):
   assert entry.expected in _VERDICTS
   for field in ("framework", "option", "computes", "reason", "source"):
     assert getattr(entry, field).strip(), f"{_id(entry)}: empty {field}"
-  # A version (tag or commit) and a file path inside the framework's repository.
-  assert re.search(r"commit [0-9a-f]{7}", entry.source), entry.source
+  # A version (a commit, or a release read from its published package) and a file path inside
+  # the framework's package or repository.
+  assert re.search(r"commit [0-9a-f]{7}|\b\d+\.\d+\.\d+ \(PyPI", entry.source), entry.source
   assert re.search(r"[\w.-]+(/[\w.-]+)+\.(py|ya?ml)\b", entry.source), entry.source
 
 

@@ -98,7 +98,14 @@ def test_reproduce_end_to_end_small(tmp_path):
 
   on_file = json.load(open(os.path.join(work, "results.json")))
   assert set(on_file["grpo"]) == set(rsettings.ON_POLICY)
-  assert set(on_file["grpo_off_policy"]) == set(rsettings.OFF_POLICY)
+  off_variants = rsettings.OFF_POLICY + rsettings.OFF_POLICY_REWARD_AT
+  assert set(on_file["grpo_off_policy"]) == set(off_variants)
+  # k1_in_reward off-policy by penalty mode: both runs summarized, and what each follows (hand:
+  # rollout ∇RKL − ∇KL(π‖π_old), biased; current ∇RKL for one token, tests/test_reward_at.py)
+  assert set(on_file["reward_at"]) == {"exact_rkl", "reward", "entropy"}
+  assert on_file["reward_at"]["exact_rkl"]["permutation_min_p"] == 1.0  # 1 vs 1 seed
+  assert on_file["reward_at_audit"]["rollout"].startswith("one token, off-policy: biased")
+  assert on_file["reward_at_audit"]["current"].startswith("one token, off-policy: follows ∇RKL")
   for variant in rsettings.ON_POLICY:
     row = on_file["grpo"][variant]
     assert row["seeds"] == 1
@@ -135,7 +142,7 @@ def test_reproduce_end_to_end_small(tmp_path):
     for f in files:
       if f.endswith(study.WALL_TIME_FILE):
         stored[os.path.join(root, f)] = json.load(open(os.path.join(root, f)))["seconds"]
-  runs = len(rsettings.ON_POLICY) + len(rsettings.OFF_POLICY) + len(on_file["grpo_stress"]["summary"])
+  runs = len(rsettings.ON_POLICY) + len(off_variants) + len(on_file["grpo_stress"]["summary"])
   assert len(stored) == runs + 2 and all(v > 0 for v in stored.values())  # + 2 warm starts
   sequence_seconds = json.load(open(os.path.join(work, "sequence.json")))["seconds"]
   meta = on_file["meta"]
@@ -215,6 +222,30 @@ def test_seed_statistics_match_scipy_and_hand_values():
   assert not verdicts._differs(row([0.1]), row([0.9]), "reward")  # untestable → no claim
 
 
+def test_exact_permutation_test_by_hand_and_against_scipy():
+  from scipy import stats
+
+  # 2 vs 2, fully separated: 2 of the C(4, 2) = 6 splits (this one and its mirror) are as extreme.
+  t = study.permutation_test([0.92, 0.87], [0.31, 0.32])
+  assert t["p"] == pytest.approx(1 / 3) and t["min_p"] == pytest.approx(1 / 3)
+  # 4 vs 4, fully separated: 2 / C(8, 4) = 2/70, the smallest p 4 vs 4 can give.
+  t = study.permutation_test([0.95, 0.91, 0.94, 0.93], [0.31, 0.31, 0.30, 0.29])
+  assert t["p"] == pytest.approx(2 / 70) and t["min_p"] == pytest.approx(2 / 70)
+  assert study.permutation_test([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])["p"] == 1.0
+  # 1 vs 3: one split of four is the extreme one (no mirror with unequal groups).
+  assert study.permutation_test([10.0], [0.0, 0.1, 0.2])["p"] == pytest.approx(1 / 4)
+  rng = np.random.default_rng(0)
+  x, y = rng.normal(0, 1, 5), rng.normal(1, 1, 4)
+  # scipy's "two-sided" doubles the smaller one-sided p; ours counts |difference| ≥ observed
+  ref = stats.permutation_test((x, y), lambda a, b: abs(np.mean(a) - np.mean(b)),
+                               permutation_type="independent", alternative="greater",
+                               n_resamples=np.inf)
+  assert study.permutation_test(x, y)["p"] == pytest.approx(ref.pvalue)
+  assert "cannot reach p < 0.05" in verdicts.permutation_str([0.9, 0.8], [0.3, 0.2])
+  assert "cannot reach" not in verdicts.permutation_str([0.9, 0.8, 0.85, 0.95],
+                                                        [0.3, 0.2, 0.25, 0.35])
+
+
 def test_nearest_optimum_has_a_threshold():
   assert verdicts.nearest_optimum({"tv_star": 0.01, "tv_fkl": 0.3, "tv_zero": 0.6}) == "tv_star"
   assert verdicts.nearest_optimum({"tv_star": 0.2, "tv_fkl": 0.3, "tv_zero": 0.6}) == "none"
@@ -262,3 +293,22 @@ def test_quick_selects_the_quick_preset_under_any_override():
   assert quick_argv(["prog", "--workdir=w"]) == ["prog", "--workdir=w"]  # the full preset
   explicit = ["prog", "--quick", "--config=configs/reproduce.py:full"]
   assert quick_argv(explicit) == explicit
+
+
+@pytest.mark.parametrize("which", ["quick", "full"])
+def test_committed_reports_are_what_rewrite_makes_of_their_results(tmp_path, which):
+  # The committed report.md and verdicts are a function of the committed results.json: rewriting
+  # them from it (no run) changes nothing.
+  import shutil
+
+  from experiments.reproduce import rewrite
+
+  src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                     "experiments", "results", which)
+  for f in ("results.json", "report.md"):
+    shutil.copy(os.path.join(src, f), tmp_path / f)
+  rewrite.rewrite(str(tmp_path))
+  for f in ("results.json", "report.md"):
+    assert (tmp_path / f).read_text() == open(os.path.join(src, f)).read(), (
+        f"{which}/{f} is stale: run python -m experiments.reproduce.rewrite "
+        f"experiments/results/{which}")

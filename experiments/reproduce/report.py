@@ -141,6 +141,31 @@ def _stage_section(results: dict) -> list[str]:
           "from group to group.", ""] if results.get("reward_stage_audit") else [])
 
 
+def reward_at_lines(results: dict) -> list[str]:
+  """`k1_in_reward` off-policy, penalty at rollout vs at the current parameters (kl.reward_at)."""
+  e = results.get("reward_at")
+  if not e:
+    return []
+  lines = ["`k1_in_reward` off-policy, the in-reward penalty computed at rollout and held over the "
+           "epochs (`kl.reward_at=\"rollout\"`, the default) vs recomputed at the current "
+           "parameters in every minibatch (`\"current\"`). Final values, mean ± sample std over "
+           "seeds, Welch p and exact permutation p:", "",
+           "| metric | rollout | current | current − rollout | Welch p | permutation p |",
+           "|---|---|---|---|---|---|"]
+  for m, x in e.items():
+    lines.append(f"| {m} | {x['rollout']:.4f} ± {x['rollout_seed_std']:.4f} | "
+                 f"{x['current']:.4f} ± {x['current_seed_std']:.4f} | {x['difference']:+.4f} | "
+                 f"{x['p']:.2g} | {x['permutation_p']:.2g} |")
+  x = next(iter(e.values()))
+  lines += ["", (f"With these seeds the permutation test cannot go below p = "
+                 f"{x['permutation_min_p']:.2g}. " if x["permutation_min_p"] >= 0.05 else "")
+            + ("What each follows (`kljax.audit`, exact enumeration): " + "; ".join(
+                f"{k}: {v}" for k, v in results.get("reward_at_audit", {}).items()) + ". "
+               "Reward-to-go credit stays biased off-policy in both modes (its later tokens keep "
+               "π_old's law).").strip(), ""]
+  return lines
+
+
 def _studies_section(results: dict) -> list[str]:
   """Beyond the paper: the two studies' own sections (experiments/studies), with their figures."""
   studies = results.get("studies") or {}
@@ -184,7 +209,8 @@ def write_report(path, settings, results: dict, oracle_md: str) -> None:
       "2_k2_as_loss_equals_k1_in_reward": "k2 as loss is gradient-equivalent to k1 in reward "
                                           "on-policy (Thm 5.1)",
       "3_k3_as_loss_weaker_than_k2": "k3 as loss is a biased approximation that regularizes more "
-                                     "weakly and less stably than k2",
+                                     "weakly than k2 (the paper adds \"and less stably\": see "
+                                     "the stability sentence)",
       "4_off_policy_correction": "off-policy, KL-as-loss is biased without importance sampling; "
                                  "the corrections remove the bias",
   }
@@ -207,8 +233,10 @@ def write_report(path, settings, results: dict, oracle_md: str) -> None:
     text += [f"**{key[0]}. {claim}: {v[key]['verdict']}.** {v[key]['evidence']}", ""]
   text += ["## GRPO, on-policy", "", grpo_table(results["grpo"]),
            "![on-policy curves](grpo_on_policy.png)", "",
-           "## GRPO, off-policy (k2 as loss, with and without corrections)", "",
+           "## GRPO, off-policy (k2 as loss with and without corrections"
+           + ("; k1 in reward by penalty mode)" if results.get("reward_at") else ")"), "",
            grpo_table(results["grpo_off_policy"]), "![off-policy curves](grpo_off_policy.png)", "",
+           *reward_at_lines(results),
            "## k2 as loss vs k1 in reward, identical seeds", "",
            "Per seed: the step at which the two runs first sampled a different batch, the "
            "largest relative gap of their gradient norms before it, and the relative distance "
@@ -229,7 +257,10 @@ def write_report(path, settings, results: dict, oracle_md: str) -> None:
            "## Oracle: exact expected gradients", "",
            "‖g‖ is the norm of the exact expected gradient; distances are relative. *frozen* is "
            "the frozen-prefix ∇RKL (off-policy: prefixes weighted by π_old). A term *follows* a "
-           "target within 1e-4.", "", oracle_md]
+           "target within 1e-4. Off-policy, the in-reward terms here take their penalty at the "
+           "current parameters (each term's own surrogate, `kl.reward_at=\"current\"`); computed "
+           "at rollout and held over the epochs (the trainer's default) k1 in reward is biased "
+           "off-policy: ∇RKL − ∇KL(π‖π_old) (`kljax.audit`, docs/kl_terms.md).", "", oracle_md]
   paths.write_atomic(paths.resolve(path), "\n".join(text))
 
 

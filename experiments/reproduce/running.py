@@ -18,8 +18,10 @@ import numpy as np
 
 from experiments import figures
 from experiments.reproduce import report, settings as settings_lib, verdicts as verdicts_lib
-from experiments.reproduce.settings import (BANDIT_TERMS, BEFORE_NORM, OFF_POLICY, ON_POLICY,
-                                            REGIME_BETAS, REGIME_PAIRS, REGIME_PI_REF,
+from experiments.reproduce.settings import (BANDIT_TERMS, BEFORE_NORM, OFF_POLICY,
+                                            OFF_POLICY_REWARD_AT, ON_POLICY, REGIME_BETAS,
+                                            REGIME_PAIRS, REGIME_PI_REF, REWARD_AT_CURRENT,
+                                            REWARD_AT_ROLLOUT,
                                             REGIME_TERMS, SEQUENCE, SEQUENCE_TERMS, VERL_K3)
 from kljax import paths, study
 
@@ -204,6 +206,34 @@ def reward_stage_effect(grpo_summary: dict) -> dict[str, Any]:
           for m in ("exact_rkl", "reward", "entropy")}
 
 
+def reward_at_effect(off_summary: dict) -> dict[str, Any]:
+  """k1_in_reward off-policy with the penalty held from rollout vs recomputed at the current
+  parameters: final values of each, their difference and the Welch and exact permutation p."""
+  a, b = off_summary.get(REWARD_AT_ROLLOUT), off_summary.get(REWARD_AT_CURRENT)
+  if a is None or b is None:
+    return {}
+  out = {}
+  for m in ("exact_rkl", "reward", "entropy"):
+    perm = study.permutation_test(b[f"{m}_seeds"], a[f"{m}_seeds"])
+    out[m] = {"rollout": a[m], "current": b[m], "rollout_seed_std": a[f"{m}_seed_std"],
+              "current_seed_std": b[f"{m}_seed_std"], "difference": b[m] - a[m],
+              "p": verdicts_lib._test(b, a, m)["p"], "permutation_p": perm["p"],
+              "permutation_min_p": perm["min_p"]}
+  return out
+
+
+def reward_at_audit() -> dict[str, str]:
+  """What k1_in_reward's KL gradient follows off-policy under each reward_at (`kljax.audit`)."""
+  from kljax import audit
+
+  out = {}
+  for at in ("rollout", "current"):
+    r = audit.audit("k1_in_reward", penalty_at=at, seeds=1)
+    out[at] = "; ".join(f"{s}: {r.result(s).verdict}"
+                        for s in ("one token, off-policy", "sequences, off-policy"))
+  return out
+
+
 # ---------------------------------------------------------------- the whole job
 
 
@@ -230,7 +260,8 @@ def run(settings, workdir, *, progress: bool = True) -> dict:
   from kljax.train import grpo
 
   settings_lib.validate(settings)
-  for variants, off in ((ON_POLICY, False), (OFF_POLICY, True)):  # bad settings fail first
+  # bad settings fail first
+  for variants, off in ((ON_POLICY, False), (OFF_POLICY + OFF_POLICY_REWARD_AT, True)):
     for v in variants:
       grpo.validate(settings_lib.grpo_config(settings, v, 0, off_policy=off))
   for v in settings_lib.split(settings.stress_variants):
@@ -263,7 +294,8 @@ def run(settings, workdir, *, progress: bool = True) -> dict:
   block = lambda *a, **k: _grpo_block(settings, workdir, *a, progress=progress, trained=fresh,
                                       costs=costs, **k)
   runs = {"on_policy": block(ON_POLICY, block="on_policy"),
-          "off_policy": block(OFF_POLICY, block="off_policy", off_policy=True)}
+          "off_policy": block(OFF_POLICY + OFF_POLICY_REWARD_AT, block="off_policy",
+                              off_policy=True)}
   grpo_summary = study.summarize(runs["on_policy"], settings.final_window)
   off_summary = study.summarize(runs["off_policy"], settings.final_window)
   gaps = study.trajectory_gap(runs["on_policy"]["k2_as_loss"], runs["on_policy"]["k1_in_reward"])
@@ -334,6 +366,9 @@ def run(settings, workdir, *, progress: bool = True) -> dict:
       "studies": {k: v for k, v in studies.items() if k != "seconds"},
       "reward_stage": reward_stage_effect(grpo_summary),
       "reward_stage_audit": reward_stage_audit(),
+      "reward_at": reward_at_effect(off_summary),
+      "reward_at_audit": reward_at_audit(),
+      "warm_max_seq_log_ratio": extra["warm_max_seq_log_ratio"],
       "verdicts": verdicts_lib.verdicts(rows, exact_bandit, grpo_summary, off_summary, gaps,
                                         param_gaps, extra),
       "meta": {"settings": settings.to_dict(),

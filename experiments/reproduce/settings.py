@@ -17,6 +17,10 @@ from kljax import paths
 ON_POLICY = ("none", "k1_as_loss", "k2_as_loss", "k3_as_loss", "k1_in_reward", "k1_in_reward_rtg",
              "k1_in_reward@before_norm")  # variant@reward_stage (see grpo.REWARD_STAGES)
 OFF_POLICY = ("k2_as_loss", "k2_as_loss+detached_ratio", "k2_as_loss+ratio", "k2_as_loss+clipped")
+# k1 in reward off-policy with the penalty computed at rollout (held over the epochs, kljax's
+# default) or recomputed at the current parameters: variant@reward_at (see grpo.REWARD_AT)
+REWARD_AT_ROLLOUT, REWARD_AT_CURRENT = "k1_in_reward@rollout", "k1_in_reward@current"
+OFF_POLICY_REWARD_AT = (REWARD_AT_ROLLOUT, REWARD_AT_CURRENT)
 ORACLE_CORE = ("k1_as_loss", "k1_in_reward", "k1_in_reward_rtg", "k2_as_loss", "k2_in_reward",
                "k3_as_loss", "k3_in_reward", "k3_value_k2_grad", "k2_as_loss+detached_ratio",
                "k2_as_loss+ratio", "k2_as_loss+clipped", "k3_as_loss+ratio")
@@ -103,7 +107,8 @@ def _grpo_module(name: str, setting: str):
 def grpo_config(settings, term: str, seed: int, *, off_policy: bool = False,
                 stress: bool = False) -> ml_collections.ConfigDict:
   """The GRPO config of one run: `settings.grpo_config` (the tiny arithmetic setup) with β, the
-  warm start, the term and the seed; `term` may end in "@<reward_stage>".
+  warm start, the term and the seed; `term` may end in "@<reward_stage>" or "@<reward_at>"
+  (grpo.REWARD_STAGES, grpo.REWARD_AT).
 
   `stress`: `settings.stress_config` instead (its own warm start, reward, learning rate, β and
   number of steps; `settings.stress_steps` > 0 overrides the latter)."""
@@ -118,9 +123,15 @@ def grpo_config(settings, term: str, seed: int, *, off_policy: bool = False,
   c.seed = seed
   c.checkpoint_every = max(c.num_steps // 4, 1)
   c.data.data_dir = os.fspath(paths.resolve(settings.data_dir))
-  term, _, stage = term.partition("@")
+  from kljax.train import grpo
+
+  term, _, suffix = term.partition("@")
   c.kl.term = term
-  c.kl.reward_stage = stage or "after_norm"
+  c.kl.reward_stage = suffix if suffix in grpo.REWARD_STAGES else "after_norm"
+  c.kl.reward_at = suffix if suffix in grpo.REWARD_AT else "rollout"
+  if suffix and suffix not in grpo.REWARD_STAGES + grpo.REWARD_AT:
+    raise ValueError(f"variant {term}@{suffix}: the part after '@' must be one of "
+                     f"{', '.join(grpo.REWARD_STAGES + grpo.REWARD_AT)}.")
   c.mesh.devices = 1
   c.metrics.tensorboard = False
   if off_policy:

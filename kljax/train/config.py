@@ -76,6 +76,11 @@ def grpo_tiny() -> ml_collections.ConfigDict:
   # (exact Thm 5.1; OpenRLHF's order), "before_norm" subtracts β·Σ_t k_t from the reward before it
   # (verl's order: β/σ_g, whole-sequence credit). The maths: kljax/train/grpo.py, REWARD_STAGES.
   c.kl.reward_stage = "after_norm"  # in-reward terms: after_norm (exact Thm 5.1), before_norm
+  # in-reward terms off-policy (epochs or minibatches > 1): "rollout" computes the penalty once
+  # from π_old and holds it over every epoch (verl's way; k1 then follows ∇RKL − ∇KL(π‖π_old)),
+  # "current" recomputes it at the current parameters in every minibatch (one token: ∇RKL; token
+  # credit: each position's ∇RKL, prefixes from π_old; reward-to-go stays biased off-policy).
+  c.kl.reward_at = "rollout"  # off-policy k1: rollout ∇RKL − ∇KL(π‖π_old) | current ∇RKL per token
   c.kl.controller = "constant"  # "linear_warmup" (0 -> beta over kl.warmup_steps), or "adaptive"
   c.kl.warmup_steps = 0  # steps of linear_warmup
   c.kl.target_kl = 0.05  # adaptive: the per-token KL (k1) that β steers towards

@@ -55,6 +55,18 @@ from kljax.train.metrics import MetricsWriter
 #                  sequence's KL; the effective β is β/σ'_g, so it changes from group to group and
 #                  grows as the group's rewards agree.
 REWARD_STAGES = ("after_norm", "before_norm")
+# When an after-norm in-reward penalty c_t is computed, off-policy (epochs or minibatches > 1):
+#   "rollout": once, from the rollout policy π_old's log-probs (on the host, `advantages`), and held
+#              over every epoch and minibatch, as verl's apply_kl_penalty does. The PPO ratio ρ_t
+#              then weighs sg(c(π_old)): for k1 the expected gradient is ∇RKL − ∇KL(π‖π_old) per
+#              position, biased as soon as π ≠ π_old.
+#   "current": recomputed at the parameters being updated in every minibatch loss (`make_loss_fn`):
+#              sg(c(π_θ))·ρ_t. Token credit then follows each position's ∇RKL with prefixes from
+#              π_old (one token: ∇RKL exactly); reward-to-go stays biased off-policy, because its
+#              later tokens keep π_old's law (tests/test_reward_at.py proves both by enumeration).
+# On-policy the two are the same. Inside the PPO clip range only: a clipped token loses its
+# penalty's gradient too.
+REWARD_AT = ("rollout", "current")
 ROLLOUT_DTYPES = ("float32", "bfloat16")
 
 
@@ -104,6 +116,14 @@ def _check_names(config: ml_collections.ConfigDict) -> None:
   if config.kl.get("reward_stage", "after_norm") not in REWARD_STAGES:
     _bad("kl.reward_stage", f"must be one of {', '.join(REWARD_STAGES)}, got "
          f"{config.kl.reward_stage!r}.")
+  if config.kl.get("reward_at", "rollout") not in REWARD_AT:
+    _bad("kl.reward_at", f"must be one of {', '.join(REWARD_AT)}, got {config.kl.reward_at!r}.")
+  if (config.kl.get("reward_at", "rollout") == "current"
+      and config.kl.get("reward_stage", "after_norm") != "after_norm"):
+    _bad("kl.reward_at", f"'current' recomputes the per-token penalty that kl.reward_stage="
+         f"'after_norm' subtracts after the group normalization; with reward_stage="
+         f"{config.kl.reward_stage!r} the penalty is in the reward the group is normalized over, "
+         f"computed at rollout.")
   if config.kl.controller not in beta_lib.CONTROLLERS:
     _bad("kl.controller", f"must be one of {', '.join(map(repr, beta_lib.CONTROLLERS))}, got "
          f"{config.kl.controller!r}.")
@@ -536,6 +556,15 @@ def kl_in_advantages(term: KLTerm, advantages_bt, beta, logp_bt, ref_logp_bt, ma
   return advantages_bt - beta * term.coefficient(logp_bt, ref_logp_bt, mask=mask_bt)
 
 
+def penalized_advantages(term: KLTerm, advantages_bt, beta, logp_bt, old_logp_bt, ref_logp_bt,
+                         mask_bt, *, reward_at: str):
+  """An after-norm in-reward penalty inside the loss: A − β·c(π_old) (`reward_at="rollout"`, the
+  penalty of the rollout policy) or A − β·c(sg π_θ) (`"current"`, recomputed at the parameters
+  being updated). See REWARD_AT. [B, N]"""
+  at = old_logp_bt if reward_at == "rollout" else jax.lax.stop_gradient(logp_bt)
+  return kl_in_advantages(term, advantages_bt, beta, at, ref_logp_bt, mask_bt)
+
+
 def kl_in_reward(term: KLTerm, rewards_gk, beta, logp_bt, ref_logp_bt, mask_bt):
   """In-reward KL before the group normalization ("before_norm", verl's order):
   r'_i = r_i − β·Σ_t k_{i,t}, on the host. `rewards_gk` [prompts, G]."""
@@ -612,7 +641,8 @@ def _token_aux(s: logprobs.TokenStats, ref_logp, exact: bool) -> dict:
 def make_loss_fn(term: KLTerm | FullKLTerm | None, *, graphdef, prompt_len: int, clip_eps_low: float,
                  clip_eps_high: float, dual_clip: float | None, aggregation: str,
                  chunk_size: int, exact_kl: bool, on_policy: bool, with_ref: bool,
-                 reward_stage: str = "after_norm", correction=None, correct_kl: bool = True):
+                 reward_stage: str = "after_norm", correction=None, correct_kl: bool = True,
+                 reward_at: str = "rollout"):
   """The minibatch loss `loss_fn(params, ref_params, beta, batch) -> (loss, aux)`:
 
     loss = agg(PPO-clip(logp, old_logp, A)) + β · agg(surrogate(logp, ref_logp, old_logp))
@@ -634,12 +664,15 @@ def make_loss_fn(term: KLTerm | FullKLTerm | None, *, graphdef, prompt_len: int,
   reference's hidden states (the reference pass then runs in the loss on- and off-policy; the
   exact KL is the `token_stats` column, a top-k estimate draws its tail from the batch's
   `kl_seed`); off-policy the Rao-Blackwellized term corrects its prefixes with the cumulative
-  ratio π_θ/π_old. aux["kl_term_value"] is the token mean of KL_t."""
+  ratio π_θ/π_old. aux["kl_term_value"] is the token mean of KL_t.
+
+  `reward_at="current"` (an after-norm in-reward term, off-policy): the batch's advantages carry no
+  penalty, and the loss subtracts β·c at the current parameters in every minibatch (REWARD_AT)."""
   kl_in_loss = term is not None and term.placement == "loss"
   full = term is not None and term.placement == "full"
   exact_term = full and term.top_k is None
-  shape_advantages = (on_policy and term is not None and term.placement == "reward"
-                      and reward_stage == "after_norm")
+  shape_advantages = ((on_policy or reward_at == "current") and term is not None
+                      and term.placement == "reward" and reward_stage == "after_norm")
   ref_in_loss = (on_policy and with_ref) or full
   dual_clip = dual_clip or None
 
@@ -659,7 +692,8 @@ def make_loss_fn(term: KLTerm | FullKLTerm | None, *, graphdef, prompt_len: int,
     old = jax.lax.stop_gradient(logp) if on_policy else batch["old_logp"]
     advantages = batch["advantages"]
     if shape_advantages:
-      advantages = kl_in_advantages(term, advantages, beta, old, ref_logp, mask)
+      advantages = penalized_advantages(term, advantages, beta, logp, old, ref_logp, mask,
+                                        reward_at=reward_at)
     pg = losses.ppo_clip_loss(logp, old, advantages, mask, clip_eps_low=clip_eps_low,
                               clip_eps_high=clip_eps_high, dual_clip=dual_clip)
     agg = functools.partial(losses.aggregate, mask_bt=mask, mode=aggregation)
@@ -709,7 +743,7 @@ def compile_fns(setup: Setup) -> dict:
       dual_clip=c.loss.dual_clip, aggregation=c.loss.aggregation, chunk_size=c.loss.chunk_size,
       exact_kl=c.metrics.exact_kl, on_policy=on_policy, with_ref=with_ref,
       reward_stage=c.kl.get("reward_stage", "after_norm"), correction=setup.correction,
-      correct_kl=c.rollout.get("correct_kl", True))
+      correct_kl=c.rollout.get("correct_kl", True), reward_at=c.kl.get("reward_at", "rollout"))
   # The update donates the parameters and the optimizer state (arguments 0 and 1): no second copy
   # of the train state at the update's peak, and on CPU no fresh pages to fault in each step.
   # Whatever must outlive an update holds its own copy (`sharding.copy_tree`): the reference, the
@@ -847,15 +881,16 @@ def rollout_stats(setup: Setup, fns: dict, state: TrainState, ro: Rollout) -> di
 def advantages(setup: Setup, beta, scores: rewards.Scores, stats: dict | None,
                mask: np.ndarray) -> tuple[adv_lib.GroupAdvantages, np.ndarray]:
   """The group advantages, and the per-token advantages [B, N] the updates see: with an in-reward
-  KL term, before the normalization (the reward) or, off-policy, after it (each token); on-policy
-  the update subtracts the after-norm term itself (`make_loss_fn`)."""
+  KL term, before the normalization (the reward) or, off-policy, after it (each token); on-policy,
+  or with `kl.reward_at="current"`, the update subtracts the after-norm term itself
+  (`make_loss_fn`)."""
   c, stage = setup.config, _reward_stage(setup)
   r = scores.total.reshape(-1, c.rollout.group_size)
   if stage == "before_norm":
     r = kl_in_reward(setup.term, r, to_host(beta), stats["logp"], stats["ref_logp"], mask)
   group = adv_lib.group_advantages(c.advantage.estimator)(r)
   seq_adv = np.repeat(np.asarray(group.advantages_pg).reshape(-1, 1), mask.shape[1], axis=1)
-  if stage == "after_norm" and not is_on_policy(c):
+  if stage == "after_norm" and not is_on_policy(c) and c.kl.get("reward_at", "rollout") == "rollout":
     seq_adv = to_host(kl_in_advantages(setup.term, seq_adv, to_host(beta), stats["logp"],
                                        stats["ref_logp"], mask))
   return group, seq_adv
