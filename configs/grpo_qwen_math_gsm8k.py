@@ -22,7 +22,8 @@ update's batch is 512 / 4 minibatches = 128 completions; the rollout samples all
       --embedding_split vocab --json experiments/results/plan/grpo_qwen_math_gsm8k_v5e-32.json
 
 printed, per chip: parameters 0.18 GiB, optimizer 0.36 GiB, reference 0.18 GiB, gradients 0.18 GiB,
-KV cache 0.60 GiB, update temporaries 4.81 GiB, sampler temporaries 5.01 GiB; peak 6.08 GiB (fits
+KV cache 0.60 GiB, update temporaries 5.18 GiB, sampler temporaries 5.01 GiB; the update donates
+0.54 GiB (parameters and optimizer state, updated in place); peak 5.90 GiB (fits
 v5e's 16 GiB). Temporaries are XLA:CPU's compiled estimate on 32 simulated devices, not a TPU
 measurement: the plan leaves more than half of each chip free as headroom. The embedding's rows are
 split over the chips (`mesh.embedding_split = "vocab"`): with the split `auto` picks for an update

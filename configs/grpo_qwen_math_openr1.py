@@ -22,7 +22,8 @@ Planned for a TPU v5e-32 slice (32 chips × 16 GiB), like the GSM8K config but w
       --embedding_split vocab --json experiments/results/plan/grpo_qwen_math_openr1_v5e-32.json
 
 printed, per chip: parameters 0.18 GiB, optimizer 0.36 GiB, reference 0.18 GiB, gradients 0.18 GiB,
-KV cache 0.66 GiB, update temporaries 4.91 GiB, sampler temporaries 6.23 GiB; peak 6.95 GiB (fits
+KV cache 0.66 GiB, update temporaries 5.28 GiB, sampler temporaries 6.23 GiB; the update donates
+0.54 GiB (parameters and optimizer state, updated in place); peak 6.95 GiB (fits
 v5e's 16 GiB; XLA:CPU's compiled estimate, not a TPU measurement).
 
 The `openr1_math` dataset keeps the problems whose reference answer is a number (so the exact
