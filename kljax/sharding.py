@@ -248,7 +248,7 @@ def copy_tree(tree: Any) -> Any:
   """Every array of `tree` copied into buffers of its own, with the same shardings.
 
   For arrays that must outlive a jitted call which donates the originals (the trainer's update
-  donates the policy and its optimizer state): the reference, a checkpoint written in the
-  background, the sampler's stale parameters.
+  donates the policy and its optimizer state): the reset reference, the sampler's stale
+  parameters.
   """
   return jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, tree)

@@ -1,7 +1,7 @@
 """The update donates the train state: the donated buffers are really gone, everything that must
-outlive an update (the reference, the caller's model, the sampler's stale parameters, a checkpoint
-written in the background) holds arrays of its own, and a checkpoint saved right before a
-donating update restores bit-identical."""
+outlive an update (the reference, the caller's model, the sampler's stale parameters) holds arrays
+of its own, and a checkpoint saved right before a donating update (written in the background,
+waited for before the update) restores bit-identical."""
 
 import jax
 import numpy as np
@@ -77,7 +77,7 @@ def test_a_checkpoint_saved_right_before_a_donating_update_restores_bit_identica
 
   write = checkpoint.DigestHandler._write
 
-  async def late(self, directory, args):  # the digest is read after the updates below donated
+  async def late(self, directory, args):  # the digest lags behind the next rollout
     await asyncio.sleep(1.0)
     await write(self, directory, args)
 
@@ -85,10 +85,10 @@ def test_a_checkpoint_saved_right_before_a_donating_update_restores_bit_identica
   _, setup, fns, _, _, after = run
   saved = _host(after)
   ckpt = Checkpointer(str(tmp_path), every=1)
-  ckpt.maybe_save(1, after)  # asynchronous: still writing while the update below runs
-  with jax.set_mesh(setup.mesh):
-    later, _ = grpo.train_step(setup, after, fns)
-    later, _ = grpo.train_step(setup, later, fns)
+  ckpt.maybe_save(1, after)  # asynchronous: still writing while the next rollout runs
+  with jax.set_mesh(setup.mesh):  # the trainer's protocol: wait for the save, then donate
+    later, _ = grpo.train_step(setup, after, fns, before_update=ckpt.wait)
+    later, _ = grpo.train_step(setup, later, fns, before_update=ckpt.wait)
   assert all(x.is_deleted() for x in jax.tree.leaves(after.params))
   ckpt.wait()
   restored = ckpt.restore(later)  # verifies the digest written in the background
@@ -117,7 +117,7 @@ _SLOW_DIGEST = """
 import asyncio, runpy, sys
 from kljax.train import checkpoint
 write = checkpoint.DigestHandler._write
-async def slow(self, directory, args):  # the digest of a save lags behind the donating updates
+async def slow(self, directory, args):  # the digest of a save lags behind the next rollout
   await asyncio.sleep(2.0)
   await write(self, directory, args)
 checkpoint.DigestHandler._write = slow
@@ -128,7 +128,7 @@ runpy.run_module("experiments.grpo", run_name="__main__")
 
 @pytest.mark.slow
 def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint(data_dir, sft_dir, tmp_path):
-  """A save whose digest is still being written (2 s late, while the next donating updates run)
+  """A save whose digest is still being written (2 s late: the next update waits for it)
   is killed with SIGKILL: the unfinished checkpoint is not taken for one, the rerun resumes from
   the previous one and reproduces the uninterrupted run's metrics."""
   import os

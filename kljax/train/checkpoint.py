@@ -4,8 +4,9 @@ Each checkpoint holds two items: `state` (the arrays) and `digest` (a CRC-32 of 
 bytes, with its dtype and shape, and the step). Saves are asynchronous: `maybe_save` returns once
 orbax has taken the arrays, and the write, the digest and the final rename run in the background
 while training goes on. A save that fails in the background is reported at the next save, at
-`wait` or at `close`, naming its step. A save writes a device copy of the state (held until it is
-on disk), so the trainer may donate the live state's buffers to its next update at once.
+`wait` or at `close`, naming its step. The save reads the state's arrays in the background: a
+caller that donates them (the trainer's update does) calls `wait` first; the trainer does so just
+before its next update, so the write overlaps the next rollout without a copy of the state.
 
 `restore` recomputes the digest of what it read and compares; a checkpoint that cannot be read or
 does not match is moved to WORKDIR/rejected_checkpoints and the next older one is tried. The data
@@ -38,7 +39,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from kljax import paths, sharding
+from kljax import paths
 
 _DIGEST_VERSION = 1
 
@@ -141,7 +142,7 @@ class DigestHandler(ocp.AsyncCheckpointHandler):
 @ocp.args.register_with_handler(DigestHandler, for_save=True)
 @dataclasses.dataclass
 class DigestSave(ocp.args.CheckpointArgs):
-  state: Any  # read in the background: `maybe_save` passes a copy that nothing else holds
+  state: Any  # read in the background: not to be donated or deleted before `wait` returns
   step: int
 
 
@@ -243,10 +244,6 @@ class Checkpointer:
     if not force and step % self.every:
       return False
     self.wait()
-    # The save reads its arrays in the background while training goes on, and the trainer's next
-    # update donates (deletes) the live state's buffers: the save writes a copy of its own,
-    # released when it is on disk.
-    state = sharding.copy_tree(state)
     self._abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     try:
       self._manager.save(step, args=ocp.args.Composite(

@@ -746,8 +746,8 @@ def compile_fns(setup: Setup) -> dict:
       correct_kl=c.rollout.get("correct_kl", True), reward_at=c.kl.get("reward_at", "rollout"))
   # The update donates the parameters and the optimizer state (arguments 0 and 1): no second copy
   # of the train state at the update's peak, and on CPU no fresh pages to fault in each step.
-  # Whatever must outlive an update holds its own copy (`sharding.copy_tree`): the reference, the
-  # sampler's stale parameters, a checkpoint written in the background.
+  # Whatever must outlive an update holds its own copy (`sharding.copy_tree`: the reference, the
+  # sampler's stale parameters), and a checkpoint written in the background is waited for first.
   return {"stats": stats, "update": jax.jit(functools.partial(update, loss_fn, setup.optimizer),
                                             donate_argnums=(0, 1))}
 
@@ -1020,8 +1020,11 @@ def next_state(setup: Setup, state: TrainState, params, opt_state, kl: float,
   return TrainState(params, ref_params, opt_state, beta_state, state.step + 1, stale)
 
 
-def train_step(setup: Setup, state: TrainState, fns: dict) -> tuple[TrainState, dict]:
-  """Rollout, score, and `epochs × minibatches` updates. Returns the new state and metrics."""
+def train_step(setup: Setup, state: TrainState, fns: dict, before_update=None
+               ) -> tuple[TrainState, dict]:
+  """Rollout, score, and `epochs × minibatches` updates. Returns the new state and metrics.
+  `before_update()`, if given, runs just before the first update donates `state`'s parameters and
+  optimizer state (`train` passes `Checkpointer.wait`: a save in flight still reads them)."""
   step, on_policy = int(state.step), is_on_policy(setup.config)
   t0 = time.perf_counter()
   # rollout.staleness = k: θ_{step−k} (θ_0 for the first k steps) samples; rollout.dtype: its dtype
@@ -1037,6 +1040,8 @@ def train_step(setup: Setup, state: TrainState, fns: dict) -> tuple[TrainState, 
     batch["kl_seed"] = kl_seeds(setup.config, step, len(ro.tokens))
   t_logprobs = time.perf_counter()
   kept = sharding.copy_tree(state.params) if state.stale_params else None  # donated below
+  if before_update is not None:
+    before_update()
   params, opt_state, auxes = update_epochs(setup, fns["update"], state, batch, step)
   t_update = time.perf_counter()
   if on_policy:  # the statistics of the rollout policy, from the update's own forward pass
@@ -1085,7 +1090,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, init_model=None,
                **({"desc": "grpo", "unit": "step"} | (bar_options or {})),
                disable=not (progress and jax.process_index() == 0))
     for step in bar:
-      state, metrics = train_step(setup, state, fns)
+      state, metrics = train_step(setup, state, fns, before_update=ckpt.wait)
       bad = [k for k, v in metrics.items() if not math.isfinite(v) and k not in absent]
       if bad:
         raise NonFiniteError(_non_finite_message(step, bad, ckpt, run.restored_step))
