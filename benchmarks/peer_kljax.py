@@ -110,8 +110,9 @@ def measure(*, preset: str, layers: int, prompts: int, group: int, prompt_len: i
                 "rollout_dtype": rollout_dtype, "dtype": dtype}
 
 
-def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def shape_parser(description: str) -> argparse.ArgumentParser:
+  """The flags every side of `vs_peers.py` takes: the model's shape, the batch and the count."""
+  p = argparse.ArgumentParser(description=description)
   p.add_argument("--preset", default="qwen2.5-0.5b")
   p.add_argument("--layers", type=int, default=0, help="decoder layers (0: the preset's)")
   p.add_argument("--prompts", type=int, default=2)
@@ -119,6 +120,11 @@ def main(argv=None) -> None:
   p.add_argument("--prompt_len", type=int, default=16)
   p.add_argument("--new_tokens", type=int, default=32)
   p.add_argument("--iters", type=int, default=3)
+  return p
+
+
+def main(argv=None) -> None:
+  p = shape_parser(__doc__.split("\n")[0])
   p.add_argument("--rollout_dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                  help="weights and compute of the trained model")

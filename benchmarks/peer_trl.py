@@ -16,7 +16,6 @@ cache on the same prompts as the other sides, for exactly `new_tokens` tokens
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -25,7 +24,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from peer_kljax import BETA, random_prompts, timed  # noqa: E402
+from peer_kljax import BETA, random_prompts, shape_parser, timed  # noqa: E402
 
 
 def measure(*, preset: str, layers: int, prompts: int, group: int, prompt_len: int,
@@ -97,15 +96,7 @@ def measure(*, preset: str, layers: int, prompts: int, group: int, prompt_len: i
 
 
 def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--preset", default="qwen2.5-0.5b")
-  p.add_argument("--layers", type=int, default=0, help="decoder layers (0: the preset's)")
-  p.add_argument("--prompts", type=int, default=2)
-  p.add_argument("--group", type=int, default=4)
-  p.add_argument("--prompt_len", type=int, default=16)
-  p.add_argument("--new_tokens", type=int, default=32)
-  p.add_argument("--iters", type=int, default=3)
-  a = p.parse_args(argv)
+  a = shape_parser(__doc__.split("\n")[0]).parse_args(argv)
   print(json.dumps(measure(preset=a.preset, layers=a.layers, prompts=a.prompts, group=a.group,
                            prompt_len=a.prompt_len, new_tokens=a.new_tokens, iters=a.iters)))
 

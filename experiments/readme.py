@@ -307,7 +307,8 @@ def peers() -> str:
   for layers, path in PEERS.items():
     with open(os.path.join(ROOT, path)) as f:
       r = json.load(f)
-    s, peak = r["shape"], r["matmul_peak_gflops"]
+    peak = r["matmul_peak_gflops"]
+    assert r["shape"]["layers"] == layers, path
     out += [f"**{layers} layers** (`{r['command']}`, [JSON]({path}); {r['timed_iterations_per_side']}"
             f" timed iterations a side, medians; matmul peak XLA {peak['xla']:.0f}, torch "
             f"{peak['torch']:.0f} GFLOP/s):", "",

@@ -137,8 +137,7 @@ def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint(data_dir, sf
   import sys
   import time
 
-  from kljax.train.metrics import read_jsonl
-  from test_grpo import REPO, TIMING, _cli, child_xla_flags
+  from test_grpo import REPO, _cli, assert_same_runs, child_xla_flags
 
   env = dict(os.environ, XLA_FLAGS=child_xla_flags())
   flags = [f"--config.data.data_dir={data_dir}"]
@@ -159,10 +158,4 @@ def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint(data_dir, sf
   resumed = subprocess.run(_cli(killed, sft_dir, *flags), cwd=REPO, env=env, capture_output=True,
                            text=True, timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
-  a = read_jsonl(str(tmp_path / "clean" / "metrics.jsonl"))
-  b = read_jsonl(str(killed / "metrics.jsonl"))
-  assert [r["step"] for r in b] == list(range(6))
-  for ra, rb in zip(a, b):
-    for k in ra:
-      if k not in TIMING:
-        assert rb[k] == ra[k], (ra["step"], k)
+  assert_same_runs(tmp_path / "clean", killed, steps=6)
