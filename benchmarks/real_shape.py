@@ -95,13 +95,8 @@ def _child_init(args, workdir: str) -> None:
 
 
 def _child_train(args, workdir: str) -> None:
-  import jax
-  from flax import nnx
-
-  from kljax import sharding
   from kljax.train import grpo
   from kljax.train.checkpoint import Checkpointer
-  from kljax.train.sft import initial_model
 
   save = Checkpointer.maybe_save
 
@@ -116,6 +111,19 @@ def _child_train(args, workdir: str) -> None:
   Checkpointer.maybe_save = save_and_wait
 
   config = _config(args, os.path.join(workdir, "init"))
+  # Nothing here keeps the warm start: a resume frees it once the checkpoint is restored.
+  history = grpo.train(config, workdir, init_model=_warm_start(config, workdir), progress=False)
+  print(json.dumps({"steps_run": [int(r["step"]) for r in history]}), flush=True)
+
+
+def _warm_start(config, workdir: str):
+  """The HF checkpoint loaded and sharded over fsdp, each device holding ≈ 1/8 (asserted)."""
+  import jax
+  from flax import nnx
+
+  from kljax import sharding
+  from kljax.train.sft import initial_model
+
   t0 = time.perf_counter()
   model = initial_model(config, os.path.join(workdir, "unused"))
   load_s = time.perf_counter() - t0
@@ -128,8 +136,7 @@ def _child_train(args, workdir: str) -> None:
   assert per_device[0] == per_device[-1] == expected_per_device(model.config), (per_device, total)
   print(json.dumps({"load_s": load_s, "param_bytes_total": total,
                     "param_bytes_per_device": per_device[-1]}), flush=True)
-  history = grpo.train(config, workdir, init_model=model, progress=False)
-  print(json.dumps({"steps_run": [int(r["step"]) for r in history]}), flush=True)
+  return model
 
 
 def _spawn(args, child: str, workdir: str, log: str, *, kill_when: str | None = None) -> dict:

@@ -1079,6 +1079,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, init_model=None,
   validate(config, workdir)
   with contextlib.ExitStack() as stack:
     run = _open_run(stack, config, workdir, init_model)
+    del init_model  # restored, the run holds its own arrays: a caller that let go frees these
     setup, state, ckpt, writer, notes = run.setup, run.state, run.ckpt, run.writer, run.notes
     fns = compile_fns(setup)
     # Activations keep their batch sharding inside the model (`sharding.constrain_batch`).
