@@ -155,7 +155,7 @@ def _chunked_bwd(saved, g):
   if h_ncd.shape[0] == 1:  # one chunk: no scan and no zero-filled [D, V] accumulator to fault in
     dw, dh = grads(jax.tree.map(lambda x: x[0], xs))
     dh = dh[None]
-  else:  # (starting the sum from the first chunk instead would hold a second [D, V] buffer)
+  else:
     def body(acc, chunk):
       dw_c, dh_c = grads(chunk)
       return acc + dw_c, dh_c
