@@ -20,6 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         ("grpo_step.py", ["--data_dir", "{tmp}"], "seconds per iteration"),
         ("checkpoint.py", ["--dir", "{tmp}"], "kljax/orbax"),
         ("phases.py", ["--data_dir", "{tmp}"], "minor faults"),
+        ("vllm_engine.py", [], "ratios: vllm_over_jax"),
     ],
 )
 def test_benchmark_quick(script, args, expect, tmp_path):
