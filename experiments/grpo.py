@@ -19,13 +19,14 @@ the others wait, then every process reads them.
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
 
 import jax
 from absl import app, flags, logging
 
 from kljax import cli, paths
-from kljax.train import grpo, metrics, multihost, runlock
+from kljax.train import grpo, metrics, multihost, preempt, runlock
 from kljax.train.checkpoint import CheckpointError, Checkpointer
 from kljax.train.sft import initial_model
 
@@ -80,6 +81,14 @@ def main(argv):
           multihost.LeaderFailedError) as err:
     print(f"{type(err).__name__}: {err}", file=sys.stderr)
     sys.exit(1)
+  except preempt.Preempted as err:
+    if leader:
+      print(f"kljax: {err}", file=sys.stderr, flush=True)
+    sys.exit(err.exit_status)
+  except KeyboardInterrupt:  # Ctrl-C before the training loop (the warm start): nothing to save
+    print("kljax: interrupted (SIGINT) before the first GRPO step; nothing to save.",
+          file=sys.stderr, flush=True)
+    sys.exit(128 + signal.SIGINT)
   if history and leader:
     _print_summary(workdir)
 

@@ -16,6 +16,8 @@ def grpo_tiny() -> ml_collections.ConfigDict:
   c.num_steps = 300  # GRPO steps (one rollout batch each)
   c.batch_size = 64  # completions a step = prompts × group_size
   c.checkpoint_every = 50  # steps between checkpoints (and the last step always)
+  # SIGTERM/SIGINT/SIGHUP: finish the step, save and verify its checkpoint, exit 128 + signal
+  c.stop_grace_s = 25.0  # seconds a stop signal leaves for that before exiting unsaved (0: no limit)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "arithmetic/level1"  # arithmetic/levelN, countdown/nK, gsm8k or openr1_math

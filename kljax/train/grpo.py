@@ -39,8 +39,8 @@ from kljax import logprobs, losses, models, offpolicy, paths, rewards, sharding,
 from kljax.full_kl import FullKLTerm
 from kljax.kl import KLTerm, kl_term, kl_term_names
 from kljax.sampling import sample
-from kljax.train import multihost, runlock, sft
-from kljax.train.checkpoint import Checkpointer
+from kljax.train import multihost, preempt, runlock, sft
+from kljax.train.checkpoint import CheckpointError, Checkpointer
 from kljax.train.metrics import MetricsWriter
 
 
@@ -93,6 +93,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None) -> N
   _check_names(config)
   _check_rollout_policy(config)
   _check_sizes(config)
+  _check_ranges(config)
   _check_reward_fns(config)
   _check_reward_fits_dataset(config)
   _check_wandb(config)
@@ -187,6 +188,17 @@ def _check_sizes(config: ml_collections.ConfigDict) -> None:
     sharding.check_divisible(config.batch_size, mesh)
   except ValueError as err:
     _bad("batch_size", f"{err} (minibatches of {per_minibatch}).")
+
+
+def _number(value) -> bool:
+  return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+
+
+def _check_ranges(config: ml_collections.ConfigDict) -> None:
+  """Numbers that have a range, where leaving it would run without an error but not as meant."""
+  grace = config.get("stop_grace_s", 25.0)
+  if not _number(grace) or not 0 <= grace < math.inf:
+    _bad("stop_grace_s", f"must be a number of seconds >= 0 (0: no limit), got {grace!r}.")
 
 
 def _check_reward_fits_dataset(config: ml_collections.ConfigDict) -> None:
@@ -1090,6 +1102,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, init_model=None,
     bar = tqdm(range(run.start, config.num_steps), initial=run.start, total=config.num_steps,
                **({"desc": "grpo", "unit": "step"} | (bar_options or {})),
                disable=not (progress and jax.process_index() == 0))
+    stop = stack.enter_context(preempt.on_signals(config.get("stop_grace_s", 25.0)))
     for step in bar:
       state, metrics = train_step(setup, state, fns, before_update=ckpt.wait)
       bad = [k for k, v in metrics.items() if not math.isfinite(v) and k not in absent]
@@ -1102,10 +1115,27 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, init_model=None,
       history.append({"step": step, **metrics})
       bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['exact_rkl']:.4f}")
       last = step + 1 == config.num_steps
-      if writer is not None and (last or (step + 1) % config.checkpoint_every == 0):
+      signum = None if last else preempt.agreed(stop)
+      if writer is not None and (last or signum or (step + 1) % config.checkpoint_every == 0):
         writer.sync()  # object stores: the metrics of every step the checkpoint holds, first
-      ckpt.maybe_save(step + 1, state, force=last)
+      ckpt.maybe_save(step + 1, state, force=last or signum is not None)
+      if signum is not None:
+        bar.close()
+        raise _stopped(signum, step + 1, ckpt)
   return history
+
+
+def _stopped(signum: int, step: int, ckpt: Checkpointer) -> preempt.Preempted:
+  """After a stop signal: waits for checkpoint `step` and reads it back against its digest."""
+  ckpt.wait()
+  name = preempt.signal.Signals(signum).name
+  if ckpt.newest_verified() != step:
+    raise CheckpointError(f"stopped by {name} after step {step}, but its checkpoint in "
+                          f"{ckpt.directory} does not verify; rerun to resume from the newest "
+                          f"that does.")
+  return preempt.Preempted(
+      f"stopped by {name}: checkpoint step {step} saved and verified in {ckpt.directory}, "
+      f"metrics flushed; rerun the same command to resume from it.", signum)
 
 
 class _Run(NamedTuple):

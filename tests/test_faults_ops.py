@@ -1,0 +1,120 @@
+"""Faults of operations on preemptible and shared machines (issue 25), injected into tiny runs:
+stop signals, a resume under a changed config, saves that cannot be written, rewards that hang or
+return the wrong thing, bad data and models, and config values out of range. Each is survived
+(the rerun reproduces the uninterrupted metrics, from test_faults.py's `clean` run) or stops, before
+any work where it can, with one line naming the flag, file or function at fault."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from kljax.train import grpo
+from kljax.train.checkpoint import Checkpointer
+from kljax.train.metrics import read_jsonl
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_faults import EVERY, STEPS, _config, _same_metrics, clean  # noqa: E402,F401
+from test_grpo import REPO, _cli, _init, child_xla_flags  # noqa: E402
+
+# A reward that scores like numeric_match and, at the calls listed in $KLJAX_TEST_SIGNAL_AT, sends
+# its own process the signal $KLJAX_TEST_SIGNAL: the signal then arrives during a known step.
+SIGNALLING_REWARD = """
+import os, signal
+from kljax import rewards
+
+_calls = [0]
+
+def score(prompts, completions, **fields):
+  _calls[0] += 1
+  if _calls[0] in [int(c) for c in os.environ.get("KLJAX_TEST_SIGNAL_AT", "").split(",") if c]:
+    os.kill(os.getpid(), getattr(signal, os.environ.get("KLJAX_TEST_SIGNAL", "SIGTERM")))
+  return rewards.numeric_match(prompts, completions, **fields)
+"""
+
+
+def _env(tmp_path, **extra):
+  """A child's environment: one CPU device, tmp_path/mods importable (test reward modules)."""
+  mods = tmp_path / "mods"
+  return dict(os.environ, XLA_FLAGS=child_xla_flags(),
+              PYTHONPATH=os.pathsep.join([str(mods), REPO, os.environ.get("PYTHONPATH", "")]),
+              **extra)
+
+
+def _module(tmp_path, name, source):
+  (tmp_path / "mods").mkdir(exist_ok=True)
+  (tmp_path / "mods" / f"{name}.py").write_text(textwrap.dedent(source))
+
+
+def _lines(stderr):
+  """stderr's lines without the progress bar's."""
+  return [ln for ln in stderr.replace("\r", "\n").splitlines()
+          if ln.strip() and not ln.startswith("grpo:")]
+
+
+# ---------------------------------------------------------------- stop signals
+
+
+@pytest.mark.slow
+def test_sigterm_after_step_k_saves_checkpoint_k_and_the_rerun_matches(data_dir, sft_dir,
+                                                                       tmp_path):
+  _module(tmp_path, "signalling", SIGNALLING_REWARD)
+  flags = [f"--config.data.data_dir={data_dir}", "--config.reward.fns=signalling:score"]
+  uninterrupted = subprocess.run(_cli(tmp_path / "clean", sft_dir, *flags), cwd=REPO,
+                                 env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+  assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+  workdir = tmp_path / "run"
+  cmd = _cli(workdir, sft_dir, *flags)
+  # scoring step 2 (the third call) sends SIGTERM: step 2 completes, so 3 steps are done
+  out = subprocess.run(cmd, cwd=REPO, env=_env(tmp_path, KLJAX_TEST_SIGNAL_AT="3"),
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 128 + signal.SIGTERM, out.stderr[-3000:]
+  lines = _lines(out.stderr)
+  assert lines == [f"kljax: stopped by SIGTERM: checkpoint step 3 saved and verified in "
+                   f"{workdir}/checkpoints, metrics flushed; rerun the same command to resume "
+                   f"from it."], out.stderr[-3000:]
+  assert [r["step"] for r in read_jsonl(str(workdir / "metrics.jsonl"))] == [0, 1, 2]
+  assert Checkpointer(str(workdir), every=EVERY).latest_step() == 3  # not the scheduled 2
+
+  rerun = subprocess.run(cmd, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True,
+                         timeout=600)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  _same_metrics(read_jsonl(str(workdir / "metrics.jsonl")),
+                read_jsonl(str(tmp_path / "clean" / "metrics.jsonl")))
+
+
+_SIGNALS_SCRIPT = """
+import os, signal, sys, time
+from kljax.train import preempt
+
+with preempt.on_signals(float(sys.argv[1])) as stop:
+  os.kill(os.getpid(), signal.SIGHUP)
+  print("asked", stop.name, flush=True)
+  if sys.argv[2] == "twice":
+    os.kill(os.getpid(), signal.SIGINT)
+  time.sleep(60)  # a step, or a save, that does not end
+"""
+
+
+@pytest.mark.parametrize("how", ["twice", "grace"])
+def test_a_second_signal_or_the_grace_budget_ends_the_process_at_once(tmp_path, how):
+  start = time.time()
+  out = subprocess.run([sys.executable, "-c", _SIGNALS_SCRIPT, "1.5" if how == "grace" else "0",
+                        how], cwd=REPO, capture_output=True, text=True, timeout=60)
+  took = time.time() - start
+  assert out.stdout == "asked SIGHUP\n"  # the first signal only asked
+  if how == "twice":
+    assert out.returncode == 128 + signal.SIGINT and took < 30
+    assert out.stderr == ("kljax: second signal (SIGINT) while stopping after SIGHUP: exiting at "
+                          "once, without a checkpoint of the steps since the last one.\n")
+  else:
+    assert out.returncode == 128 + signal.SIGHUP and 1.5 <= took < 30
+    assert out.stderr == ("kljax: SIGHUP: the step in progress and its checkpoint did not finish "
+                          "within the grace budget (stop_grace_s=1.5); exiting without saving "
+                          "them.\n")
