@@ -60,6 +60,10 @@ def main(argv):
       grpo.check_prompt_lengths(config)  # reads the dataset (preparing it on first use)
   except (grpo.ConfigError, multihost.LeaderFailedError) as err:
     raise app.UsageError(str(err)) from None
+  try:
+    changes = grpo.check_resume(config, workdir)  # before any work: one run, one config
+  except grpo.ConfigError as err:
+    raise app.UsageError(str(err)) from None
   done = finished_step(config, workdir)
   if done is not None:
     if leader:
@@ -72,8 +76,10 @@ def main(argv):
       with multihost.leader_first("to take the run lock"):
         if leader:
           stack.enter_context(runlock.hold(workdir))
-          # what experiments.plot labels the run by (KL term, β); the checkpoints are the state
-          paths.write_atomic(workdir / "config.json", config.to_json_best_effort(indent=1))
+          # what experiments.plot labels the run by (KL term, β) and a resume is checked against;
+          # a resume that changed fields on purpose is recorded by `grpo.train`, which sees them
+          if not changes:
+            grpo.record_config(config, workdir, {})
       with multihost.leader_first("to make the warm start"):
         init_model = initial_model(config, workdir / "sft")
       history = grpo.train(config, workdir, init_model=init_model)

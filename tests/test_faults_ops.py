@@ -118,3 +118,77 @@ def test_a_second_signal_or_the_grace_budget_ends_the_process_at_once(tmp_path, 
     assert out.stderr == ("kljax: SIGHUP: the step in progress and its checkpoint did not finish "
                           "within the grace budget (stop_grace_s=1.5); exiting without saving "
                           "them.\n")
+
+
+# ---------------------------------------------------------------- one config per run directory
+
+
+def _recorded_run(clean_dir, tmp_path, config):
+  """A copy of the uninterrupted run with the config.json the CLI writes for `config`."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(clean_dir, workdir)
+  grpo.record_config(config, workdir, {})
+  return workdir
+
+
+@pytest.mark.slow
+def test_a_resume_with_another_learning_rate_stops_naming_it_unless_meant(data_dir, sft_dir, clean,
+                                                                        tmp_path, capsys):
+  config = _config(data_dir, **{"model.init": sft_dir})  # what _cli passes
+  workdir = _recorded_run(clean[0], tmp_path, config)
+  cmd = _cli(workdir, sft_dir, f"--config.data.data_dir={data_dir}", "--config.num_steps=8",
+             "--config.optim.learning_rate=0.001")
+  out = subprocess.run(cmd, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+  assert len(_lines(out.stderr)) == 1, out.stderr
+  assert (f"--workdir: {workdir} holds a run started with another config (config.json); this "
+          f"command changes optim.learning_rate: 0.0005 -> 0.001. A resume may change only "
+          in out.stderr)  # num_steps changed too, freely
+  assert "--config.resume_changed=True" in out.stderr
+  assert Checkpointer(workdir, every=EVERY).latest_step() == STEPS  # no work was done
+  assert len(read_jsonl(os.path.join(workdir, "metrics.jsonl"))) == STEPS
+
+  # on purpose: continues, and says so on the console, in config.json and in the metrics
+  config.optim.learning_rate, config.num_steps, config.resume_changed = 0.001, STEPS + 1, True
+  history = grpo.train(config, workdir, init_model=_init(sft_dir), progress=False)
+  assert [r["step"] for r in history] == [STEPS]
+  assert history[0]["resumed_with_config_changes"] == 1
+  assert "optim.learning_rate: 0.0005 -> 0.001" in capsys.readouterr().err
+  with open(os.path.join(workdir, "config.json")) as f:
+    recorded = json.load(f)
+  assert recorded["optim"]["learning_rate"] == 0.001
+  assert recorded["resume_changes"] == [
+      {"from_step": STEPS, "changes": {"optim.learning_rate": [0.0005, 0.001]}}]
+  assert grpo.check_resume(config, workdir) == {}  # the directory now belongs to the new config
+
+
+def test_every_trajectory_field_is_compared_and_only_cadence_may_change(data_dir, tmp_path):
+  config = _config(data_dir)
+  grpo.record_config(config, str(tmp_path), {})
+  free = _config(data_dir, stop_grace_s=3.0, **{"metrics.tensorboard": True, "mesh.devices": 0})
+  free.num_steps, free.checkpoint_every = 99, 7
+  assert grpo.check_resume(free, str(tmp_path)) == {}
+  for field, value in [("model.preset", "small"), ("batch_size", 32), ("seed", 1),
+                       ("kl.term", "k3_as_loss"), ("kl.beta", 0.1), ("kl.controller", "adaptive"),
+                       ("rollout.staleness", 1)]:
+    changed = _config(data_dir, **{field: value})
+    with pytest.raises(grpo.ConfigError, match=rf"this command changes {field}: \S+ -> "
+                                               rf"{value!r}\. A resume"):
+      grpo.check_resume(changed, str(tmp_path))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_another_structure_is_a_mismatch_not_damage(data_dir, sft_dir, clean,
+                                                                   tmp_path):
+  from kljax.train.checkpoint import CheckpointMismatchError
+
+  workdir = str(tmp_path / "run")
+  shutil.copytree(clean[0], workdir)  # no config.json: the checkpoint itself tells
+  with pytest.raises(CheckpointMismatchError, match=r"checkpoint step 6 in \S+ is intact but holds "
+                                                    r"another state .*stale_params.*nothing was "
+                                                    r"moved"):
+    grpo.train(_config(data_dir, **{"rollout.staleness": 1}), workdir,
+               init_model=_init(sft_dir), progress=False)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]
+  assert not os.path.exists(os.path.join(workdir, "rejected_checkpoints"))

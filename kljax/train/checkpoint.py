@@ -52,6 +52,11 @@ class CheckpointSaveError(CheckpointError):
   """A save failed (out of space, or any write error); earlier checkpoints are untouched."""
 
 
+class CheckpointMismatchError(CheckpointError):
+  """A checkpoint that is intact but holds another state structure than the run's (written under
+  another config: a model preset, rollout.staleness, an optimizer); nothing is moved."""
+
+
 # ---------------------------------------------------------------- digests
 
 
@@ -103,6 +108,35 @@ def _first_difference(saved: dict, restored: dict) -> str | None:
       if want.get("shards", {}).get(index, value) != value:
         return f"array {path} (shard {index}) differs from the digest recorded at save"
   return None
+
+
+def _structure_difference(saved: dict, target: dict) -> str | None:
+  """A sentence naming the arrays that one of the saved digest (`saved`) and the target's
+  {path: {dtype, shape}} has and the other lacks, or the first whose dtype or shape differs."""
+  missing = [p for p in target if p not in saved]
+  extra = [p for p in saved if p not in target]
+  if missing or extra:
+    parts = []
+    if missing:
+      parts.append(f"this run's state has {len(missing)} array(s) it lacks ({', '.join(missing[:3])}"
+                   f"{', …' if len(missing) > 3 else ''})")
+    if extra:
+      parts.append(f"it has {len(extra)} array(s) this run's state lacks ({', '.join(extra[:3])}"
+                   f"{', …' if len(extra) > 3 else ''})")
+    return "; ".join(parts)
+  for path, want in target.items():
+    got = saved[path]
+    if (got["dtype"], list(got["shape"])) != (want["dtype"], list(want["shape"])):
+      return (f"array {path} is {got['dtype']}{list(got['shape'])} in it and "
+              f"{want['dtype']}{list(want['shape'])} in this run")
+  return None
+
+
+def _abstract_digest(abstract) -> dict[str, dict]:
+  """{leaf path: {dtype, shape}} of a tree of arrays or ShapeDtypeStructs, keyed as `tree_digest`."""
+  leaves = jax.tree_util.tree_flatten_with_path(abstract)[0]
+  return {jax.tree_util.keystr(k, simple=True, separator="/"):
+          {"dtype": str(np.dtype(x.dtype)), "shape": list(x.shape)} for k, x in leaves}
 
 
 class DigestHandler(ocp.AsyncCheckpointHandler):
@@ -162,6 +196,10 @@ class Restored(NamedTuple):
 
 
 class _Unverified(Exception):
+  pass
+
+
+class _Mismatched(Exception):
   pass
 
 
@@ -299,9 +337,18 @@ class Checkpointer:
   def _read(self, step: int, abstract) -> Any:
     """The state of checkpoint `step`, verified against its digest; _Unverified says why not."""
     problem, out = None, None
-    if not (self.directory / str(step) / "digest").exists():
+    digest_dir = self.directory / str(step) / "digest"
+    if not digest_dir.exists():
       problem = "it has no digest (written by an older kljax, or damaged)"
     else:
+      if abstract is not None:  # an intact checkpoint of another structure is not damaged
+        try:
+          saved = DigestHandler().restore(digest_dir)["arrays"]
+        except Exception:  # noqa: BLE001 - an unreadable digest: the restore below says why
+          saved = None
+        differs = saved is not None and _structure_difference(saved, _abstract_digest(abstract))
+        if differs:
+          raise _Mismatched(differs)
       try:
         out = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), digest=DigestRestore()))
@@ -332,7 +379,7 @@ class Checkpointer:
       try:
         self._read(step, abstract)
         return step
-      except _Unverified:
+      except (_Unverified, _Mismatched):
         continue
     return None
 
@@ -352,6 +399,12 @@ class Checkpointer:
     for step in steps:
       try:
         state = self._read(step, abstract)
+      except _Mismatched as why:
+        raise CheckpointMismatchError(
+            f"checkpoint step {step} in {self.directory} is intact but holds another state than "
+            f"this run's config builds: {why}. It was written under another configuration (e.g. "
+            f"model.preset, rollout.staleness, the optimizer); nothing was moved. Resume with the "
+            f"config it was written with (WORKDIR/config.json), or use a new --workdir.") from None
       except _Unverified as why:
         rejected.append((step, str(why)))
         _say(f"checkpoint step {step} in {self.directory} does not verify: {why}.")

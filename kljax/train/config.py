@@ -17,6 +17,8 @@ def grpo_tiny() -> ml_collections.ConfigDict:
   c.batch_size = 64  # completions a step = prompts × group_size
   c.checkpoint_every = 50  # steps between checkpoints (and the last step always)
   # SIGTERM/SIGINT/SIGHUP: finish the step, save and verify its checkpoint, exit 128 + signal
+  # A run directory belongs to one config: a resume that changes a field of the trajectory stops
+  c.resume_changed = False  # True: continue a run under changed fields on purpose (recorded)
   c.stop_grace_s = 25.0  # seconds a stop signal leaves for that before exiting unsaved (0: no limit)
 
   c.data = ml_collections.ConfigDict()

@@ -18,9 +18,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import math
 import os
 import socket
+import sys
 import time
 from typing import Any, NamedTuple
 
@@ -279,6 +281,91 @@ def _check_wandb(config) -> None:
     metrics.require_wandb()
   except ValueError as err:
     raise ConfigError(f"--config.metrics.wandb: {err}") from None
+
+
+# ---------------------------------------------------------------- one config per run directory
+# WORKDIR/config.json records the config a run was started with. A resume under other values of a
+# field that shapes the trajectory would make one run of two configs, under one name: it stops
+# before any work unless `resume_changed` says it is meant, and is then recorded. These fields
+# cannot change the trajectory: how long the run is, how often it checkpoints and logs, where the
+# prepared data lives, the device layout (a sharded step equals the single-device one), and how a
+# stop or a hanging reward is handled. A prefix ends with ".".
+CONFIG_FILE = "config.json"
+FREE_FIELDS = ("num_steps", "checkpoint_every", "stop_grace_s", "resume_changed",
+               "reward.timeout_s", "data.data_dir", "mesh.", "metrics.")
+_HISTORY = "resume_changes"  # config.json's record of the resumes that changed fields
+
+
+def _free(field: str) -> bool:
+  return any(field == f or (f.endswith(".") and field.startswith(f)) for f in FREE_FIELDS)
+
+
+def _read_config_file(workdir) -> dict | None:
+  """WORKDIR/config.json as a dict; None when absent; ConfigError when it cannot be read."""
+  path = paths.resolve(workdir) / CONFIG_FILE
+  if not path.exists():
+    return None
+  if path.is_dir():
+    raise ConfigError(f"--workdir: {path} is a directory; kljax writes the run's config there. "
+                      f"Move it aside.")
+  try:
+    return json.loads(path.read_text())
+  except (ValueError, UnicodeDecodeError) as err:
+    raise ConfigError(f"--workdir: {path} is not the JSON kljax wrote ({err}); it records the "
+                      f"config this run was started with: restore it, or use a new --workdir."
+                      ) from None
+
+
+def config_changes(config: ml_collections.ConfigDict, workdir) -> dict[str, tuple]:
+  """{field: (recorded, new)} of every field outside FREE_FIELDS whose value in `config` differs
+  from WORKDIR/config.json's ({} when there is none). A field the file lacks (written by an older
+  kljax) is compared with its default."""
+  from kljax import cli
+  from kljax.train import config as defaults
+
+  recorded = _read_config_file(workdir)
+  if recorded is None:
+    return {}
+  recorded.pop(_HISTORY, None)
+  old = cli.flatten(recorded)
+  new = cli.flatten(json.loads(config.to_json_best_effort()))
+  default = cli.flatten(json.loads(defaults.grpo_tiny().to_json_best_effort()))
+  missing = object()
+  changes = {}
+  for field in sorted(set(old) | set(new)):
+    if _free(field):
+      continue
+    a, b = old.get(field, default.get(field, missing)), new.get(field, missing)
+    if a != b:
+      changes[field] = tuple("(absent)" if v is missing else v for v in (a, b))
+  return changes
+
+
+def check_resume(config: ml_collections.ConfigDict, workdir) -> dict[str, tuple]:
+  """`config_changes`; a ConfigError listing them (field: old -> new) unless `resume_changed`."""
+  changes = config_changes(config, workdir)
+  if changes and not config.get("resume_changed", False):
+    listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+    raise ConfigError(
+        f"--workdir: {workdir} holds a run started with another config ({CONFIG_FILE}); this "
+        f"command changes {listed}. A resume may change only {', '.join(FREE_FIELDS)}. Use a new "
+        f"--workdir, or pass --config.resume_changed=True to continue this run under the new "
+        f"values on purpose (recorded in {CONFIG_FILE} and metrics.jsonl).")
+  return changes
+
+
+def record_config(config: ml_collections.ConfigDict, workdir, changes: dict,
+                  step: int | None = None) -> None:
+  """Writes WORKDIR/config.json: `config`, and the record of earlier resumes that changed fields
+  with, if `changes`, this one's (from checkpoint `step`)."""
+  recorded = _read_config_file(workdir) or {}
+  history = recorded.get(_HISTORY, [])
+  if changes:
+    history = history + [{"from_step": step, "changes": {k: list(v) for k, v in changes.items()}}]
+  out = json.loads(config.to_json_best_effort())
+  if history:
+    out[_HISTORY] = history
+  paths.write_atomic(paths.resolve(workdir) / CONFIG_FILE, json.dumps(out, indent=1))
 
 
 def _wandb_options(config) -> dict:
@@ -1156,6 +1243,7 @@ def _open_run(stack: contextlib.ExitStack, config, workdir, init_model) -> _Run:
     if leader:
       stack.enter_context(runlock.hold(workdir))
   _check_shared(workdir)
+  changes = check_resume(config, workdir)
   with multihost.leader_first("to prepare the dataset"):
     check_prompt_lengths(config)  # reads the train split: prepares it on first use
   setup, state = build(config, init_model)
@@ -1170,6 +1258,15 @@ def _open_run(stack: contextlib.ExitStack, config, workdir, init_model) -> _Run:
     if restored.rejected:  # the first row after the restore says so
       notes = {"resumed_from_step": float(start),
                "checkpoints_rejected": float(len(restored.rejected))}
+  if changes:  # resume_changed: continued on purpose, and said so
+    if leader:
+      record_config(config, workdir, changes, start)
+    notes["resumed_with_config_changes"] = float(len(changes))
+  if changes and leader:
+    print(f"kljax: resuming {workdir} from step {start} with a changed config "
+          f"(resume_changed=True): "
+          + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()),
+          file=sys.stderr, flush=True)
   writer = MetricsWriter(workdir, resume_step=start - 1, tensorboard=config.metrics.tensorboard,
                          **_wandb_options(config)) if leader else None
   if writer is not None:
