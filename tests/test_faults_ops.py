@@ -192,3 +192,103 @@ def test_a_checkpoint_of_another_structure_is_a_mismatch_not_damage(data_dir, sf
                init_model=_init(sft_dir), progress=False)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]
   assert not os.path.exists(os.path.join(workdir, "rejected_checkpoints"))
+
+
+# ---------------------------------------------------------------- saves that fail: no hang
+
+
+def _save_threads():
+  import threading
+
+  from orbax.checkpoint._src.futures import future
+
+  return [t for t in threading.enumerate() if isinstance(t, future._SignalingThread)
+          and t.is_alive()]
+
+
+def test_a_failed_background_save_names_the_last_good_checkpoint_and_leaves_no_thread(
+    tmp_path, monkeypatch):
+  import jax.numpy as jnp
+  import orbax.checkpoint as ocp
+  from orbax.checkpoint._src.serialization import serialization
+
+  from kljax.train.checkpoint import CheckpointSaveError
+
+  state = {"w": jnp.arange(64, dtype=jnp.float32)}
+  ckpt = Checkpointer(str(tmp_path), every=1)
+  ckpt.maybe_save(1, state)
+  ckpt.wait()
+  failed, real_restore = ckpt._manager, ocp.CheckpointManager.restore
+
+  async def no_space(*args, **kwargs):  # what TensorStore reports on a full filesystem
+    raise ValueError("RESOURCE_EXHAUSTED: Failed to write: No space left on device "
+                     "[os_error_code='28']")
+
+  def restore(self, *args, **kwargs):  # the failed manager re-raises its save's error
+    if self is failed:
+      raise ValueError("RESOURCE_EXHAUSTED: No space left on device")
+    return real_restore(self, *args, **kwargs)
+
+  monkeypatch.setattr(serialization, "async_serialize_from_host", no_space)
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", restore)
+  with pytest.raises(CheckpointSaveError, match=r"cannot save checkpoint step 2 .*no space left "
+                                                r"on device.*The last checkpoint that verifies is "
+                                                r"step 1; free space \(or fix the cause\)"):
+    ckpt.maybe_save(2, state)
+    ckpt.wait()
+  ckpt.close()
+  assert not _save_threads()  # nothing left for the interpreter to wait for at exit
+
+
+# Replaces WORKDIR/checkpoints by a file while step 1 is scored: the save of step 2 fails mid-run.
+CHECKPOINTS_REPLACED = """
+import os, shutil, time
+from kljax import rewards
+
+_calls = [0]
+
+def score(prompts, completions, **fields):
+  _calls[0] += 1
+  if _calls[0] == 2:
+    folder = os.path.join(os.environ["KLJAX_TEST_WORKDIR"], "checkpoints")
+    shutil.rmtree(folder, ignore_errors=True)
+    with open(folder, "w") as f:
+      f.write("not a folder")
+    with open(folder + ".replaced_at", "w") as f:
+      f.write(repr(time.time()))
+  return rewards.numeric_match(prompts, completions, **fields)
+"""
+
+
+@pytest.mark.slow
+def test_checkpoints_folder_replaced_by_a_file_mid_run_ends_within_seconds(data_dir, sft_dir,
+                                                                           tmp_path):
+  _module(tmp_path, "replacing", CHECKPOINTS_REPLACED)
+  workdir = tmp_path / "run"
+  out = subprocess.run(_cli(workdir, sft_dir, f"--config.data.data_dir={data_dir}",
+                            "--config.reward.fns=replacing:score"),
+                       cwd=REPO, env=_env(tmp_path, KLJAX_TEST_WORKDIR=str(workdir)),
+                       capture_output=True, text=True, timeout=300)
+  ended = time.time()
+  assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+  assert ended - float((workdir / "checkpoints.replaced_at").read_text()) < 30  # not a hang
+  lines = _lines(out.stderr)
+  assert len(lines) == 1, out.stderr[-3000:]
+  assert lines[0].startswith(f"CheckpointSaveError: cannot save checkpoint step 2 in {workdir}/"
+                             f"checkpoints (")
+  assert "free space" not in lines[0].split("):", 1)[1]  # not blamed on the disk
+  assert lines[0].endswith("The checkpoints folder is no longer a directory (a file is in its "
+                           "place) during the run: its checkpoints are lost; restore it, or move "
+                           "it aside and rerun the same command to start over.")
+
+  # found before any work the next time
+  with pytest.raises(grpo.ConfigError, match=rf"--workdir: {workdir}/checkpoints is a file, where "
+                                             rf"the run keeps its checkpoints directory"):
+    grpo.validate(_config(data_dir), str(workdir))
+  os.remove(workdir / "checkpoints")
+  os.makedirs(workdir / "metrics.jsonl.d")
+  os.remove(workdir / "metrics.jsonl")
+  os.rename(workdir / "metrics.jsonl.d", workdir / "metrics.jsonl")
+  with pytest.raises(grpo.ConfigError, match=r"metrics.jsonl is a directory, where the run keeps "
+                                             r"its metrics.jsonl file"):
+    grpo.validate(_config(data_dir), str(workdir))

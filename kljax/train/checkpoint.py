@@ -31,6 +31,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import zlib
 from typing import Any, NamedTuple
 
@@ -248,6 +249,25 @@ def _quiet_failed_saves() -> None:
     sys.unraisablehook = _orbax_unraisable(sys.unraisablehook)
 
 
+def _release_stranded_save_threads(timeout_s: float = 5.0) -> None:
+  """Ends orbax's background commit threads of a save that failed. Each waits for a signal that
+  the failed save will never send (for orbax's own coordination timeout, many minutes), and they
+  are not daemons: the interpreter would wait for them at exit, a process that printed its error
+  and then hung. Cancelled and given their signal, they return without writing."""
+  try:
+    from orbax.checkpoint._src.futures import future as ocp_future
+
+    threads = [t for t in threading.enumerate()
+               if isinstance(t, ocp_future._SignalingThread) and t.is_alive()]  # noqa: SLF001
+    for t in threads:
+      t.cancel()
+      ocp_future.set_signals(t._receive_signals, operation_id=t._operation_id)  # noqa: SLF001
+  except (ImportError, AttributeError):  # another orbax: its threads are its own business
+    return
+  for t in threads:
+    threading.Thread.join(t, timeout_s)
+
+
 def _say(msg: str) -> None:
   if jax.process_index() == 0:
     print(f"kljax: {msg}", file=sys.stderr, flush=True)
@@ -315,24 +335,55 @@ class Checkpointer:
     global _a_save_failed
     _a_save_failed = self._failed = True
     self._pending = None
-    try:
-      free = (f"{shutil.disk_usage(self.directory).free / 2**20:.1f} MiB free"
-              if paths.is_local(self.directory) else "an object store")
-    except OSError:
-      free = "free space unknown"
-    good = self.newest_verified()
+    _release_stranded_save_threads()
     try:  # join orbax's threads and collect the rest of the failed save while Python is whole
       self._manager.close()
     except Exception:  # noqa: BLE001 - the error being reported
       pass
     gc.collect()
-    last = (f"The last checkpoint that verifies is step {good}; free space (or fix the cause) "
-            f"and rerun the same command to resume from it." if good is not None else
-            "No earlier checkpoint verifies; free space (or fix the cause) and rerun the same "
-            "command to start over.")
+    local = paths.is_local(self.directory)
+    gone = local and not self.directory.is_dir()
+    try:
+      free = (f"{shutil.disk_usage(self.directory if not gone else self.workdir).free / 2**20:.1f}"
+              f" MiB free" if local else "an object store")
+    except OSError:
+      free = "free space unknown"
+    # The failed manager re-raises the save's error from every later call: a new one, reading
+    # only, tells which earlier checkpoint verifies.
+    good = None if gone else self._newest_verified_afresh()
+    space = getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err)
+    fix = "free space (or fix the cause)" if space else "fix the cause"
+    if gone:
+      what = ("was deleted" if not self.directory.exists() else
+              "is no longer a directory (a file is in its place)")
+      last = (f"The checkpoints folder {what} during the run: its checkpoints are lost; restore "
+              f"it, or move it aside and rerun the same command to start over.")
+    elif good is not None:
+      last = (f"The last checkpoint that verifies is step {good}; {fix} and rerun the same "
+              f"command to resume from it.")
+    else:
+      last = f"No earlier checkpoint verifies; {fix} and rerun the same command to start over."
     raise CheckpointSaveError(
         f"cannot save checkpoint step {step} in {self.directory} ({free}): "
         f"{_cause(err)}. {last}") from None
+
+  def _newest_verified_afresh(self) -> int | None:
+    try:
+      fresh = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+          read_only=True, create=False, enable_async_checkpointing=False))
+    except Exception:  # noqa: BLE001 - the folder is unreadable: nothing verifies
+      return None
+    failed, self._manager = self._manager, fresh
+    try:
+      return self.newest_verified()
+    except Exception:  # noqa: BLE001
+      return None
+    finally:
+      self._manager = failed
+      try:
+        fresh.close()
+      except Exception:  # noqa: BLE001
+        pass
 
   def _read(self, step: int, abstract) -> Any:
     """The state of checkpoint `step`, verified against its digest; _Unverified says why not."""

@@ -399,6 +399,7 @@ def _check_paths(config, workdir: str) -> None:
   """The run directory can be created and written, the data directory read (or created), and
   `model.tokenizer` and `model.init`, when set, load (the checkpoint without its weights)."""
   _check_dir("--workdir", workdir, write=True)
+  _check_run_files(workdir)
   _check_dir("--config.data.data_dir", config.data.data_dir, write=False)
   if config.data.get("manual_dir"):
     path = paths.resolve(config.data.manual_dir)
@@ -415,6 +416,24 @@ def _check_paths(config, workdir: str) -> None:
                       param_dtype=config.model.param_dtype)
     except (OSError, ValueError) as err:  # hf.CheckpointError is a ValueError
       raise ConfigError(f"--config.model.init: {err}") from None
+
+
+# What a run keeps in WORKDIR, by kind: one of another kind in its place fails only mid-run.
+RUN_FILES = {"checkpoints": "directory", "metrics.jsonl": "file", CONFIG_FILE: "file",
+             runlock.LOCK_FILE: "file", "sft": "directory", "tensorboard": "directory"}
+
+
+def _check_run_files(workdir) -> None:
+  """Each of RUN_FILES that exists in a local WORKDIR is of its kind (a directory where a file
+  belongs, or the reverse, is an IsADirectoryError or a failed save later)."""
+  root = paths.resolve(workdir)
+  if not paths.is_local(root):
+    return
+  for name, kind in RUN_FILES.items():
+    path = root / name
+    if path.exists() and path.is_dir() != (kind == "directory"):
+      raise ConfigError(f"--workdir: {path} is {'a directory' if path.is_dir() else 'a file'}, "
+                        f"where the run keeps its {name} {kind}; move it aside.")
 
 
 def _reached(flag: str, fn):
