@@ -349,7 +349,7 @@ class Checkpointer:
     except OSError:
       free = "free space unknown"
     # The failed manager re-raises the save's error from every later call: a new one, reading
-    # only, tells which earlier checkpoint verifies.
+    # no save, tells which earlier checkpoint verifies.
     good = None if gone else self._newest_verified_afresh()
     space = getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err)
     fix = "free space (or fix the cause)" if space else "fix the cause"
@@ -370,7 +370,7 @@ class Checkpointer:
   def _newest_verified_afresh(self) -> int | None:
     try:
       fresh = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-          read_only=True, create=False, enable_async_checkpointing=False))
+          create=False, enable_async_checkpointing=False))
     except Exception:  # noqa: BLE001 - the folder is unreadable: nothing verifies
       return None
     failed, self._manager = self._manager, fresh
