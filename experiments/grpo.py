@@ -25,7 +25,7 @@ import sys
 import jax
 from absl import app, flags, logging
 
-from kljax import cli, paths
+from kljax import cli, paths, rewards
 from kljax.train import grpo, metrics, multihost, preempt, runlock
 from kljax.train.checkpoint import CheckpointError, Checkpointer
 from kljax.train.sft import initial_model
@@ -84,7 +84,7 @@ def main(argv):
         init_model = initial_model(config, workdir / "sft")
       history = grpo.train(config, workdir, init_model=init_model)
   except (runlock.RunLockedError, CheckpointError, grpo.NonFiniteError, grpo.ConfigError,
-          multihost.LeaderFailedError) as err:
+          multihost.LeaderFailedError, rewards.RewardError) as err:
     print(f"{type(err).__name__}: {err}", file=sys.stderr)
     sys.exit(1)
   except preempt.Preempted as err:

@@ -292,3 +292,108 @@ def test_checkpoints_folder_replaced_by_a_file_mid_run_ends_within_seconds(data_
   with pytest.raises(grpo.ConfigError, match=r"metrics.jsonl is a directory, where the run keeps "
                                              r"its metrics.jsonl file"):
     grpo.validate(_config(data_dir), str(workdir))
+
+
+# ---------------------------------------------------------------- rewards
+
+import threading  # noqa: E402
+
+from kljax import rewards  # noqa: E402
+
+_RELEASE = threading.Event()  # set at the end of the tests that hang a reward
+_HALF = [0]
+
+
+def never_returns(prompts, completions, **_):
+  _RELEASE.wait()
+  return [0.0] * len(completions)
+
+
+def always_fails(prompts, completions, **_):
+  raise ValueError("cannot parse")
+
+
+def half_fail(prompts, completions, **_):
+  """The batch call fails; alone, every other sample does: half the samples score 0."""
+  _HALF[0] += 1
+  if len(completions) > 1 or _HALF[0] % 2:
+    raise ValueError("cannot parse")
+  return [1.0]
+
+
+def wrong_signature(completions):
+  return [0.0] * len(completions)
+
+
+@pytest.fixture
+def release_hung_rewards():
+  _RELEASE.clear()
+  yield
+  _RELEASE.set()
+
+
+@pytest.mark.parametrize("returned,said", [
+    (["0.5", "1"], r"returned a str \('0.5'\) among its values"),
+    (None, r"returned NoneType None"),
+    ("1 0", r"returned str '1 0'"),
+    (1.0, r"returned float 1.0"),
+    ({"a": 1.0}, r"returned a str \('a'\) among its values"),
+    ([[1.0], [0.0]], r"returned a list \(\[1.0\]\) among its values"),
+    ([1.0], r"returned 1 values"),
+    ([1.0, float("nan")], r"returned non-finite values at \[1\]"),
+])
+def test_every_wrong_return_type_is_a_reward_error(returned, said):
+  fn = lambda prompts, completions, **_: returned  # noqa: E731
+  for on_error in ("raise", "zero"):
+    with pytest.raises(rewards.RewardError, match=said + r"; it must return 2 finite numbers"):
+      rewards.score([fn], ["q", "q"], ["a", "b"], on_error=on_error)
+
+
+def test_a_reward_that_never_returns_is_stopped_at_its_timeout(release_hung_rewards):
+  start = time.time()
+  with pytest.raises(rewards.RewardError, match=r"reward function test_faults_ops.never_returns "
+                                                r"did not return within reward.timeout_s=0.5 s on "
+                                                r"a batch of 2"):
+    rewards.score([never_returns], ["q", "q"], ["a", "b"], timeout_s=0.5)
+  assert 0.5 <= time.time() - start < 5
+
+
+@pytest.mark.slow
+def test_a_run_whose_reward_never_returns_ends_within_the_timeout(data_dir, sft_dir, tmp_path,
+                                                                  release_hung_rewards):
+  config = _config(data_dir, **{"reward.fns": "test_faults_ops:never_returns",
+                                "reward.timeout_s": 2.0})
+  with pytest.raises(rewards.RewardError, match=r"never_returns did not return within "
+                                                r"reward.timeout_s=2 s"):
+    grpo.train(config, str(tmp_path), init_model=_init(sft_dir), progress=False)
+
+
+def test_a_reward_with_the_wrong_signature_stops_before_any_work(data_dir, tmp_path):
+  config = _config(data_dir, **{"reward.fns": "test_faults_ops:wrong_signature"})
+  with pytest.raises(grpo.ConfigError, match=r"--config.reward.fns: reward function "
+                                             r"'test_faults_ops:wrong_signature' cannot be called "
+                                             r"as fn\(prompts, completions, answer=\[…\], level=\[…\]\) with "
+                                             r"the fields of arithmetic/level1"):
+    grpo.validate(config, str(tmp_path))
+  config.reward.timeout_s = -1.0
+  with pytest.raises(grpo.ConfigError, match=r"--config.reward.timeout_s: must be a number of "
+                                             r"seconds >= 0"):
+    grpo.validate(config)
+
+
+@pytest.mark.slow
+def test_on_error_zero_says_when_many_fail_and_stops_when_all_do(data_dir, sft_dir, tmp_path,
+                                                                 capsys):
+  half = _config(data_dir, **{"reward.fns": "test_faults_ops:half_fail", "reward.on_error": "zero"})
+  half.num_steps = 2  # (num_steps=1 trips optax: a cosine decay of 0 steps)
+  grpo.train(half, str(tmp_path / "half"), init_model=_init(sft_dir), progress=False)
+  assert ("kljax: step 0: 8 of 16 sample scores failed and were scored 0 "
+          "(reward.on_error='zero')." in capsys.readouterr().err)
+
+  every = _config(data_dir, **{"reward.fns": "test_faults_ops:always_fails",
+                               "reward.on_error": "zero"})
+  with pytest.raises(rewards.RewardError, match=r"step 0: every reward failed \(16 of 16 sample "
+                                                r"scores"):
+    grpo.train(every, str(tmp_path / "every"), init_model=_init(sft_dir), progress=False)
+  assert read_jsonl(str(tmp_path / "every" / "metrics.jsonl")) == []
+  assert Checkpointer(str(tmp_path / "every"), every=EVERY).latest_step() is None

@@ -349,7 +349,7 @@ class Checkpointer:
     except OSError:
       free = "free space unknown"
     # The failed manager re-raises the save's error from every later call: a new one, reading
-    # no save, tells which earlier checkpoint verifies.
+    # which saves nothing, tells which earlier checkpoint verifies.
     good = None if gone else self._newest_verified_afresh()
     space = getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err)
     fix = "free space (or fix the cause)" if space else "fix the cause"

@@ -60,6 +60,7 @@ def grpo_tiny() -> ml_collections.ConfigDict:
   c.reward.fns = "numeric_match"  # comma-separated: built-in names or "module:function"
   c.reward.weights = "1.0"  # comma-separated, one weight a reward function
   c.reward.on_error = "raise"  # or "zero": score a failing sample 0 and count it
+  c.reward.timeout_s = 30.0  # seconds a reward function may take on a step's batch (0: no limit)
 
   c.advantage = ml_collections.ConfigDict()
   c.advantage.estimator = "grpo"  # grpo | dr_grpo | rloo | reinforce_pp_baseline

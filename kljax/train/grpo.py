@@ -201,6 +201,11 @@ def _check_ranges(config: ml_collections.ConfigDict) -> None:
   grace = config.get("stop_grace_s", 25.0)
   if not _number(grace) or not 0 <= grace < math.inf:
     _bad("stop_grace_s", f"must be a number of seconds >= 0 (0: no limit), got {grace!r}.")
+  timeout = config.reward.get("timeout_s", 30.0)
+  if not _number(timeout) or not 0 <= timeout < math.inf:
+    _bad("reward.timeout_s", f"must be a number of seconds >= 0 (0: no limit), got {timeout!r}.")
+  if config.reward.on_error not in ("raise", "zero"):
+    _bad("reward.on_error", f"must be 'raise' or 'zero', got {config.reward.on_error!r}.")
 
 
 def _check_reward_fits_dataset(config: ml_collections.ConfigDict) -> None:
@@ -251,11 +256,14 @@ def _longest_prompt(name, data_dir, manual_dir, template, add_bos, tokenizer) ->
 def _check_reward_fns(config) -> None:
   """Each `reward.fns` entry imports, and `reward.weights` has one weight for each."""
   specs = [s.strip() for s in config.reward.fns.split(",")]
+  fields = data_lib.FIELDS.get(config.data.name.partition("/")[0])
   for spec in specs:
     try:
-      rewards.load_reward_fn(spec)
+      fn = rewards.load_reward_fn(spec)
     except ValueError as err:
       raise ConfigError(f"--config.reward.fns: {err}") from None
+    if spec not in rewards.BUILTIN:  # built-ins: _check_reward_fits_dataset names the fields
+      _check_reward_signature(spec, fn, config.data.name, fields)
   weights = str(config.reward.weights).split(",")
   if len(weights) != len(specs):
     raise ConfigError(f"--config.reward.weights: {len(weights)} weights for {len(specs)} "
@@ -265,6 +273,26 @@ def _check_reward_fns(config) -> None:
       float(w)
     except ValueError:
       raise ConfigError(f"--config.reward.weights: {w.strip()!r} is not a number.") from None
+
+
+def _check_reward_signature(spec: str, fn, dataset: str, fields) -> None:
+  """`fn` accepts the call `score` makes: fn(prompts, completions, **the example's fields other
+  than the question), with the fields of `dataset` when they are known."""
+  import inspect
+
+  try:
+    sig = inspect.signature(fn)
+  except (TypeError, ValueError):  # a builtin without a signature: its call will tell
+    return
+  kwargs = {f: [""] for f in (fields or {}) if f != "question"}
+  try:
+    sig.bind([""], [""], **kwargs)
+  except TypeError as err:
+    raise ConfigError(
+        f"--config.reward.fns: reward function {spec!r} cannot be called as fn(prompts, "
+        f"completions, {', '.join(f'{k}=[…]' for k in kwargs) or '**fields'}) with the fields of "
+        f"{dataset} ({err}); a reward takes fn(prompts, completions, **example_fields) and may "
+        f"absorb the fields it does not read with **_.") from None
 
 
 def _check_wandb(config) -> None:
@@ -975,7 +1003,7 @@ def score(setup: Setup, ro: Rollout) -> rewards.Scores:
             if k != "question"}
   return rewards.score(setup.reward_fns, [e["question"] for e in ro.examples for _ in range(g)],
                        completions, weights=setup.reward_weights, on_error=c.reward.on_error,
-                       **fields)
+                       timeout_s=c.reward.get("timeout_s", 30.0), **fields)
 
 
 def _reward_stage(setup: Setup) -> str | None:
@@ -1214,6 +1242,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, init_model=None,
       bad = [k for k, v in metrics.items() if not math.isfinite(v) and k not in absent]
       if bad:
         raise NonFiniteError(_non_finite_message(step, bad, ckpt, run.restored_step))
+      _check_reward_failures(step, metrics, config, len(setup.reward_fns))
       metrics |= notes
       notes = {}
       if writer is not None:
@@ -1229,6 +1258,24 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, init_model=None,
         bar.close()
         raise _stopped(signum, step + 1, ckpt)
   return history
+
+
+REWARD_FAILURES_SAID = 0.25  # reward.on_error="zero": the console says so above this share
+
+
+def _check_reward_failures(step: int, metrics: dict, config, n_fns: int) -> None:
+  """With reward.on_error="zero": one console line a step when a large share of the samples'
+  rewards failed (scored 0), and a RewardError, before the step is written or checkpointed, when
+  every one did (GRPO would train on a constant)."""
+  failed, total = int(metrics.get("reward_failures", 0)), config.batch_size * n_fns
+  if failed >= total:
+    raise rewards.RewardError(
+        f"step {step}: every reward failed ({failed} of {total} sample scores, reward.on_error="
+        f"'zero' scored them 0): nothing to learn from; stopping. Rerun with "
+        f"--config.reward.on_error=raise to see the first failure.")
+  if failed >= REWARD_FAILURES_SAID * total and jax.process_index() == 0:
+    print(f"kljax: step {step}: {failed} of {total} sample scores failed and were scored 0 "
+          f"(reward.on_error='zero').", file=sys.stderr, flush=True)
 
 
 def _stopped(signum: int, step: int, ckpt: Checkpointer) -> preempt.Preempted:
