@@ -44,13 +44,21 @@ flags.mark_flag_as_required("workdir")
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  if not _WORKDIR.value.strip():  # `--workdir=$RUN` with RUN unset: not the current directory
+    raise app.UsageError("--workdir is empty (an unset shell variable?); name the run directory.")
   if _DISTRIBUTED.value:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes only
     explicit = {}
     if _COORDINATOR.value:
       explicit = dict(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                       process_id=_PROCESS_ID.value)
-    jax.distributed.initialize(**explicit)
+    try:
+      jax.distributed.initialize(**explicit)
+    except ValueError as err:  # no coordinator given, and none to detect (not a TPU pod or SLURM)
+      raise app.UsageError(
+          f"--distributed: {err} This host is not a TPU pod or SLURM job, where it is detected: "
+          f"pass --coordinator=HOST:PORT (process 0's address) --num_processes=N "
+          f"--process_id=I to every process.") from None
   config = _CONFIG.value
   workdir = paths.resolve(_WORKDIR.value)
   leader = jax.process_index() == 0

@@ -397,3 +397,57 @@ def test_on_error_zero_says_when_many_fail_and_stops_when_all_do(data_dir, sft_d
     grpo.train(every, str(tmp_path / "every"), init_model=_init(sft_dir), progress=False)
   assert read_jsonl(str(tmp_path / "every" / "metrics.jsonl")) == []
   assert Checkpointer(str(tmp_path / "every"), every=EVERY).latest_step() is None
+
+
+# ---------------------------------------------------------------- config values out of range
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"optim.learning_rate": -5e-4}, r"--config.optim.learning_rate: must be a finite number >= 0, "
+                                     r"got -0.0005 \(a negative rate ascends the loss\)"),
+    ({"rollout.temperature": -1.0}, r"--config.rollout.temperature: must be a finite number >= 0"),
+    ({"rollout.top_p": 0.0}, r"--config.rollout.top_p: must be in \(0, 1\]"),
+    ({"rollout.top_p": 1.5}, r"--config.rollout.top_p: must be in \(0, 1\]"),
+    ({"rollout.top_k": -1}, r"--config.rollout.top_k: must be an integer >= 0"),
+    ({"stop_grace_s": -1.0}, r"--config.stop_grace_s: must be a number of seconds >= 0"),
+])
+def test_out_of_range_values_stop_before_any_work(data_dir, changes, match):
+  with pytest.raises(grpo.ConfigError, match=match):
+    grpo.validate(_config(data_dir, **changes))
+
+
+def test_greedy_sampling_of_a_group_is_a_warning(data_dir, capsys):
+  grpo.validate(_config(data_dir, **{"rollout.temperature": 0.0}))
+  grpo.validate(_config(data_dir, **{"rollout.temperature": 0.0}))
+  err = capsys.readouterr().err
+  assert err == ("kljax: warning: --config.rollout.temperature=0 samples greedily: the 4 "
+                 "completions of a prompt are identical, every group's rewards agree and GRPO has "
+                 "nothing to learn from; use a temperature > 0.\n")  # once
+
+
+@pytest.mark.slow
+def test_a_parameter_norm_growing_tenfold_warns_naming_the_learning_rate(data_dir, sft_dir,
+                                                                         tmp_path, capsys):
+  history = grpo.train(_config(data_dir, **{"optim.learning_rate": 1e3}), str(tmp_path),
+                       init_model=_init(sft_dir), progress=False)
+  norms = [r["param_norm"] for r in history]
+  assert max(norms) > 10 * norms[0]  # the fault did happen
+  err = capsys.readouterr().err
+  assert err.count("kljax: warning: the parameter norm grew from ") == 1
+  assert "optim.learning_rate=1000 is likely too large for this model." in err
+
+
+@pytest.mark.parametrize("args,said", [
+    (["--workdir="], "--workdir is empty (an unset shell variable?); name the run directory."),
+    (["--workdir=run", "--distributed"],
+     "--distributed: coordinator_address should be defined. This host is not a TPU pod or SLURM "
+     "job, where it is detected: pass --coordinator=HOST:PORT"),
+])
+def test_an_empty_workdir_or_distributed_without_a_coordinator_is_one_line(tmp_path, args, said):
+  out = subprocess.run([sys.executable, "-m", "experiments.grpo", *args], cwd=tmp_path,
+                       env=dict(_env(tmp_path), JAX_PLATFORMS="cpu"), capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 1, out.stderr[-3000:]
+  assert out.stderr.startswith(f"python -m experiments.grpo: {said}"), out.stderr[-3000:]
+  assert len(out.stderr.splitlines()) == 1
+  assert os.listdir(tmp_path) == []  # nothing written in the current directory

@@ -91,6 +91,8 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None) -> N
   functions' import paths, wandb when `metrics.wandb` asks for it, and that every path's scheme (gs://…) can be reached here (its package
   is installed). With `workdir`, also the paths a run on this machine reads and writes
   (`_check_paths`), so that none fails after the warm start."""
+  if workdir is not None and not str(workdir).strip():
+    raise ConfigError("--workdir is empty (an unset shell variable?); name the run directory.")
   _check_schemes(config, workdir)
   _check_names(config)
   _check_rollout_policy(config)
@@ -192,6 +194,16 @@ def _check_sizes(config: ml_collections.ConfigDict) -> None:
     _bad("batch_size", f"{err} (minibatches of {per_minibatch}).")
 
 
+_warned: set[str] = set()
+
+
+def warn_once(msg: str) -> None:
+  """`msg` on stderr as one line, once a process (validate runs more than once a run)."""
+  if msg not in _warned and jax.process_index() == 0:
+    _warned.add(msg)
+    print(f"kljax: warning: {msg}", file=sys.stderr, flush=True)
+
+
 def _number(value) -> bool:
   return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
 
@@ -201,6 +213,22 @@ def _check_ranges(config: ml_collections.ConfigDict) -> None:
   grace = config.get("stop_grace_s", 25.0)
   if not _number(grace) or not 0 <= grace < math.inf:
     _bad("stop_grace_s", f"must be a number of seconds >= 0 (0: no limit), got {grace!r}.")
+  lr = config.optim.learning_rate
+  if not _number(lr) or not 0 <= lr < math.inf:
+    _bad("optim.learning_rate", f"must be a finite number >= 0, got {lr!r} (a negative rate "
+         f"ascends the loss).")
+  r = config.rollout
+  if not _number(r.temperature) or not 0 <= r.temperature < math.inf:
+    _bad("rollout.temperature", f"must be a finite number >= 0 (0: greedy), got "
+         f"{r.temperature!r}.")
+  if not _number(r.top_p) or not 0 < r.top_p <= 1:
+    _bad("rollout.top_p", f"must be in (0, 1] (1: the whole distribution), got {r.top_p!r}.")
+  if isinstance(r.top_k, bool) or not isinstance(r.top_k, (int, np.integer)) or r.top_k < 0:
+    _bad("rollout.top_k", f"must be an integer >= 0 (0: every token), got {r.top_k!r}.")
+  if r.temperature == 0 and r.group_size > 1:
+    warn_once(f"--config.rollout.temperature=0 samples greedily: the {r.group_size} completions "
+              f"of a prompt are identical, every group's rewards agree and GRPO has nothing to "
+              f"learn from; use a temperature > 0.")
   timeout = config.reward.get("timeout_s", 30.0)
   if not _number(timeout) or not 0 <= timeout < math.inf:
     _bad("reward.timeout_s", f"must be a number of seconds >= 0 (0: no limit), got {timeout!r}.")
@@ -1237,12 +1265,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, init_model=None,
                **({"desc": "grpo", "unit": "step"} | (bar_options or {})),
                disable=not (progress and jax.process_index() == 0))
     stop = stack.enter_context(preempt.on_signals(config.get("stop_grace_s", 25.0)))
+    first_norm, norm_said = None, False  # the parameter norm after this process's first step
     for step in bar:
       state, metrics = train_step(setup, state, fns, before_update=ckpt.wait)
       bad = [k for k, v in metrics.items() if not math.isfinite(v) and k not in absent]
       if bad:
         raise NonFiniteError(_non_finite_message(step, bad, ckpt, run.restored_step))
       _check_reward_failures(step, metrics, config, len(setup.reward_fns))
+      first_norm = first_norm or metrics["param_norm"]
+      if metrics["param_norm"] > NORM_GROWTH_SAID * first_norm and not norm_said:
+        norm_said = True
+        warn_once(f"the parameter norm grew from {first_norm:.4g} to {metrics['param_norm']:.4g} "
+                  f"by step {step}: optim.learning_rate={config.optim.learning_rate:g} is likely "
+                  f"too large for this model.")
       metrics |= notes
       notes = {}
       if writer is not None:
@@ -1260,6 +1295,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, init_model=None,
   return history
 
 
+NORM_GROWTH_SAID = 10.0  # a warning once the parameter norm is this many times its first value
 REWARD_FAILURES_SAID = 0.25  # reward.on_error="zero": the console says so above this share
 
 
