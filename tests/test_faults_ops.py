@@ -451,3 +451,20 @@ def test_an_empty_workdir_or_distributed_without_a_coordinator_is_one_line(tmp_p
   assert out.stderr.startswith(f"python -m experiments.grpo: {said}"), out.stderr[-3000:]
   assert len(out.stderr.splitlines()) == 1
   assert os.listdir(tmp_path) == []  # nothing written in the current directory
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_a_metrics_file_deleted_during_a_run_is_recreated_and_the_loss_named(tmp_path, capsys):
+  from kljax.train.metrics import MetricsWriter
+
+  writer = MetricsWriter(str(tmp_path), tensorboard=False)
+  writer.write(0, {"reward_mean": 0.5})
+  os.remove(tmp_path / "metrics.jsonl")
+  writer.write(1, {"reward_mean": 0.25})
+  writer.close()
+  assert read_jsonl(str(tmp_path / "metrics.jsonl")) == [{"step": 1, "reward_mean": 0.25}]
+  assert capsys.readouterr().err == (
+      f"kljax: {tmp_path}/metrics.jsonl was deleted during the run: the rows of the steps before "
+      f"1 are lost (rerun in a new --workdir to have them); writing from step 1 on.\n")
