@@ -19,13 +19,14 @@ the others wait, then every process reads them.
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
 
 import jax
 from absl import app, flags, logging
 
-from kljax import cli, paths
-from kljax.train import grpo, metrics, multihost, runlock
+from kljax import cli, paths, rewards
+from kljax.train import grpo, metrics, multihost, preempt, runlock
 from kljax.train.checkpoint import CheckpointError, Checkpointer
 from kljax.train.sft import initial_model
 
@@ -43,13 +44,21 @@ flags.mark_flag_as_required("workdir")
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  if not _WORKDIR.value.strip():  # `--workdir=$RUN` with RUN unset: not the current directory
+    raise app.UsageError("--workdir is empty (an unset shell variable?); name the run directory.")
   if _DISTRIBUTED.value:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes only
     explicit = {}
     if _COORDINATOR.value:
       explicit = dict(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                       process_id=_PROCESS_ID.value)
-    jax.distributed.initialize(**explicit)
+    try:
+      jax.distributed.initialize(**explicit)
+    except ValueError as err:  # no coordinator given, and none to detect (not a TPU pod or SLURM)
+      raise app.UsageError(
+          f"--distributed: {err} This host is not a TPU pod or SLURM job, where it is detected: "
+          f"pass --coordinator=HOST:PORT (process 0's address) --num_processes=N "
+          f"--process_id=I to every process.") from None
   config = _CONFIG.value
   workdir = paths.resolve(_WORKDIR.value)
   leader = jax.process_index() == 0
@@ -58,6 +67,10 @@ def main(argv):
     with multihost.leader_first("to prepare the dataset"):
       grpo.check_prompt_lengths(config)  # reads the dataset (preparing it on first use)
   except (grpo.ConfigError, multihost.LeaderFailedError) as err:
+    raise app.UsageError(str(err)) from None
+  try:
+    changes = grpo.check_resume(config, workdir)  # before any work: one run, one config
+  except grpo.ConfigError as err:
     raise app.UsageError(str(err)) from None
   done = finished_step(config, workdir)
   if done is not None:
@@ -71,15 +84,25 @@ def main(argv):
       with multihost.leader_first("to take the run lock"):
         if leader:
           stack.enter_context(runlock.hold(workdir))
-          # what experiments.plot labels the run by (KL term, β); the checkpoints are the state
-          paths.write_atomic(workdir / "config.json", config.to_json_best_effort(indent=1))
+          # what experiments.plot labels the run by (KL term, β) and a resume is checked against;
+          # a resume that changed fields on purpose is recorded by `grpo.train`, which sees them
+          if not changes:
+            grpo.record_config(config, workdir, {})
       with multihost.leader_first("to make the warm start"):
         init_model = initial_model(config, workdir / "sft")
       history = grpo.train(config, workdir, init_model=init_model)
   except (runlock.RunLockedError, CheckpointError, grpo.NonFiniteError, grpo.ConfigError,
-          multihost.LeaderFailedError) as err:
+          multihost.LeaderFailedError, rewards.RewardError) as err:
     print(f"{type(err).__name__}: {err}", file=sys.stderr)
     sys.exit(1)
+  except preempt.Preempted as err:
+    if leader:
+      print(f"kljax: {err}", file=sys.stderr, flush=True)
+    sys.exit(err.exit_status)
+  except KeyboardInterrupt:  # Ctrl-C before the training loop (the warm start): nothing to save
+    print("kljax: interrupted (SIGINT) before the first GRPO step; nothing to save.",
+          file=sys.stderr, flush=True)
+    sys.exit(128 + signal.SIGINT)
   if history and leader:
     _print_summary(workdir)
 

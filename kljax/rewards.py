@@ -358,13 +358,17 @@ def score(
     *,
     weights: Sequence[float] | None = None,
     on_error: str = "raise",
+    timeout_s: float = 0.0,
     **example_fields: Sequence,
 ) -> Scores:
   """Runs every reward function and returns the weighted sum.
 
   A function that raises stops everything with a `RewardError` naming the function and the first
   sample (`on_error="raise"`), or, with `on_error="zero"`, is re-run sample by sample and the
-  samples that raise score 0 and are counted. Non-finite or wrongly sized outputs always raise.
+  samples that raise score 0 and are counted. An output that is not N finite numbers (strings,
+  None, a scalar, NaN, another length) always raises a RewardError. With `timeout_s` > 0, a call
+  that has not returned after that many seconds raises a RewardError naming the function (the call
+  is left running on a daemon thread: Python cannot stop it, and it cannot keep the process up).
   """
   if on_error not in ("raise", "zero"):
     raise ValueError(f"on_error must be 'raise' or 'zero', got {on_error!r}.")
@@ -380,28 +384,76 @@ def score(
   per_fn, failures = {}, 0
   for fn in reward_fns:
     name = _name(fn)
+    call = lambda *a, **k: _call(fn, name, timeout_s, len(a[1]), *a, **k)  # noqa: E731
     try:
-      values = list(fn(prompts, completions, **example_fields))
+      values = call(prompts, completions, **example_fields)
+    except RewardError:
+      raise
     except Exception as err:  # noqa: BLE001 - any user error is reported with its sample
       if on_error == "raise":
         raise RewardError(_describe(name, fn, prompts, completions, example_fields, err)) from err
       values = []
       for i in range(n):
         try:
-          values += list(fn(prompts[i:i + 1], completions[i:i + 1],
-                            **{k: v[i:i + 1] for k, v in example_fields.items()}))
+          values.append(_floats(name, call(prompts[i:i + 1], completions[i:i + 1],
+                                           **{k: v[i:i + 1] for k, v in example_fields.items()}),
+                                1)[0])
+        except RewardError:
+          raise
         except Exception:  # noqa: BLE001
           values.append(0.0)
           failures += 1
-    arr = np.asarray(values, np.float32)
-    if arr.shape != (n,) or not np.all(np.isfinite(arr)):
-      raise RewardError(
-          f"reward function {name} returned {arr.shape[0] if arr.ndim else 'a scalar'} values "
-          f"(need {n} finite floats); non-finite at {np.flatnonzero(~np.isfinite(arr))[:5].tolist()}."
-      )
-    per_fn[name] = arr
+    per_fn[name] = _floats(name, values, n)
   total = sum(w * v for w, v in zip(weights, per_fn.values()))
   return Scores(np.asarray(total, np.float32), per_fn, failures)
+
+
+def _call(fn, name: str, timeout_s: float, n: int, *args, **kwargs):
+  """fn(*args, **kwargs), on a daemon thread when `timeout_s` > 0, RewardError past it."""
+  if not timeout_s:
+    return fn(*args, **kwargs)
+  box: dict = {}
+
+  def run():
+    try:
+      box["out"] = fn(*args, **kwargs)
+    except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+      box["err"] = err
+
+  worker = threading.Thread(target=run, name=f"kljax-reward-{name}", daemon=True)
+  worker.start()
+  worker.join(timeout_s)
+  if worker.is_alive():
+    raise RewardError(f"reward function {name} did not return within reward.timeout_s="
+                      f"{timeout_s:g} s on a batch of {n}; make it faster, or raise "
+                      f"--config.reward.timeout_s (0: no limit).")
+  if "err" in box:
+    raise box["err"]
+  return box["out"]
+
+
+def _floats(name: str, values, n: int) -> np.ndarray:
+  """`values` as [n] finite float32, or a RewardError saying what the function returned."""
+  def wrong(what: str) -> RewardError:
+    return RewardError(f"reward function {name} returned {what}; it must return {n} finite "
+                       f"numbers (one for each completion).")
+
+  if isinstance(values, (str, bytes)) or np.isscalar(values) or values is None:
+    raise wrong(f"{type(values).__name__} {values!r:.60}")
+  try:
+    values = list(values)
+  except TypeError:
+    raise wrong(f"a {type(values).__name__}, not a sequence") from None
+  bad = [v for v in values if isinstance(v, (str, bytes, bool))
+         or not (np.isscalar(v) or getattr(v, "ndim", None) == 0)]
+  if bad:
+    raise wrong(f"a {type(bad[0]).__name__} ({bad[0]!r:.60}) among its values")
+  arr = np.asarray(values, np.float32)
+  if arr.shape != (n,):
+    raise wrong(f"{arr.shape[0] if arr.ndim else 'a scalar'} values")
+  if not np.all(np.isfinite(arr)):
+    raise wrong(f"non-finite values at {np.flatnonzero(~np.isfinite(arr))[:5].tolist()}")
+  return arr
 
 
 def _describe(name, fn, prompts, completions, fields, err) -> str:

@@ -31,6 +31,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import zlib
 from typing import Any, NamedTuple
 
@@ -50,6 +51,11 @@ class CheckpointError(RuntimeError):
 
 class CheckpointSaveError(CheckpointError):
   """A save failed (out of space, or any write error); earlier checkpoints are untouched."""
+
+
+class CheckpointMismatchError(CheckpointError):
+  """A checkpoint that is intact but holds another state structure than the run's (written under
+  another config: a model preset, rollout.staleness, an optimizer); nothing is moved."""
 
 
 # ---------------------------------------------------------------- digests
@@ -103,6 +109,35 @@ def _first_difference(saved: dict, restored: dict) -> str | None:
       if want.get("shards", {}).get(index, value) != value:
         return f"array {path} (shard {index}) differs from the digest recorded at save"
   return None
+
+
+def _structure_difference(saved: dict, target: dict) -> str | None:
+  """A sentence naming the arrays that one of the saved digest (`saved`) and the target's
+  {path: {dtype, shape}} has and the other lacks, or the first whose dtype or shape differs."""
+  missing = [p for p in target if p not in saved]
+  extra = [p for p in saved if p not in target]
+  if missing or extra:
+    parts = []
+    if missing:
+      parts.append(f"this run's state has {len(missing)} array(s) it lacks ({', '.join(missing[:3])}"
+                   f"{', …' if len(missing) > 3 else ''})")
+    if extra:
+      parts.append(f"it has {len(extra)} array(s) this run's state lacks ({', '.join(extra[:3])}"
+                   f"{', …' if len(extra) > 3 else ''})")
+    return "; ".join(parts)
+  for path, want in target.items():
+    got = saved[path]
+    if (got["dtype"], list(got["shape"])) != (want["dtype"], list(want["shape"])):
+      return (f"array {path} is {got['dtype']}{list(got['shape'])} in it and "
+              f"{want['dtype']}{list(want['shape'])} in this run")
+  return None
+
+
+def _abstract_digest(abstract) -> dict[str, dict]:
+  """{leaf path: {dtype, shape}} of a tree of arrays or ShapeDtypeStructs, keyed as `tree_digest`."""
+  leaves = jax.tree_util.tree_flatten_with_path(abstract)[0]
+  return {jax.tree_util.keystr(k, simple=True, separator="/"):
+          {"dtype": str(np.dtype(x.dtype)), "shape": list(x.shape)} for k, x in leaves}
 
 
 class DigestHandler(ocp.AsyncCheckpointHandler):
@@ -165,6 +200,10 @@ class _Unverified(Exception):
   pass
 
 
+class _Mismatched(Exception):
+  pass
+
+
 class _OrbaxSaveTracebacks(logging.Filter):
   """Drops orbax's own logged tracebacks: every error of a background save is raised again by
   `Checkpointer.wait` as one CheckpointSaveError, and the user needs one message, not five. The
@@ -208,6 +247,25 @@ def _quiet_failed_saves() -> None:
     absl_logger.addFilter(_OrbaxSaveTracebacks())
   if not getattr(sys.unraisablehook, "kljax_quiet", False):
     sys.unraisablehook = _orbax_unraisable(sys.unraisablehook)
+
+
+def _release_stranded_save_threads(timeout_s: float = 5.0) -> None:
+  """Ends orbax's background commit threads of a save that failed. Each waits for a signal that
+  the failed save will never send (for orbax's own coordination timeout, many minutes), and they
+  are not daemons: the interpreter would wait for them at exit, a process that printed its error
+  and then hung. Cancelled and given their signal, they return without writing."""
+  try:
+    from orbax.checkpoint._src.futures import future as ocp_future
+
+    threads = [t for t in threading.enumerate()
+               if isinstance(t, ocp_future._SignalingThread) and t.is_alive()]  # noqa: SLF001
+    for t in threads:
+      t.cancel()
+      ocp_future.set_signals(t._receive_signals, operation_id=t._operation_id)  # noqa: SLF001
+  except (ImportError, AttributeError):  # another orbax: its threads are its own business
+    return
+  for t in threads:
+    threading.Thread.join(t, timeout_s)
 
 
 def _say(msg: str) -> None:
@@ -277,31 +335,71 @@ class Checkpointer:
     global _a_save_failed
     _a_save_failed = self._failed = True
     self._pending = None
-    try:
-      free = (f"{shutil.disk_usage(self.directory).free / 2**20:.1f} MiB free"
-              if paths.is_local(self.directory) else "an object store")
-    except OSError:
-      free = "free space unknown"
-    good = self.newest_verified()
+    _release_stranded_save_threads()
     try:  # join orbax's threads and collect the rest of the failed save while Python is whole
       self._manager.close()
     except Exception:  # noqa: BLE001 - the error being reported
       pass
     gc.collect()
-    last = (f"The last checkpoint that verifies is step {good}; free space (or fix the cause) "
-            f"and rerun the same command to resume from it." if good is not None else
-            "No earlier checkpoint verifies; free space (or fix the cause) and rerun the same "
-            "command to start over.")
+    local = paths.is_local(self.directory)
+    gone = local and not self.directory.is_dir()
+    try:
+      free = (f"{shutil.disk_usage(self.directory if not gone else self.workdir).free / 2**20:.1f}"
+              f" MiB free" if local else "an object store")
+    except OSError:
+      free = "free space unknown"
+    # The failed manager re-raises the save's error from every later call: a new one, reading
+    # which saves nothing, tells which earlier checkpoint verifies.
+    good = None if gone else self._newest_verified_afresh()
+    space = getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err)
+    fix = "free space (or fix the cause)" if space else "fix the cause"
+    if gone:
+      what = ("was deleted" if not self.directory.exists() else
+              "is no longer a directory (a file is in its place)")
+      last = (f"The checkpoints folder {what} during the run: its checkpoints are lost; restore "
+              f"it, or move it aside and rerun the same command to start over.")
+    elif good is not None:
+      last = (f"The last checkpoint that verifies is step {good}; {fix} and rerun the same "
+              f"command to resume from it.")
+    else:
+      last = f"No earlier checkpoint verifies; {fix} and rerun the same command to start over."
     raise CheckpointSaveError(
         f"cannot save checkpoint step {step} in {self.directory} ({free}): "
         f"{_cause(err)}. {last}") from None
 
+  def _newest_verified_afresh(self) -> int | None:
+    try:
+      fresh = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+          create=False, enable_async_checkpointing=False))
+    except Exception:  # noqa: BLE001 - the folder is unreadable: nothing verifies
+      return None
+    failed, self._manager = self._manager, fresh
+    try:
+      return self.newest_verified()
+    except Exception:  # noqa: BLE001
+      return None
+    finally:
+      self._manager = failed
+      try:
+        fresh.close()
+      except Exception:  # noqa: BLE001
+        pass
+
   def _read(self, step: int, abstract) -> Any:
     """The state of checkpoint `step`, verified against its digest; _Unverified says why not."""
     problem, out = None, None
-    if not (self.directory / str(step) / "digest").exists():
+    digest_dir = self.directory / str(step) / "digest"
+    if not digest_dir.exists():
       problem = "it has no digest (written by an older kljax, or damaged)"
     else:
+      if abstract is not None:  # an intact checkpoint of another structure is not damaged
+        try:
+          saved = DigestHandler().restore(digest_dir)["arrays"]
+        except Exception:  # noqa: BLE001 - an unreadable digest: the restore below says why
+          saved = None
+        differs = saved is not None and _structure_difference(saved, _abstract_digest(abstract))
+        if differs:
+          raise _Mismatched(differs)
       try:
         out = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), digest=DigestRestore()))
@@ -332,7 +430,7 @@ class Checkpointer:
       try:
         self._read(step, abstract)
         return step
-      except _Unverified:
+      except (_Unverified, _Mismatched):
         continue
     return None
 
@@ -352,6 +450,12 @@ class Checkpointer:
     for step in steps:
       try:
         state = self._read(step, abstract)
+      except _Mismatched as why:
+        raise CheckpointMismatchError(
+            f"checkpoint step {step} in {self.directory} is intact but holds another state than "
+            f"this run's config builds: {why}. It was written under another configuration (e.g. "
+            f"model.preset, rollout.staleness, the optimizer); nothing was moved. Resume with the "
+            f"config it was written with (WORKDIR/config.json), or use a new --workdir.") from None
       except _Unverified as why:
         rejected.append((step, str(why)))
         _say(f"checkpoint step {step} in {self.directory} does not verify: {why}.")

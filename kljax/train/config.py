@@ -16,6 +16,10 @@ def grpo_tiny() -> ml_collections.ConfigDict:
   c.num_steps = 300  # GRPO steps (one rollout batch each)
   c.batch_size = 64  # completions a step = prompts × group_size
   c.checkpoint_every = 50  # steps between checkpoints (and the last step always)
+  # SIGTERM/SIGINT/SIGHUP: finish the step, save and verify its checkpoint, exit 128 + signal
+  # A run directory belongs to one config: a resume that changes a field of the trajectory stops
+  c.resume_changed = False  # True: continue a run under changed fields on purpose (recorded)
+  c.stop_grace_s = 25.0  # seconds a stop signal leaves for that before exiting unsaved (0: no limit)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "arithmetic/level1"  # arithmetic/levelN, countdown/nK, gsm8k or openr1_math
@@ -61,6 +65,7 @@ def grpo_tiny() -> ml_collections.ConfigDict:
   c.reward.fns = "numeric_match"  # comma-separated: built-in names or "module:function"
   c.reward.weights = "1.0"  # comma-separated, one weight a reward function
   c.reward.on_error = "raise"  # or "zero": score a failing sample 0 and count it
+  c.reward.timeout_s = 30.0  # seconds a reward function may take on a step's batch (0: no limit)
 
   c.advantage = ml_collections.ConfigDict()
   c.advantage.estimator = "grpo"  # grpo | dr_grpo | rloo | reinforce_pp_baseline

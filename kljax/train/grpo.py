@@ -18,9 +18,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import math
 import os
 import socket
+import sys
 import time
 from typing import Any, NamedTuple
 
@@ -39,8 +41,8 @@ from kljax import logprobs, losses, models, offpolicy, paths, rewards, sharding,
 from kljax import rollout as rollout_lib
 from kljax.full_kl import FullKLTerm
 from kljax.kl import KLTerm, kl_term, kl_term_names
-from kljax.train import multihost, runlock, sft
-from kljax.train.checkpoint import Checkpointer
+from kljax.train import multihost, preempt, runlock, sft
+from kljax.train.checkpoint import CheckpointError, Checkpointer
 from kljax.train.metrics import MetricsWriter
 
 
@@ -89,10 +91,13 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None) -> N
   functions' import paths, wandb when `metrics.wandb` asks for it, and that every path's scheme (gs://…) can be reached here (its package
   is installed). With `workdir`, also the paths a run on this machine reads and writes
   (`_check_paths`), so that none fails after the warm start."""
+  if workdir is not None and not str(workdir).strip():
+    raise ConfigError("--workdir is empty (an unset shell variable?); name the run directory.")
   _check_schemes(config, workdir)
   _check_names(config)
   _check_rollout_policy(config)
   _check_sizes(config)
+  _check_ranges(config)
   _check_reward_fns(config)
   _check_reward_fits_dataset(config)
   _check_wandb(config)
@@ -208,6 +213,48 @@ def _check_sizes(config: ml_collections.ConfigDict) -> None:
     _bad("batch_size", f"{err} (minibatches of {per_minibatch}).")
 
 
+_warned: set[str] = set()
+
+
+def warn_once(msg: str) -> None:
+  """`msg` on stderr as one line, once a process (validate runs more than once a run)."""
+  if msg not in _warned and jax.process_index() == 0:
+    _warned.add(msg)
+    print(f"kljax: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _number(value) -> bool:
+  return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+
+
+def _check_ranges(config: ml_collections.ConfigDict) -> None:
+  """Numbers that have a range, where leaving it would run without an error but not as meant."""
+  grace = config.get("stop_grace_s", 25.0)
+  if not _number(grace) or not 0 <= grace < math.inf:
+    _bad("stop_grace_s", f"must be a number of seconds >= 0 (0: no limit), got {grace!r}.")
+  lr = config.optim.learning_rate
+  if not _number(lr) or not 0 <= lr < math.inf:
+    _bad("optim.learning_rate", f"must be a finite number >= 0, got {lr!r} (a negative rate "
+         f"ascends the loss).")
+  r = config.rollout
+  if not _number(r.temperature) or not 0 <= r.temperature < math.inf:
+    _bad("rollout.temperature", f"must be a finite number >= 0 (0: greedy), got "
+         f"{r.temperature!r}.")
+  if not _number(r.top_p) or not 0 < r.top_p <= 1:
+    _bad("rollout.top_p", f"must be in (0, 1] (1: the whole distribution), got {r.top_p!r}.")
+  if isinstance(r.top_k, bool) or not isinstance(r.top_k, (int, np.integer)) or r.top_k < 0:
+    _bad("rollout.top_k", f"must be an integer >= 0 (0: every token), got {r.top_k!r}.")
+  if r.temperature == 0 and r.group_size > 1:
+    warn_once(f"--config.rollout.temperature=0 samples greedily: the {r.group_size} completions "
+              f"of a prompt are identical, every group's rewards agree and GRPO has nothing to "
+              f"learn from; use a temperature > 0.")
+  timeout = config.reward.get("timeout_s", 30.0)
+  if not _number(timeout) or not 0 <= timeout < math.inf:
+    _bad("reward.timeout_s", f"must be a number of seconds >= 0 (0: no limit), got {timeout!r}.")
+  if config.reward.on_error not in ("raise", "zero"):
+    _bad("reward.on_error", f"must be 'raise' or 'zero', got {config.reward.on_error!r}.")
+
+
 def _check_reward_fits_dataset(config: ml_collections.ConfigDict) -> None:
   """Each built-in reward of `reward.fns` must find the example fields it scores, of the kind it
   needs, in the examples of `data.name` (`rewards.EXAMPLE_FIELDS` against `data.FIELDS`): otherwise
@@ -256,11 +303,14 @@ def _longest_prompt(name, data_dir, manual_dir, template, add_bos, tokenizer) ->
 def _check_reward_fns(config) -> None:
   """Each `reward.fns` entry imports, and `reward.weights` has one weight for each."""
   specs = [s.strip() for s in config.reward.fns.split(",")]
+  fields = data_lib.FIELDS.get(config.data.name.partition("/")[0])
   for spec in specs:
     try:
-      rewards.load_reward_fn(spec)
+      fn = rewards.load_reward_fn(spec)
     except ValueError as err:
       raise ConfigError(f"--config.reward.fns: {err}") from None
+    if spec not in rewards.BUILTIN:  # built-ins: _check_reward_fits_dataset names the fields
+      _check_reward_signature(spec, fn, config.data.name, fields)
   weights = str(config.reward.weights).split(",")
   if len(weights) != len(specs):
     raise ConfigError(f"--config.reward.weights: {len(weights)} weights for {len(specs)} "
@@ -270,6 +320,26 @@ def _check_reward_fns(config) -> None:
       float(w)
     except ValueError:
       raise ConfigError(f"--config.reward.weights: {w.strip()!r} is not a number.") from None
+
+
+def _check_reward_signature(spec: str, fn, dataset: str, fields) -> None:
+  """`fn` accepts the call `score` makes: fn(prompts, completions, **the example's fields other
+  than the question), with the fields of `dataset` when they are known."""
+  import inspect
+
+  try:
+    sig = inspect.signature(fn)
+  except (TypeError, ValueError):  # a builtin without a signature: its call will tell
+    return
+  kwargs = {f: [""] for f in (fields or {}) if f != "question"}
+  try:
+    sig.bind([""], [""], **kwargs)
+  except TypeError as err:
+    raise ConfigError(
+        f"--config.reward.fns: reward function {spec!r} cannot be called as fn(prompts, "
+        f"completions, {', '.join(f'{k}=[…]' for k in kwargs) or '**fields'}) with the fields of "
+        f"{dataset} ({err}); a reward takes fn(prompts, completions, **example_fields) and may "
+        f"absorb the fields it does not read with **_.") from None
 
 
 def _check_wandb(config) -> None:
@@ -286,6 +356,92 @@ def _check_wandb(config) -> None:
     metrics.require_wandb()
   except ValueError as err:
     raise ConfigError(f"--config.metrics.wandb: {err}") from None
+
+
+# ---------------------------------------------------------------- one config per run directory
+# WORKDIR/config.json records the config a run was started with. A resume under other values of a
+# field that shapes the trajectory would make one run of two configs, under one name: it stops
+# before any work unless `resume_changed` says it is meant, and is then recorded. These fields
+# cannot change the trajectory: how long the run is, how often it checkpoints and logs, where the
+# prepared data lives, the device layout (a sharded step equals the single-device one), and how a
+# stop or a hanging reward is handled. A prefix ends with ".".
+CONFIG_FILE = "config.json"
+FREE_FIELDS = ("num_steps", "checkpoint_every", "stop_grace_s", "resume_changed",
+               "reward.timeout_s", "data.data_dir", "mesh.", "metrics.",
+               "rollout.sync_tolerance", "rollout.vllm_kv_cache_gb")
+_HISTORY = "resume_changes"  # config.json's record of the resumes that changed fields
+
+
+def _free(field: str) -> bool:
+  return any(field == f or (f.endswith(".") and field.startswith(f)) for f in FREE_FIELDS)
+
+
+def _read_config_file(workdir) -> dict | None:
+  """WORKDIR/config.json as a dict; None when absent; ConfigError when it cannot be read."""
+  path = paths.resolve(workdir) / CONFIG_FILE
+  if not path.exists():
+    return None
+  if path.is_dir():
+    raise ConfigError(f"--workdir: {path} is a directory; kljax writes the run's config there. "
+                      f"Move it aside.")
+  try:
+    return json.loads(path.read_text())
+  except (ValueError, UnicodeDecodeError) as err:
+    raise ConfigError(f"--workdir: {path} is not the JSON kljax wrote ({err}); it records the "
+                      f"config this run was started with: restore it, or use a new --workdir."
+                      ) from None
+
+
+def config_changes(config: ml_collections.ConfigDict, workdir) -> dict[str, tuple]:
+  """{field: (recorded, new)} of every field outside FREE_FIELDS whose value in `config` differs
+  from WORKDIR/config.json's ({} when there is none). A field the file lacks (written by an older
+  kljax) is compared with its default."""
+  from kljax import cli
+  from kljax.train import config as defaults
+
+  recorded = _read_config_file(workdir)
+  if recorded is None:
+    return {}
+  recorded.pop(_HISTORY, None)
+  old = cli.flatten(recorded)
+  new = cli.flatten(json.loads(config.to_json_best_effort()))
+  default = cli.flatten(json.loads(defaults.grpo_tiny().to_json_best_effort()))
+  missing = object()
+  changes = {}
+  for field in sorted(set(old) | set(new)):
+    if _free(field):
+      continue
+    a, b = old.get(field, default.get(field, missing)), new.get(field, missing)
+    if a != b:
+      changes[field] = tuple("(absent)" if v is missing else v for v in (a, b))
+  return changes
+
+
+def check_resume(config: ml_collections.ConfigDict, workdir) -> dict[str, tuple]:
+  """`config_changes`; a ConfigError listing them (field: old -> new) unless `resume_changed`."""
+  changes = config_changes(config, workdir)
+  if changes and not config.get("resume_changed", False):
+    listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+    raise ConfigError(
+        f"--workdir: {workdir} holds a run started with another config ({CONFIG_FILE}); this "
+        f"command changes {listed}. A resume may change only {', '.join(FREE_FIELDS)}. Use a new "
+        f"--workdir, or pass --config.resume_changed=True to continue this run under the new "
+        f"values on purpose (recorded in {CONFIG_FILE} and metrics.jsonl).")
+  return changes
+
+
+def record_config(config: ml_collections.ConfigDict, workdir, changes: dict,
+                  step: int | None = None) -> None:
+  """Writes WORKDIR/config.json: `config`, and the record of earlier resumes that changed fields
+  with, if `changes`, this one's (from checkpoint `step`)."""
+  recorded = _read_config_file(workdir) or {}
+  history = recorded.get(_HISTORY, [])
+  if changes:
+    history = history + [{"from_step": step, "changes": {k: list(v) for k, v in changes.items()}}]
+  out = json.loads(config.to_json_best_effort())
+  if history:
+    out[_HISTORY] = history
+  paths.write_atomic(paths.resolve(workdir) / CONFIG_FILE, json.dumps(out, indent=1))
 
 
 def _wandb_options(config) -> dict:
@@ -319,6 +475,7 @@ def _check_paths(config, workdir: str) -> None:
   """The run directory can be created and written, the data directory read (or created), and
   `model.tokenizer` and `model.init`, when set, load (the checkpoint without its weights)."""
   _check_dir("--workdir", workdir, write=True)
+  _check_run_files(workdir)
   _check_dir("--config.data.data_dir", config.data.data_dir, write=False)
   if config.data.get("manual_dir"):
     path = paths.resolve(config.data.manual_dir)
@@ -335,6 +492,24 @@ def _check_paths(config, workdir: str) -> None:
                       param_dtype=config.model.param_dtype)
     except (OSError, ValueError) as err:  # hf.CheckpointError is a ValueError
       raise ConfigError(f"--config.model.init: {err}") from None
+
+
+# What a run keeps in WORKDIR, by kind: one of another kind in its place fails only mid-run.
+RUN_FILES = {"checkpoints": "directory", "metrics.jsonl": "file", CONFIG_FILE: "file",
+             runlock.LOCK_FILE: "file", "sft": "directory", "tensorboard": "directory"}
+
+
+def _check_run_files(workdir) -> None:
+  """Each of RUN_FILES that exists in a local WORKDIR is of its kind (a directory where a file
+  belongs, or the reverse, is an IsADirectoryError or a failed save later)."""
+  root = paths.resolve(workdir)
+  if not paths.is_local(root):
+    return
+  for name, kind in RUN_FILES.items():
+    path = root / name
+    if path.exists() and path.is_dir() != (kind == "directory"):
+      raise ConfigError(f"--workdir: {path} is {'a directory' if path.is_dir() else 'a file'}, "
+                        f"where the run keeps its {name} {kind}; move it aside.")
 
 
 def _reached(flag: str, fn):
@@ -910,7 +1085,7 @@ def score(setup: Setup, ro: Rollout) -> rewards.Scores:
             if k != "question"}
   return rewards.score(setup.reward_fns, [e["question"] for e in ro.examples for _ in range(g)],
                        completions, weights=setup.reward_weights, on_error=c.reward.on_error,
-                       **fields)
+                       timeout_s=c.reward.get("timeout_s", 30.0), **fields)
 
 
 def _reward_stage(setup: Setup) -> str | None:
@@ -1143,11 +1318,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, init_model=None,
     bar = tqdm(range(run.start, config.num_steps), initial=run.start, total=config.num_steps,
                **({"desc": "grpo", "unit": "step"} | (bar_options or {})),
                disable=not (progress and jax.process_index() == 0))
+    stop = stack.enter_context(preempt.on_signals(config.get("stop_grace_s", 25.0)))
+    first_norm, norm_said = None, False  # the parameter norm after this process's first step
     for step in bar:
       state, metrics = train_step(setup, state, fns, before_update=ckpt.wait)
       bad = [k for k, v in metrics.items() if not math.isfinite(v) and k not in absent]
       if bad:
         raise NonFiniteError(_non_finite_message(step, bad, ckpt, run.restored_step))
+      _check_reward_failures(step, metrics, config, len(setup.reward_fns))
+      first_norm = first_norm or metrics["param_norm"]
+      if metrics["param_norm"] > NORM_GROWTH_SAID * first_norm and not norm_said:
+        norm_said = True
+        warn_once(f"the parameter norm grew from {first_norm:.4g} to {metrics['param_norm']:.4g} "
+                  f"by step {step}: optim.learning_rate={config.optim.learning_rate:g} is likely "
+                  f"too large for this model.")
       metrics |= notes
       notes = {}
       if writer is not None:
@@ -1155,10 +1339,46 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, init_model=None,
       history.append({"step": step, **metrics})
       bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['exact_rkl']:.4f}")
       last = step + 1 == config.num_steps
-      if writer is not None and (last or (step + 1) % config.checkpoint_every == 0):
+      signum = None if last else preempt.agreed(stop)
+      if writer is not None and (last or signum or (step + 1) % config.checkpoint_every == 0):
         writer.sync()  # object stores: the metrics of every step the checkpoint holds, first
-      ckpt.maybe_save(step + 1, state, force=last)
+      ckpt.maybe_save(step + 1, state, force=last or signum is not None)
+      if signum is not None:
+        bar.close()
+        raise _stopped(signum, step + 1, ckpt)
   return history
+
+
+NORM_GROWTH_SAID = 10.0  # a warning once the parameter norm is this many times its first value
+REWARD_FAILURES_SAID = 0.25  # reward.on_error="zero": the console says so above this share
+
+
+def _check_reward_failures(step: int, metrics: dict, config, n_fns: int) -> None:
+  """With reward.on_error="zero": one console line a step when a large share of the samples'
+  rewards failed (scored 0), and a RewardError, before the step is written or checkpointed, when
+  every one did (GRPO would train on a constant)."""
+  failed, total = int(metrics.get("reward_failures", 0)), config.batch_size * n_fns
+  if failed >= total:
+    raise rewards.RewardError(
+        f"step {step}: every reward failed ({failed} of {total} sample scores, reward.on_error="
+        f"'zero' scored them 0): nothing to learn from; stopping. Rerun with "
+        f"--config.reward.on_error=raise to see the first failure.")
+  if failed >= REWARD_FAILURES_SAID * total and jax.process_index() == 0:
+    print(f"kljax: step {step}: {failed} of {total} sample scores failed and were scored 0 "
+          f"(reward.on_error='zero').", file=sys.stderr, flush=True)
+
+
+def _stopped(signum: int, step: int, ckpt: Checkpointer) -> preempt.Preempted:
+  """After a stop signal: waits for checkpoint `step` and reads it back against its digest."""
+  ckpt.wait()
+  name = preempt.signal.Signals(signum).name
+  if ckpt.newest_verified() != step:
+    raise CheckpointError(f"stopped by {name} after step {step}, but its checkpoint in "
+                          f"{ckpt.directory} does not verify; rerun to resume from the newest "
+                          f"that does.")
+  return preempt.Preempted(
+      f"stopped by {name}: checkpoint step {step} saved and verified in {ckpt.directory}, "
+      f"metrics flushed; rerun the same command to resume from it.", signum)
 
 
 class _Run(NamedTuple):
@@ -1179,6 +1399,7 @@ def _open_run(stack: contextlib.ExitStack, config, workdir, init_model) -> _Run:
     if leader:
       stack.enter_context(runlock.hold(workdir))
   _check_shared(workdir)
+  changes = check_resume(config, workdir)
   with multihost.leader_first("to prepare the dataset"):
     check_prompt_lengths(config)  # reads the train split: prepares it on first use
   setup, state = build(config, init_model)
@@ -1194,6 +1415,15 @@ def _open_run(stack: contextlib.ExitStack, config, workdir, init_model) -> _Run:
     if restored.rejected:  # the first row after the restore says so
       notes = {"resumed_from_step": float(start),
                "checkpoints_rejected": float(len(restored.rejected))}
+  if changes:  # resume_changed: continued on purpose, and said so
+    if leader:
+      record_config(config, workdir, changes, start)
+    notes["resumed_with_config_changes"] = float(len(changes))
+  if changes and leader:
+    print(f"kljax: resuming {workdir} from step {start} with a changed config "
+          f"(resume_changed=True): "
+          + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()),
+          file=sys.stderr, flush=True)
   writer = MetricsWriter(workdir, resume_step=start - 1, tensorboard=config.metrics.tensorboard,
                          **_wandb_options(config)) if leader else None
   if writer is not None:

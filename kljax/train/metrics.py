@@ -74,6 +74,14 @@ class MetricsWriter:
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+    if self._file is not None and not self.path.exists():
+      # Deleted while the run held it open: rows appended to the unlinked file would vanish
+      # with it, and a rerun would find no metrics at all. Recreated, and the loss named.
+      self._file.close()
+      self._file = open(self.path, "a")
+      print(f"kljax: {self.path} was deleted during the run: the rows of the steps before {step} "
+            f"are lost (rerun in a new --workdir to have them); writing from step {step} on.",
+            file=sys.stderr, flush=True)
     if self._file is not None:
       self._file.write(json.dumps(row) + "\n")
       self._file.flush()
