@@ -16,7 +16,8 @@ also at bfloat16).
 GRPO (--grpo): `python -m experiments.grpo` on arithmetic with the `small` preset, once per row of
 RUNS: the jax and vllm engines in float32, then vLLM sampling in bfloat16 (μ ≠ π_old) with the
 truncated importance weight (rollout.correction=tis_token) on the policy gradient only
-(rollout.correct_kl=False, TRL's choice) or on the policy gradient and the KL term. Each run's
+(rollout.correct_kl=False, TRL's choice) or on the policy gradient and the KL term, and the same
+two with vLLM sampling at temperature 0.7 (a mismatch large enough to move the weights). Each run's
 metrics.jsonl goes into the JSON: reward, exact KL(π‖π_ref), sampler_ess, sampler_logprob_gap,
 and a figure beside it (.png).
 """
@@ -44,6 +45,13 @@ RUNS = {  # name: extra flags of `python -m experiments.grpo`
                          "--config.rollout.correction=tis_token",
                          "--config.rollout.correct_kl=False"],
     "vllm_bf16_tis_pg_kl": ["--config.rollout.engine=vllm", "--config.rollout.dtype=bfloat16",
+                            "--config.rollout.correction=tis_token",
+                            "--config.rollout.correct_kl=True"],
+    # a larger mismatch: vLLM samples at temperature 0.7 while the trainer's π_old is at 1
+    "vllm_t0.7_tis_pg": ["--config.rollout.engine=vllm", "--config.rollout.temperature=0.7",
+                         "--config.rollout.correction=tis_token",
+                         "--config.rollout.correct_kl=False"],
+    "vllm_t0.7_tis_pg_kl": ["--config.rollout.engine=vllm", "--config.rollout.temperature=0.7",
                             "--config.rollout.correction=tis_token",
                             "--config.rollout.correct_kl=True"],
 }

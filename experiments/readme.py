@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import sys
 
 import numpy as np
@@ -326,10 +327,61 @@ def peers() -> str:
   return "\n".join(out)
 
 
+ENGINES = ("benchmarks/results/vllm_engine_small.json",
+           "benchmarks/results/vllm_engine_qwen2.5-0.5b.json")
+ENGINE_RUNS = "benchmarks/results/vllm_grpo.json"
+
+
+def engines() -> str:
+  """The rollout engines' table (benchmarks/vllm_engine.py's committed runs): tokens/s of the
+  vllm and jax engines and HF generate, the weight push, and the GRPO runs on each engine."""
+  out = ["| shape | vllm engine tokens/s | jax engine tokens/s | HF `generate` tokens/s | "
+         "vLLM start-up s | weight push + sync check s | sync gap float32 / bfloat16 |",
+         "|---|---|---|---|---|---|---|"]
+  notes = []
+  for path in ENGINES:
+    with open(os.path.join(ROOT, path)) as f:
+      r = json.load(f)
+    sh, v = r["shape"], r["vllm"]
+    out.append(f"| [{sh['preset']}]({path}) ({sh['layers']} layers, {sh['prompts']}×{sh['group']} "
+               f"samples × {sh['new_tokens']} tokens) | {v['tokens_per_s']:,.1f} | "
+               f"{r['jax']['tokens_per_s']:,.1f} | {r['hf_generate']['tokens_per_s']:,.1f} | "
+               f"{v['startup_s']:.1f} | {v['push_s']:.2f} | {v['sync_gap_float32']:.1e} / "
+               f"{v.get('sync_gap_bfloat16', float('nan')):.1e} |")
+    notes.append(f"- {sh['preset']}: vllm decodes at {r['ratios']['vllm_over_jax']:.2f}× the jax "
+                 f"engine's tokens/s and {r['ratios']['vllm_over_hf']:.2f}× HF `generate`'s; its "
+                 f"weight push + sync check takes {v['push_s']:.2f} s against {v['wall_s']:.2f} s "
+                 f"for the batch's decode ({'more' if v['push_s'] > v['wall_s'] else 'less'}).")
+  out += [""] + notes
+  with open(os.path.join(ROOT, ENGINE_RUNS)) as f:
+    g = json.load(f)
+  n = len(next(iter(g["runs"].values()))["reward_mean"])
+  out += ["", f"GRPO on arithmetic, `small` preset, {n} steps, k3_as_loss β = 0.05 (`{g['command']}`,"
+          f" [JSON]({ENGINE_RUNS}), [figure]({ENGINE_RUNS[:-5]}.png)); means over the last 10 steps:",
+          "", "| run | reward | exact KL(π‖π_ref) | sampler ESS | \|log μ − log π_old\| | "
+          "tokens corrected | wall s |", "|---|---|---|---|---|---|---|"]
+  last = lambda xs: sum(xs[-10:]) / len(xs[-10:])  # noqa: E731
+  for name, run in g["runs"].items():
+    out.append(f"| `{name}` | {last(run['reward_mean']):.3f} | {last(run['exact_rkl']):.4f} | "
+               f"{last(run['sampler_ess']):.4f} | {last(run['sampler_logprob_gap']):.1e} | "
+               f"{last(run['sampler_corrected_fraction']):.4f} | {run['wall_s']:.0f} |")
+  out.append("")
+  for mismatch, (pg, both) in (("bfloat16", ("vllm_bf16_tis_pg", "vllm_bf16_tis_pg_kl")),
+                               ("temperature 0.7", ("vllm_t0.7_tis_pg", "vllm_t0.7_tis_pg_kl"))):
+    a, b = (g["runs"][k]["exact_rkl"][-10:] for k in (pg, both))
+    diff = abs(sum(b) / len(b) - sum(a) / len(a))
+    spread = max(statistics.pstdev(a), statistics.pstdev(b))
+    out.append(f"- {mismatch} sampler: the exact KL with the correction on the policy gradient and "
+               f"the KL term vs on the policy gradient only differs by {diff:.4f} over the last 10 "
+               f"steps, {'less' if diff < spread else 'more'} than either run's step-to-step spread "
+               f"({spread:.4f}).")
+  return "\n".join(out + [""])
+
+
 def contents() -> dict[str, str]:
   """{block name: content} of every generated block."""
   quick = _load(QUICK)
-  return {"speed:peers": peers(),"reproduce:cost": cost(quick), "reproduce:bandit": bandit(quick),
+  return {"speed:peers": peers(), "engines:vllm": engines(), "reproduce:cost": cost(quick), "reproduce:bandit": bandit(quick),
           "reproduce:grpo": grpo(quick), "reproduce:claims": claims(quick),
           "reproduce:reward_stage": reward_stage(quick), "reproduce:full": full_note(),
           "reproduce:studies": studies(quick)}
