@@ -268,3 +268,26 @@ def test_a_vllm_run_killed_with_sigkill_resumes_like_the_uninterrupted_run(vllm_
     for k in a:
       if k not in TIMING:
         assert b[k] == a[k], (a["step"], k)
+
+
+@pytest.mark.slow
+def test_staleness_and_a_bfloat16_sampler_with_vllm(data_dir, tmp_path):
+  """rollout.staleness = 1 and rollout.dtype = bfloat16 on the vllm engine: each push passes the
+  sync check at the bfloat16 allowance, and the sampler visibly differs from π_old (a step-old,
+  rounded copy), which the token-level TIS correction weighs."""
+  env = dict(os.environ, XLA_FLAGS=child_xla_flags())
+  out = subprocess.run(_command(tmp_path, data_dir, "--config.rollout.staleness=1",
+                                "--config.rollout.dtype=bfloat16",
+                                "--config.rollout.correction=tis_token", "--config.num_steps=4"),
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = read_jsonl(str(tmp_path / "metrics.jsonl"))
+  assert [r["step"] for r in rows] == list(range(4))
+  for r in rows:
+    assert r["sampler_sync_gap"] < SYNC_TOLERANCE["bfloat16"]
+    assert r["sampler_sync_gap"] > SYNC_TOLERANCE["float32"] / 100  # bfloat16 rounding shows
+    # bfloat16 rounding (and, after the first update, one step of lag): μ ≠ π_old
+    assert 1e-4 < r["sampler_logprob_gap"] < 1.0 and r["sampler_ess"] <= 1.0
+  # steps 2 and 3 sample with θ_{s−1} while π_old = θ_s: the gap exceeds rounding alone (step 0,
+  # where θ_{−1} = θ_0)
+  assert max(r["sampler_logprob_gap"] for r in rows[2:]) > rows[0]["sampler_logprob_gap"]
