@@ -358,7 +358,7 @@ def engines() -> str:
   n = len(next(iter(g["runs"].values()))["reward_mean"])
   out += ["", f"GRPO on arithmetic, `small` preset, {n} steps, k3_as_loss β = 0.05 (`{g['command']}`,"
           f" [JSON]({ENGINE_RUNS}), [figure]({ENGINE_RUNS[:-5]}.png)); means over the last 10 steps:",
-          "", "| run | reward | exact KL(π‖π_ref) | sampler ESS | \|log μ − log π_old\| | "
+          "", r"| run | reward | exact KL(π‖π_ref) | sampler ESS | \|log μ − log π_old\| | "
           "tokens corrected | wall s |", "|---|---|---|---|---|---|---|"]
   last = lambda xs: sum(xs[-10:]) / len(xs[-10:])  # noqa: E731
   for name, run in g["runs"].items():
