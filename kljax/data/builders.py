@@ -35,6 +35,11 @@ from kljax.rewards import extract_answer, parse_number
 _TEXT = tfds.features.Text
 
 
+class DataError(ValueError):
+  """Source data that cannot make a dataset: an empty file, bytes that are not UTF-8, a line that
+  is not JSON or lacks a field. The message names the file (and line)."""
+
+
 # The fields of each dataset's examples (all stored as text) and the kind of value each holds; a
 # reward fits a dataset whose fields it can read (`kljax.rewards.EXAMPLE_FIELDS`).
 FIELDS = {
@@ -127,10 +132,8 @@ class KljaxGsm8k(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(builder=self, features=_features("gsm8k"))
 
   def _split_generators(self, dl_manager):
-    manual = _manual(dl_manager)
-    if manual and all((manual / f"{s}.jsonl").exists() for s in GSM8K_URLS):
-      files = {s: manual / f"{s}.jsonl" for s in GSM8K_URLS}
-    else:
+    files = _gsm8k_manual_files(_manual(dl_manager))
+    if not files:
       files = dl_manager.download(GSM8K_URLS)
     return {s: self._generate_examples(p) for s, p in files.items()}
 
@@ -151,6 +154,81 @@ OPENR1_URLS = [
 def _manual(dl_manager) -> epath.Path | None:
   """The manual directory (local or a URL), or None."""
   return paths.resolve(dl_manager.manual_dir) if dl_manager.manual_dir else None
+
+
+def _gsm8k_manual_files(manual: epath.Path | None) -> dict[str, epath.Path]:
+  """{split: file} when `manual` holds every split's JSONL file, else {} (they are downloaded)."""
+  if manual and all((manual / f"{s}.jsonl").exists() for s in GSM8K_URLS):
+    return {s: manual / f"{s}.jsonl" for s in GSM8K_URLS}
+  return {}
+
+
+def _openr1_manual_files(manual: epath.Path | None) -> list[epath.Path]:
+  """The parquet and JSONL files of `manual`, sorted; [] when none (they are downloaded)."""
+  if not manual or not manual.is_dir():
+    return []
+  return sorted(p for p in manual.iterdir() if p.name.endswith((".parquet", ".jsonl")))
+
+
+# The fields every line of a manual JSONL file must hold, by dataset.
+MANUAL_FIELDS = {"gsm8k": ("question", "answer"), "openr1_math": ("problem", "answer")}
+
+
+def manual_files(name: str, manual_dir: str | None) -> list[epath.Path]:
+  """The files of `manual_dir` that dataset `name` is prepared from ([]: it downloads its own)."""
+  base = name.partition("/")[0]
+  if not manual_dir or base not in MANUAL_FIELDS:
+    return []
+  manual = paths.resolve(manual_dir)
+  if base == "gsm8k":
+    return list(_gsm8k_manual_files(manual).values())
+  return _openr1_manual_files(manual)
+
+
+def check_manual(name: str, manual_dir: str | None) -> None:
+  """Reads every JSONL file that dataset `name` would be prepared from in `manual_dir`, before any
+  is prepared, and raises a DataError naming the file and line of the first fault: an empty file,
+  a byte that is not UTF-8, a line that is not a JSON object, a missing field (`MANUAL_FIELDS`),
+  a GSM8K solution without its `#### N` answer line. Parquet files are read by pyarrow as they
+  are prepared."""
+  base = name.partition("/")[0]
+  for path in manual_files(name, manual_dir):
+    if path.name.endswith(".jsonl"):
+      _check_jsonl(path, MANUAL_FIELDS[base], gsm8k=base == "gsm8k")
+
+
+def _check_jsonl(path: epath.Path, fields: tuple[str, ...], *, gsm8k: bool) -> None:
+  rows = 0
+  with path.open("rb") as f:
+    for n, raw in enumerate(f, start=1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as err:
+        raise DataError(f"{path}: line {n}: byte {raw[err.start:err.start + 1]!r} at column "
+                        f"{err.start + 1} is not UTF-8; save the file as UTF-8.") from None
+      if not line.strip():
+        continue
+      try:
+        obj = json.loads(line)
+      except json.JSONDecodeError as err:
+        raise DataError(f"{path}: line {n}: not JSON ({err.msg} at column {err.colno}).") from None
+      if not isinstance(obj, dict):
+        raise DataError(f"{path}: line {n}: a JSON {type(obj).__name__}, not an object with the "
+                        f"fields {', '.join(fields)}.")
+      for field in fields:
+        if field not in obj:
+          raise DataError(f"{path}: line {n}: no {field!r} field (it has "
+                          f"{', '.join(map(repr, obj)) or 'none'}; each line needs "
+                          f"{', '.join(map(repr, fields))}).")
+      if gsm8k:
+        try:
+          gsm8k_final_answer(str(obj["answer"]))
+        except ValueError as err:
+          raise DataError(f"{path}: line {n}: field 'answer': {err}") from None
+      rows += 1
+  if not rows:
+    raise DataError(f"{path}: no examples (the file is empty); each line needs a JSON object "
+                    f"with {', '.join(map(repr, fields))}.")
 
 
 def _openr1_rows(path: epath.Path):
@@ -202,9 +280,7 @@ class KljaxOpenr1Math(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(builder=self, features=_features("openr1_math"))
 
   def _split_generators(self, dl_manager):
-    manual = _manual(dl_manager)
-    files = sorted(p for p in manual.iterdir() if p.name.endswith((".parquet", ".jsonl"))
-                   ) if manual and manual.is_dir() else []
+    files = _openr1_manual_files(_manual(dl_manager))
     if not files:
       files = [epath.Path(p) for p in dl_manager.download(OPENR1_URLS)]
     return {s: self._generate_examples(files, s) for s in ("train", "test")}
@@ -255,7 +331,9 @@ def load(name: str, split: str, *, data_dir: str, manual_dir: str | None = None)
   """A prepared split of "arithmetic/levelN", "countdown/nK", "gsm8k" or "openr1_math" (prepared on
   first use; the last two from `manual_dir` when it holds their files, else downloaded).
 
-  Raises ValueError naming the valid datasets, configs and splits for a bad request.
+  Raises ValueError naming the valid datasets, configs and splits for a bad request, and, before
+  preparing, a DataError naming the file and line of a fault in `manual_dir`'s files
+  (`check_manual`).
   """
   base, _, config = name.partition("/")
   if base not in DATASETS:
@@ -271,8 +349,13 @@ def load(name: str, split: str, *, data_dir: str, manual_dir: str | None = None)
   kwargs: dict[str, Any] = {"data_dir": os.fspath(local), "file_format": "array_record"}
   if configs:
     kwargs["config"] = config
-  prepare = lambda b: b.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=os.fspath(paths.resolve(manual_dir)) if manual_dir else None))
+
+  def prepare(b):
+    if not (epath.Path(b.data_dir) / "dataset_info.json").exists():  # to be prepared
+      check_manual(name, manual_dir)
+    b.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=os.fspath(paths.resolve(manual_dir)) if manual_dir else None))
+
   builder = cls(**kwargs)
   if local != store:
     builder = _through_mirror(builder, lambda: cls(**kwargs), prepare, local, store)

@@ -1,0 +1,92 @@
+"""Faults of data, models and entry points (issue 25), injected into tiny configs: bad manual data
+files, a dataset smaller than a step, prepared data gone stale or prepared by several runs at once,
+a broken safetensors file, the warm start's tokenizer, the console scripts and the audit's progress.
+Each stops before the warm start or any compilation with one line naming the file, line or flag, or
+is survived."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kljax.train import grpo
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_grpo import REPO, child_xla_flags, tiny_config  # noqa: E402
+
+ROWS = [{"question": f"{a}+{a}=", "answer": f"{a}+{a}={2 * a}\n#### {2 * a}"} for a in range(8)]
+
+
+def _manual(tmp_path, rows=ROWS, raw: bytes | None = None, name="manual"):
+  """A GSM8K manual directory: train.jsonl holds `rows` (or the bytes `raw`), test.jsonl 2 rows."""
+  manual = tmp_path / name
+  manual.mkdir()
+  train = raw if raw is not None else "".join(json.dumps(r) + "\n" for r in rows).encode()
+  (manual / "train.jsonl").write_bytes(train)
+  (manual / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS[:2]))
+  return manual
+
+
+def _gsm8k(tmp_path, manual, **changes):
+  return tiny_config(str(tmp_path / "tfds"), **{"data.name": "gsm8k",
+                                                "data.manual_dir": str(manual), **changes})
+
+
+def _refused(config, match):
+  grpo.validate(config)
+  with pytest.raises(grpo.ConfigError, match=match) as err:
+    grpo.check_prompt_lengths(config)
+  assert "\n" not in str(err.value)
+  return str(err.value)
+
+
+# ---------------------------------------------------------------- data, up front
+
+
+def test_empty_manual_file_is_named(tmp_path):
+  manual = _manual(tmp_path, raw=b"\n")
+  _refused(_gsm8k(tmp_path, manual),
+           rf"--config.data.manual_dir: {manual}/train.jsonl: no examples \(the file is empty\)")
+
+
+def test_non_utf8_byte_names_file_and_line(tmp_path):
+  lines = [json.dumps(r).encode() for r in ROWS]
+  lines[2] = lines[2].replace(b"2+2", b"2\xff2")
+  manual = _manual(tmp_path, raw=b"\n".join(lines) + b"\n")
+  _refused(_gsm8k(tmp_path, manual),
+           rf"{manual}/train.jsonl: line 3: byte b'\\xff' at column \d+ is not UTF-8")
+
+
+def test_missing_field_names_file_line_and_field(tmp_path):
+  rows = list(ROWS)
+  rows[4] = {"question": "4+4="}
+  manual = _manual(tmp_path, rows)
+  _refused(_gsm8k(tmp_path, manual),
+           rf"{manual}/train.jsonl: line 5: no 'answer' field \(it has 'question'")
+
+
+def test_dataset_smaller_than_one_steps_prompts(tmp_path):
+  manual = _manual(tmp_path, ROWS[:3])
+  # 16 completions in groups of 4: 4 prompts a step, 3 examples
+  _refused(_gsm8k(tmp_path, manual, batch_size=16, **{"rollout.group_size": 4}),
+           r"--config.batch_size: a step takes 4 prompts .* more than the 3 examples")
+
+
+def test_bad_data_stops_the_cli_before_the_warm_start(tmp_path):
+  rows = list(ROWS)
+  rows[1] = {"answer": "#### 2"}
+  manual = _manual(tmp_path, rows)
+  workdir = tmp_path / "run"
+  out = subprocess.run(
+      [sys.executable, "-m", "experiments.grpo", "--config", "configs/grpo_tiny.py",
+       f"--workdir={workdir}", "--config.data.name=gsm8k", f"--config.data.manual_dir={manual}",
+       f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.mesh.devices=1"],
+      cwd=REPO, env=dict(os.environ, XLA_FLAGS=child_xla_flags()), capture_output=True, text=True,
+      timeout=120)
+  assert out.returncode == 1, out.stderr
+  lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+  assert len(lines) == 1 and f"{manual}/train.jsonl: line 2: no 'question' field" in lines[0], \
+      out.stderr
+  assert not (workdir / "sft").exists()  # no warm start was made
