@@ -90,3 +90,57 @@ def test_bad_data_stops_the_cli_before_the_warm_start(tmp_path):
   assert len(lines) == 1 and f"{manual}/train.jsonl: line 2: no 'question' field" in lines[0], \
       out.stderr
   assert not (workdir / "sft").exists()  # no warm start was made
+
+
+# ---------------------------------------------------------------- prepared datasets
+
+
+def test_changed_manual_files_are_prepared_again(tmp_path, capsys):
+  from kljax import data
+
+  manual = _manual(tmp_path)
+  kw = dict(data_dir=str(tmp_path / "tfds"), manual_dir=str(manual))
+  assert len(data.load("gsm8k", "train", **kw)) == len(ROWS)
+  assert "prepared from other files" not in capsys.readouterr().err
+  (manual / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS[:5]))
+  assert len(data.load("gsm8k", "train", **kw)) == 5  # not the stale 8
+  assert "was prepared from other files than" in capsys.readouterr().err
+  assert len(data.load("gsm8k", "train", **kw)) == 5  # and now reused, silently
+  assert "prepared from other files" not in capsys.readouterr().err
+
+
+def test_runs_preparing_one_data_dir_at_once_take_turns(tmp_path):
+  manual = _manual(tmp_path)
+  code = ("import sys; from kljax import data; "
+          "print(len(data.load('gsm8k', 'train', data_dir=sys.argv[1], manual_dir=sys.argv[2])))")
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "tfds"), str(manual)],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for _ in range(3)]
+  outs = [p.communicate(timeout=120) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in outs]
+  assert [out.split()[-1] for out, _ in outs] == [str(len(ROWS))] * 3
+  assert sum("Downloading and preparing" in out for out, _ in outs) == 1  # the others reused it
+  versions = os.listdir(tmp_path / "tfds" / "kljax_gsm8k")
+  assert versions == ["1.0.0"], versions  # no leftover incomplete copies
+
+
+def test_read_only_empty_data_dir_is_one_line(tmp_path, monkeypatch):
+  from kljax.data import builders
+
+  manual = _manual(tmp_path)
+  ro = tmp_path / "ro"
+  ro.mkdir()
+  ro.chmod(0o555)
+  if os.geteuid() == 0:  # root writes through permissions: inject what the kernel says to others
+    real_open = os.open
+
+    def denied(path, *args, **kwargs):
+      if str(path).endswith(builders.LOCK_FILE):
+        raise PermissionError(13, "Permission denied", str(path))
+      return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builders.os, "open", denied)
+  config = tiny_config(str(ro), **{"data.name": "gsm8k", "data.manual_dir": str(manual)})
+  _refused(config, rf"--config.data.data_dir: {ro}: gsm8k is not prepared there and cannot be "
+                   r"\(Permission denied\)")

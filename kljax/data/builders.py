@@ -19,9 +19,11 @@ al. 2025), keeping the problems with a numeric answer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sys
 from typing import Any
 
 import numpy as np
@@ -36,8 +38,13 @@ _TEXT = tfds.features.Text
 
 
 class DataError(ValueError):
-  """Source data that cannot make a dataset: an empty file, bytes that are not UTF-8, a line that
-  is not JSON or lacks a field. The message names the file (and line)."""
+  """Source data that cannot make a dataset (an empty file, bytes that are not UTF-8, a line that
+  is not JSON or lacks a field), or a data directory it cannot be prepared in. The message names
+  the file (and line); `field` is the config field at fault (`data.manual_dir`, `data.data_dir`)."""
+
+  def __init__(self, msg: str, *, field: str = "data.manual_dir"):
+    super().__init__(msg)
+    self.field = field
 
 
 # The fields of each dataset's examples (all stored as text) and the kind of value each holds; a
@@ -331,9 +338,14 @@ def load(name: str, split: str, *, data_dir: str, manual_dir: str | None = None)
   """A prepared split of "arithmetic/levelN", "countdown/nK", "gsm8k" or "openr1_math" (prepared on
   first use; the last two from `manual_dir` when it holds their files, else downloaded).
 
+  A dataset prepared from `manual_dir` carries the size and mtime of its files
+  (`source_fingerprint`, in `kljax_source.json`) and is prepared again when they change. Processes
+  and runs preparing one data directory at once take turns (a file lock in it): the first
+  prepares, the others wait and reuse its dataset.
+
   Raises ValueError naming the valid datasets, configs and splits for a bad request, and, before
   preparing, a DataError naming the file and line of a fault in `manual_dir`'s files
-  (`check_manual`).
+  (`check_manual`) or a data directory that cannot be written.
   """
   base, _, config = name.partition("/")
   if base not in DATASETS:
@@ -349,44 +361,101 @@ def load(name: str, split: str, *, data_dir: str, manual_dir: str | None = None)
   kwargs: dict[str, Any] = {"data_dir": os.fspath(local), "file_format": "array_record"}
   if configs:
     kwargs["config"] = config
-
-  def prepare(b):
-    if not (epath.Path(b.data_dir) / "dataset_info.json").exists():  # to be prepared
-      check_manual(name, manual_dir)
-    b.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=os.fspath(paths.resolve(manual_dir)) if manual_dir else None))
-
   builder = cls(**kwargs)
-  if local != store:
-    builder = _through_mirror(builder, lambda: cls(**kwargs), prepare, local, store)
-  else:
-    prepare(builder)
+  version_dir = epath.Path(builder.data_dir)  # local/<name>/<config>/<version>
+  remote = (store / os.fspath(version_dir)[len(os.fspath(local)):].lstrip("/")
+            if local != store else None)
+  source = source_fingerprint(name, manual_dir)
+  if not _current(version_dir, source) or (remote is not None and not _current(remote, source)):
+    with _preparing(local, name):
+      _prepare(builder, version_dir, remote, source, name, manual_dir)
+    builder = cls(**kwargs)  # reads the prepared dataset_info.json
   if split not in builder.info.splits:
     raise ValueError(f"{name} has splits {', '.join(builder.info.splits)}, not {split!r}.")
   return Source(builder.as_data_source(split=split))
 
 
-def _through_mirror(builder, new_builder, prepare, local: epath.Path, store: epath.Path):
-  """The builder of a dataset read from the local mirror `local` of the store `store`: copied
-  down if the store has it, else prepared here and copied up (`dataset_info.json` last)."""
-  version_dir = epath.Path(builder.data_dir)  # local/<name>/<config>/<version>
-  remote = store / os.fspath(version_dir)[len(os.fspath(local)):].lstrip("/")
-  info = "dataset_info.json"
-  if not (version_dir / info).exists() and (remote / info).exists():
-    # Each process copies to its own directory and renames it into place (atomic, locally):
-    # processes of one host that share the mirror never read a partial copy.
-    partial = version_dir.with_name(f"{version_dir.name}.incoming.{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    paths.copy_tree(remote, partial)
+_INFO = "dataset_info.json"
+SOURCE_FILE = "kljax_source.json"  # beside dataset_info.json: the fingerprint of the manual files
+
+
+def source_fingerprint(name: str, manual_dir: str | None) -> list | None:
+  """[[file name, size, mtime], …] of the manual files dataset `name` is prepared from (mtime in
+  ns for local files, s for remote ones), or None when it is generated or downloaded."""
+  out = []
+  for path in manual_files(name, manual_dir):
+    if paths.is_local(path):
+      st = os.stat(path)
+      out.append([path.name, st.st_size, st.st_mtime_ns])
+    else:
+      st = path.stat()
+      out.append([path.name, st.length, st.mtime])
+  return out or None
+
+
+def _current(version_dir: epath.Path, source: list | None) -> bool:
+  """`version_dir` holds a prepared dataset, prepared from `source` when it has manual files."""
+  if not (version_dir / _INFO).exists():
+    return False
+  if source is None:
+    return True
+  try:
+    return json.loads((version_dir / SOURCE_FILE).read_text()) == source
+  except (OSError, ValueError):
+    return False
+
+
+def _prepare(builder, version_dir, remote, source, name, manual_dir) -> None:
+  """Under the data directory's lock: the local `version_dir` prepared from `source` (copied down
+  from `remote` when the store has it, else prepared here, a stale copy removed first), then copied
+  up to `remote` if the store lacks it (`dataset_info.json` last, so a reader that sees that file
+  sees the whole dataset)."""
+  if not _current(version_dir, source):
+    if version_dir.exists():
+      print(f"kljax: data: {version_dir} was prepared from other files than {manual_dir} holds "
+            f"now; preparing {name} again.", file=sys.stderr, flush=True)
+      shutil.rmtree(version_dir)
+    if remote is not None and _current(remote, source):
+      paths.copy_tree(remote, version_dir, last=(_INFO,))
+    else:
+      check_manual(name, manual_dir)
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          manual_dir=os.fspath(paths.resolve(manual_dir)) if manual_dir else None))
+      if source is not None:
+        (version_dir / SOURCE_FILE).write_text(json.dumps(source))
+  if remote is not None and not _current(remote, source):
+    if (remote / _INFO).exists():  # a stale copy: unreadable until the new one is complete
+      (remote / _INFO).unlink()
+    paths.copy_tree(version_dir, remote, last=(_INFO,))
+
+
+LOCK_FILE = ".kljax_prepare.lock"
+
+
+@contextlib.contextmanager
+def _preparing(local: epath.Path, name: str):
+  """Holds the lock of the local data directory `local` (a file lock: every process and run that
+  prepares there waits for the one preparing, then reuses its dataset). A directory that cannot
+  be created or written is a DataError naming it."""
+  import fcntl
+
+  try:
+    local.mkdir(parents=True, exist_ok=True)
+    fd = os.open(local / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+  except OSError as err:
+    raise DataError(f"{local}: {name} is not prepared there and cannot be ({err.strerror}): give "
+                    f"a writable data directory, or one where it is prepared.",
+                    field="data.data_dir") from None
+  try:
     try:
-      partial.rename(version_dir)
-    except OSError:  # another process of this host was first
-      shutil.rmtree(partial, ignore_errors=True)
-    builder = new_builder()  # reads the copied dataset_info.json
-  prepare(builder)  # a no-op when prepared
-  if not (remote / info).exists():
-    paths.copy_tree(version_dir, remote, last=(info,))
-  return builder
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      print(f"kljax: data: waiting for another process preparing data in {local}.",
+            file=sys.stderr, flush=True)
+      fcntl.flock(fd, fcntl.LOCK_EX)
+    yield
+  finally:
+    os.close(fd)  # releases the lock
 
 
 def batch_indices(size: int, batch_size: int, step: int, *, seed: int) -> np.ndarray:

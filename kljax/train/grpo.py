@@ -279,7 +279,8 @@ def _check_reward_fits_dataset(config: ml_collections.ConfigDict) -> None:
 def check_prompt_lengths(config: ml_collections.ConfigDict) -> None:
   """Reads the train split (preparing it on first use) and raises a ConfigError, before any
   training or warm start, naming the flag, file or line at fault: a fault in `data.manual_dir`'s
-  files (an empty file, bytes that are not UTF-8, a missing field), a split with fewer examples
+  files (an empty file, bytes that are not UTF-8, a missing field), a `data.data_dir` where the
+  dataset is not prepared and cannot be, a split with fewer examples
   than one step's prompts (`batch_size / rollout.group_size`), or a prompt (formatted by
   `data.prompt_template`, with `<bos>` if `data.add_bos`) longer than `data.max_prompt_len`
   tokens."""
@@ -288,7 +289,7 @@ def check_prompt_lengths(config: ml_collections.ConfigDict) -> None:
     size, longest, i, prompt = _scan_train(d.name, d.data_dir, d.get("manual_dir") or None,
                                            d.prompt_template, d.add_bos, config.model.tokenizer)
   except data_lib.DataError as err:
-    raise ConfigError(f"--config.data.manual_dir: {err}") from None
+    raise ConfigError(f"--config.{err.field}: {err}") from None
   source = d.name + (f" (from {d.manual_dir})" if d.get("manual_dir") else "")
   if not size:
     raise ConfigError(f"--config.data.name: the train split of {source} has no examples.")
