@@ -144,3 +144,83 @@ def test_read_only_empty_data_dir_is_one_line(tmp_path, monkeypatch):
   config = tiny_config(str(ro), **{"data.name": "gsm8k", "data.manual_dir": str(manual)})
   _refused(config, rf"--config.data.data_dir: {ro}: gsm8k is not prepared there and cannot be "
                    r"\(Permission denied\)")
+
+
+# ---------------------------------------------------------------- models, up front
+
+
+@pytest.fixture
+def tiny_hf(tmp_path):
+  """A random tiny checkpoint (2 layers) in the HF layout."""
+  from kljax import models
+
+  path = tmp_path / "init"
+  models.export_hf(models.create(models.preset("tiny"), seed=0), str(path))
+  return path
+
+
+def _init_refused(tmp_path, init, match):
+  config = tiny_config(str(tmp_path / "tfds"), **{"model.init": str(init)})
+  with pytest.raises(grpo.ConfigError, match=match) as err:
+    grpo.validate(config, str(tmp_path / "run"))
+  assert "\n" not in str(err.value)
+
+
+def test_truncated_safetensors_is_one_line_naming_the_file(tmp_path, tiny_hf):
+  file = tiny_hf / "model.safetensors"
+  data = file.read_bytes()
+  file.write_bytes(data[:len(data) // 2])
+  _init_refused(tmp_path, tiny_hf, rf"--config.model.init: {file}: truncated: {len(data) // 2} "
+                                   rf"bytes, where its header lists tensors up to byte {len(data)}")
+  file.write_bytes(data[:5])
+  _init_refused(tmp_path, tiny_hf, rf"--config.model.init: {file}: truncated \(5 bytes")
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_layer_count_not_configs_is_named(tmp_path, tiny_hf, layers):
+  cfg = json.loads((tiny_hf / "config.json").read_text())
+  (tiny_hf / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": layers}))
+  _init_refused(tmp_path, tiny_hf,
+                rf"--config.model.init: {tiny_hf}/model.safetensors holds 2 layers, but "
+                rf"{tiny_hf}/config.json says num_hidden_layers={layers}\.")
+
+
+def test_tensor_shape_not_configs_is_named(tmp_path, tiny_hf):
+  cfg = json.loads((tiny_hf / "config.json").read_text())
+  (tiny_hf / "config.json").write_text(json.dumps({**cfg, "hidden_size": 32, "head_dim": 16}))
+  _init_refused(tmp_path, tiny_hf, rf"--config.model.init: tensor model.embed_tokens.weight in "
+                                   rf"{tiny_hf}/model.safetensors has shape \[64, 64\], but the "
+                                   rf"config implies \[64, 32\]")
+
+
+def _char_tokenizer_json(path):
+  """A character-level HF tokenizer whose vocabulary (22) is not the built-in tokenizer's."""
+  from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+  chars = list("0123456789+-*=#? \n")
+  vocab = {t: i for i, t in enumerate(["<eos>", "<bos>", "[UNK]", *chars])}
+  tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+  tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+  path.mkdir()
+  tok.save(str(path / "tokenizer.json"))
+  (path / "tokenizer_config.json").write_text('{"eos_token": "<eos>", "bos_token": "<bos>"}')
+  return path
+
+
+def test_warm_start_uses_model_tokenizer(tmp_path):
+  from kljax import text
+  from kljax.train import sft
+
+  tok = _char_tokenizer_json(tmp_path / "tok")
+  manual = _manual(tmp_path)
+  config = _gsm8k(tmp_path, manual, **{"model.tokenizer": str(tok), "sft.steps": 2,
+                                       "sft.batch_size": 4, "data.max_prompt_len": 16})
+  vocab = text.HFTokenizer(str(tok)).vocab_size
+  assert vocab != text.CharTokenizer().vocab_size
+  model = sft.initial_model(config, str(tmp_path / "sft"))
+  assert model.config.vocab_size == vocab
+  # the cached warm start, under another tokenizer: named, not used
+  config.model.tokenizer = ""
+  with pytest.raises(grpo.ConfigError, match=rf"--config.model.tokenizer: the warm start cached "
+                                             rf"in {tmp_path}/sft has a vocabulary of {vocab}"):
+    sft.initial_model(config, str(tmp_path / "sft"))
