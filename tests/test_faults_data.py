@@ -224,3 +224,51 @@ def test_warm_start_uses_model_tokenizer(tmp_path):
   with pytest.raises(grpo.ConfigError, match=rf"--config.model.tokenizer: the warm start cached "
                                              rf"in {tmp_path}/sft has a vocabulary of {vocab}"):
     sft.initial_model(config, str(tmp_path / "sft"))
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def test_console_scripts_point_at_installed_functions():
+  import importlib
+  import tomllib
+
+  with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+    scripts = tomllib.load(f)["project"]["scripts"]
+  assert set(scripts) >= {"kljax-grpo", "kljax-audit"}
+  for target in scripts.values():
+    module, _, fn = target.partition(":")
+    assert module.startswith("kljax"), target  # inside the installed package, not experiments/
+    assert callable(getattr(importlib.import_module(module), fn)), target
+
+
+def test_kljax_grpo_runs_from_another_directory(tmp_path):
+  """The console script's function, from a directory that is not the clone and with `experiments`
+  not importable: the config path absolute, the run directory relative to the current one."""
+  from kljax import models, text
+
+  manual = _manual(tmp_path)
+  init = tmp_path / "init"
+  vocab = text.CharTokenizer().vocab_size
+  models.export_hf(models.create(models.preset("tiny", vocab_size=vocab), seed=0), str(init))
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  argv = ["kljax-grpo", "--config", os.path.join(REPO, "configs", "grpo_tiny.py"),
+          "--workdir", "run", "--config.data.name=gsm8k", f"--config.data.manual_dir={manual}",
+          f"--config.data.data_dir={tmp_path / 'tfds'}", f"--config.model.init={init}",
+          "--config.num_steps=2", "--config.batch_size=4", "--config.rollout.group_size=2",
+          "--config.rollout.max_new_tokens=2", "--config.metrics.tensorboard=False",
+          "--config.mesh.devices=1"]
+  code = "import sys; sys.argv = sys.argv[1:]; from kljax.cli_grpo import run; run()"
+  # PYTHONPATH holds the package alone (as an install would): no experiments/, no configs/
+  site = tmp_path / "site"
+  site.mkdir()
+  os.symlink(os.path.join(REPO, "kljax"), site / "kljax")
+  out = subprocess.run([sys.executable, "-c", code, *argv], cwd=elsewhere,
+                       env=dict(os.environ, PYTHONPATH=str(site), XLA_FLAGS=child_xla_flags()),
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = [json.loads(ln) for ln in (elsewhere / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [0, 1]
+  assert subprocess.run([sys.executable, "-c", "import experiments"], cwd=elsewhere,
+                        env=dict(os.environ, PYTHONPATH=str(site))).returncode != 0

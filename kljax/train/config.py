@@ -55,9 +55,9 @@ def grpo_tiny() -> ml_collections.ConfigDict:
   c.rollout.correction = "none"  # none | tis_token | tis_sequence | mis_token | mis_sequence
   c.rollout.correction_cap = 2.0  # C > 1: truncate at C (tis), keep ratios in [1/C, C] (mis)
   c.rollout.correct_kl = True  # weight a loss-placed KL term too (False: the policy gradient only)
-  # Who samples: "jax" (kljax's KV-cache sampler, on the trainer's mesh) or "vllm" (vLLM's offline
-  # engine in this process, weights pushed every step and checked: kljax/rollout/vllm_engine.py).
-  c.rollout.engine = "jax"
+  # vllm: vLLM's offline engine in this process, weights pushed every step and checked
+  # (kljax/rollout/vllm_engine.py).
+  c.rollout.engine = "jax"  # who samples: "jax" (kljax's KV-cache sampler) or "vllm"
   c.rollout.vllm_kv_cache_gb = 0.0  # vLLM's KV cache in GiB (0: sized to one step's batch)
   c.rollout.sync_tolerance = 0.0  # vLLM sync check allowance, mean |Δ log p| (0: the dtype's own)
 
@@ -121,3 +121,9 @@ def grpo_tiny() -> ml_collections.ConfigDict:
   c.metrics.wandb_project = "kljax"  # the W&B project of the run
   c.metrics.wandb_mode = "offline"  # offline: files in WORKDIR/wandb (`wandb sync` them); online
   return c
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """`grpo_tiny()`: this file is the `--config` default of `kljax-grpo` where the current directory
+  holds no configs/grpo_tiny.py (an installed package, run from anywhere)."""
+  return grpo_tiny()
