@@ -6,8 +6,10 @@ is survived."""
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -230,7 +232,10 @@ def test_warm_start_uses_model_tokenizer(tmp_path):
 
 
 def test_console_scripts_point_at_installed_functions():
-  import importlib
+  """Each script's function is defined in the package (read, not imported: kljax.cli_grpo defines
+  absl flags, which a second definition in this process would refuse)."""
+  import ast
+  import importlib.util
   import tomllib
 
   with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
@@ -238,8 +243,10 @@ def test_console_scripts_point_at_installed_functions():
   assert set(scripts) >= {"kljax-grpo", "kljax-audit"}
   for target in scripts.values():
     module, _, fn = target.partition(":")
-    assert module.startswith("kljax"), target  # inside the installed package, not experiments/
-    assert callable(getattr(importlib.import_module(module), fn)), target
+    assert module.split(".")[0] == "kljax", target  # installed, unlike experiments/
+    with open(importlib.util.find_spec(module).origin) as f:
+      tree = ast.parse(f.read())
+    assert fn in {d.name for d in tree.body if isinstance(d, ast.FunctionDef)}, target
 
 
 def test_kljax_grpo_runs_from_another_directory(tmp_path):
@@ -272,3 +279,35 @@ def test_kljax_grpo_runs_from_another_directory(tmp_path):
   assert [r["step"] for r in rows] == [0, 1]
   assert subprocess.run([sys.executable, "-c", "import experiments"], cwd=elsewhere,
                         env=dict(os.environ, PYTHONPATH=str(site))).returncode != 0
+
+
+# ---------------------------------------------------------------- the audit
+
+
+def _audit(tmp_path, *args, timeout=120):
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), REPO]), JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "kljax.audit", *args], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_audit_prints_progress_naming_the_implementation(tmp_path):
+  out = _audit(tmp_path, "--term", "k3_as_loss", "--seeds", "1")
+  assert out.returncode == 0, out.stderr
+  lines = out.stderr.splitlines()
+  assert lines[0] == "kljax.audit: evaluating k3_as_loss"
+  assert any(ln.startswith("kljax.audit: k3_as_loss: setting 1 of ") for ln in lines)
+  assert re.fullmatch(r"kljax\.audit: k3_as_loss: done in \d+\.\d s", lines[-1]), lines
+  assert "∇RKL" in out.stdout  # the report itself is unchanged, on stdout
+
+
+def test_audit_timeout_stops_a_slow_function_with_one_line(tmp_path):
+  (tmp_path / "slow_kl.py").write_text(
+      "import time\n\ndef kl(logp, ref_logp):\n  time.sleep(60)\n  return logp - ref_logp\n")
+  start = time.monotonic()
+  out = _audit(tmp_path, "slow_kl:kl", "--timeout", "2")
+  assert time.monotonic() - start < 40
+  assert out.returncode == 3, out.stderr
+  lines = out.stderr.splitlines()
+  assert lines[0] == "kljax.audit: evaluating slow_kl:kl", lines
+  assert lines[-1] == "kljax.audit: slow_kl:kl: timed out after 2 s (--timeout); stopping.", lines
+  assert "Traceback" not in out.stderr
