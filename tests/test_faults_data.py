@@ -311,3 +311,13 @@ def test_audit_timeout_stops_a_slow_function_with_one_line(tmp_path):
   assert lines[0] == "kljax.audit: evaluating slow_kl:kl", lines
   assert lines[-1] == "kljax.audit: slow_kl:kl: timed out after 2 s (--timeout); stopping.", lines
   assert "Traceback" not in out.stderr
+
+
+def test_dataset_smaller_than_a_warm_start_batch(tmp_path):
+  from kljax.train import sft
+
+  config = _gsm8k(tmp_path, _manual(tmp_path), **{"sft.batch_size": 64})
+  with pytest.raises(grpo.ConfigError, match=r"--config.sft.batch_size: the warm start takes 64 "
+                                             r"examples a step, more than the 8 of gsm8k"):
+    sft.initial_model(config, str(tmp_path / "sft"))
+  assert not (tmp_path / "sft").exists()

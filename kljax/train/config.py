@@ -55,8 +55,8 @@ def grpo_tiny() -> ml_collections.ConfigDict:
   c.rollout.correction = "none"  # none | tis_token | tis_sequence | mis_token | mis_sequence
   c.rollout.correction_cap = 2.0  # C > 1: truncate at C (tis), keep ratios in [1/C, C] (mis)
   c.rollout.correct_kl = True  # weight a loss-placed KL term too (False: the policy gradient only)
-  # vllm: vLLM's offline engine in this process, weights pushed every step and checked
-  # (kljax/rollout/vllm_engine.py).
+  # vllm: vLLM's offline engine in this process, weights pushed every step and checked against
+  # the trainer's maths (kljax/rollout/vllm_engine.py); jax runs on the trainer's mesh.
   c.rollout.engine = "jax"  # who samples: "jax" (kljax's KV-cache sampler) or "vllm"
   c.rollout.vllm_kv_cache_gb = 0.0  # vLLM's KV cache in GiB (0: sized to one step's batch)
   c.rollout.sync_tolerance = 0.0  # vLLM sync check allowance, mean |Δ log p| (0: the dtype's own)
