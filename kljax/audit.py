@@ -60,6 +60,7 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -746,7 +747,8 @@ def audit(obj: Any, *, placement: Placement = "loss", credit: Credit = "token",
           signature: Literal["elementwise", "sequence"] = "elementwise",
           aggregation: Aggregation = "sum", level: Literal["token", "sequence"] = "token",
           settings: Sequence[Setting] = SETTINGS, seeds: int = 3, tol: float = 1e-4,
-          penalty_at: PenaltyAt | None = None, name: str | None = None) -> AuditReport:
+          penalty_at: PenaltyAt | None = None, name: str | None = None,
+          progress: Callable[[str], None] | None = None) -> AuditReport:
   """Audits a KL implementation: what its exact expected gradient follows in every setting.
 
   Args:
@@ -761,9 +763,11 @@ def audit(obj: Any, *, placement: Placement = "loss", credit: Credit = "token",
       (default: computed once from π_old and reused over epochs, as verl and kljax's trainer do)
       or "current" (recomputed at the current parameters). See `elementwise`.
     name: a label.
+    progress: called with a line before each stage (the checks, each setting, the coefficient).
   Raises:
     AuditError when the callable has the wrong signature, shape or dtype, or is not finite.
   """
+  say = progress or (lambda line: None)
   key = (obj, placement, credit, signature, aggregation, level, tuple(settings), seeds, tol,
          penalty_at, name)
   if isinstance(obj, str) and key in _MEMO:  # kljax names are pure: audit each once per process
@@ -779,9 +783,11 @@ def audit(obj: Any, *, placement: Placement = "loss", credit: Credit = "token",
   if level == "sequence" and not impl.elementwise:
     raise ValueError("level='sequence' applies an elementwise penalty to whole-sequence log-probs; "
                      f"{impl.name} is a per-sequence surrogate already.")
+  say(f"{impl.name}: checking its signature, shapes and values")
   check(impl)
   results = []
-  for s in settings:
+  for i, s in enumerate(settings):
+    say(f"{impl.name}: setting {i + 1} of {len(settings)}, {s.name} ({seeds} seeds)")
     per_seed = []
     for seed in range(seeds):
       policy, ref, old, space, targets = _setting_data(s, seed)
@@ -792,6 +798,7 @@ def audit(obj: Any, *, placement: Placement = "loss", credit: Credit = "token",
       per_seed.append(_verdict(_flat(g), targets, tol))
     verdict, follows, distance, scale_free, scale, norm = _label(per_seed, tol)
     results.append(SettingResult(s.name, norm, distance, scale_free, scale, verdict, follows))
+  say(f"{impl.name}: the coefficient c(log δ), value statistics and robustness")
   grid = np.asarray(COEFFICIENT_GRID)
   coefficient = _identify(grid, _coefficients(impl, grid)[0])
   report = AuditReport(impl.name, impl.kind, aggregation, level, seeds, tol, results, coefficient,
@@ -921,15 +928,18 @@ def terms_table(names: Sequence[str]) -> str:
   return "\n".join(rows) + "\n"
 
 
-def gallery_table(entries=None) -> str:
-  """Markdown table of the frameworks' KL terms as audited (entries: kljax.audit_gallery.GALLERY)."""
+def gallery_table(entries=None, *, each: Callable[[str], Any] | None = None) -> str:
+  """Markdown table of the frameworks' KL terms as audited (entries: kljax.audit_gallery.GALLERY).
+  `each(label)`, when given, is entered as a context around each entry's audit (the command line's
+  progress line and timeout)."""
   if entries is None:
     from kljax.audit_gallery import GALLERY as entries  # noqa: N811
   rows = ["| framework | option | what it computes | on-policy gradient follows | off-policy "
           "(one token) | per-token in a sequence | numerics (measured; notes) |",
           "|---|---|---|---|---|---|---|"]
   for e in entries:
-    r = audit(e.impl)
+    with (each or (lambda label: contextlib.nullcontext()))(f"{e.framework} {e.option}"):
+      r = audit(e.impl)
     numerics = robustness_summary(r.robustness) + (f"; {e.numerics}" if e.numerics else "")
     computes = e.computes + (f"; {_penalty_kind(r.penalty_at)}" if r.penalty_at else "")
     rows.append(f"| {e.framework} | {_cell(e.option)} | {_cell(computes)} | "
@@ -1072,14 +1082,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help="print the audited table of what other frameworks ship")
   p.add_argument("--update-docs", action="store_true",
                  help="rewrite docs/frameworks.md, docs/kl_terms.md and README.md's terms table")
+  p.add_argument("--timeout", type=float, default=0.0, metavar="SECONDS",
+                 help="the most seconds one implementation's audit may take (0: no limit); one "
+                      "that takes longer stops the audit with one line naming it, exit status 3")
+  p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
   args = p.parse_args(argv)
+  if not args.timeout >= 0:
+    p.error(f"--timeout must be a number of seconds >= 0 (0: no limit), got {args.timeout}")
+  each = functools.partial(_evaluating, timeout=args.timeout, quiet=args.quiet)
+  progress = None if args.quiet else (lambda line: print(f"kljax.audit: {line}", file=sys.stderr,
+                                                         flush=True))
   try:
     if args.update_docs:
       for path in update_docs():
         print(f"wrote {path}")
       return 0
     if args.gallery:
-      print(gallery_table(), end="")
+      print(gallery_table(each=each), end="")
       return 0
     checked = resolve_settings(args.setting)
     if args.setting and not args.expect:
@@ -1095,7 +1114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                            penalty_at=args.penalty_at, name=args.function)
     else:
       p.error("give MODULE:FUNCTION, --term NAME, --gallery or --update-docs")
-    report = audit(obj, aggregation=args.aggregation, level=args.level, seeds=args.seeds)
+    with each(args.term or args.function):
+      report = audit(obj, aggregation=args.aggregation, level=args.level, seeds=args.seeds,
+                     progress=progress)
   except (AuditError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -1111,6 +1132,44 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(f"  {name}: the gradient {verdict}, not {want}")
     return 1 if bad else 0
   return 0
+
+
+TIMEOUT_STATUS = 3  # the command line's exit status when an implementation exceeds --timeout
+
+
+@contextlib.contextmanager
+def _evaluating(label: str, *, timeout: float, quiet: bool):
+  """The command line around one implementation's audit: a progress line, and with `timeout` > 0
+  a watchdog that, past it, prints one line naming `label` and ends the process with
+  TIMEOUT_STATUS. A thread, not a signal: it stops a function blocked in native code too (a
+  signal handler runs only once that returns)."""
+  import os
+  import sys
+  import threading
+  import time
+
+  if not quiet:
+    print(f"kljax.audit: evaluating {label}", file=sys.stderr, flush=True)
+  start = time.monotonic()
+
+  def expire():
+    sys.stdout.flush()
+    print(f"kljax.audit: {label}: timed out after {timeout:g} s (--timeout); stopping.",
+          file=sys.stderr, flush=True)
+    os._exit(TIMEOUT_STATUS)
+
+  timer = threading.Timer(timeout, expire) if timeout > 0 else None
+  if timer is not None:
+    timer.daemon = True
+    timer.start()
+  try:
+    yield
+  finally:
+    if timer is not None:
+      timer.cancel()
+  if not quiet:
+    print(f"kljax.audit: {label}: done in {time.monotonic() - start:.1f} s", file=sys.stderr,
+          flush=True)
 
 
 if __name__ == "__main__":

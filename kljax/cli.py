@@ -210,10 +210,11 @@ def parse(argv: list[str]) -> list[str]:
 
 
 def usage(fv, *, configs: dict | None = None, full: bool = False) -> str:
-  """The help text: the main module's docstring, its flags, and the fields of `configs` ({flag
-  name: (ConfigDict, source of the meanings or None for kljax/train/config.py)})."""
+  """The help text: the main module's docstring (or `run`'s `doc`), its flags, and the fields of
+  `configs` ({flag name: (ConfigDict, source of the meanings or None for
+  kljax/train/config.py)})."""
   main = sys.modules.get("__main__")
-  parts = [(getattr(main, "__doc__", None) or "").strip()]
+  parts = [(_DOC[0] if _DOC else getattr(main, "__doc__", None) or "").strip()]
   parts.append("flags:\n" + (fv.get_help() if full else fv.main_module_help()).strip("\n"))
   for name, (config, docs) in (configs or {}).items():
     source = os.path.relpath(docs) if docs else "kljax/train/config.py"
@@ -223,10 +224,22 @@ def usage(fv, *, configs: dict | None = None, full: bool = False) -> str:
   return "\n\n".join(p for p in parts if p)
 
 
-def run(main: Callable[[list[str]], object]) -> None:
+_DOC: list[str] = []  # the help's docstring, when `run` is given one
+
+
+def run(main: Callable[[list[str]], object], *, doc: str | None = None,
+        flags_module: str | None = None) -> None:
   """`absl.app.run(main)` with `parse` as the flags parser, one-line usage errors and absl's log at
-  WARNING (see the module doc)."""
+  WARNING (see the module doc). An entry point defined in a module of the package (a console
+  script's, which `__main__` only imports) passes its docstring as `doc` and its module's name as
+  `flags_module`, so that --help shows them as it would the main module's."""
   from absl import app, flags, logging
+
+  if doc is not None:
+    _DOC[:] = [doc]
+  if flags_module is not None:
+    for flag in flags.FLAGS.get_key_flags_for_module(flags_module):
+      flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 
   def parser(argv):
     rest = parse(argv)

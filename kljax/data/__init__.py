@@ -2,6 +2,6 @@
 TensorFlow."""
 
 from kljax.data import tasks
-from kljax.data.builders import FIELDS, Source, batch_indices, load
+from kljax.data.builders import FIELDS, DataError, Source, batch_indices, load
 
-__all__ = ["FIELDS", "Source", "batch_indices", "load", "tasks"]
+__all__ = ["DataError", "FIELDS", "Source", "batch_indices", "load", "tasks"]

@@ -19,9 +19,11 @@ al. 2025), keeping the problems with a numeric answer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sys
 from typing import Any
 
 import numpy as np
@@ -33,6 +35,16 @@ from kljax.data import tasks
 from kljax.rewards import extract_answer, parse_number
 
 _TEXT = tfds.features.Text
+
+
+class DataError(ValueError):
+  """Source data that cannot make a dataset (an empty file, bytes that are not UTF-8, a line that
+  is not JSON or lacks a field), or a data directory it cannot be prepared in. The message names
+  the file (and line); `field` is the config field at fault (`data.manual_dir`, `data.data_dir`)."""
+
+  def __init__(self, msg: str, *, field: str = "data.manual_dir"):
+    super().__init__(msg)
+    self.field = field
 
 
 # The fields of each dataset's examples (all stored as text) and the kind of value each holds; a
@@ -127,10 +139,8 @@ class KljaxGsm8k(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(builder=self, features=_features("gsm8k"))
 
   def _split_generators(self, dl_manager):
-    manual = _manual(dl_manager)
-    if manual and all((manual / f"{s}.jsonl").exists() for s in GSM8K_URLS):
-      files = {s: manual / f"{s}.jsonl" for s in GSM8K_URLS}
-    else:
+    files = _gsm8k_manual_files(_manual(dl_manager))
+    if not files:
       files = dl_manager.download(GSM8K_URLS)
     return {s: self._generate_examples(p) for s, p in files.items()}
 
@@ -151,6 +161,81 @@ OPENR1_URLS = [
 def _manual(dl_manager) -> epath.Path | None:
   """The manual directory (local or a URL), or None."""
   return paths.resolve(dl_manager.manual_dir) if dl_manager.manual_dir else None
+
+
+def _gsm8k_manual_files(manual: epath.Path | None) -> dict[str, epath.Path]:
+  """{split: file} when `manual` holds every split's JSONL file, else {} (they are downloaded)."""
+  if manual and all((manual / f"{s}.jsonl").exists() for s in GSM8K_URLS):
+    return {s: manual / f"{s}.jsonl" for s in GSM8K_URLS}
+  return {}
+
+
+def _openr1_manual_files(manual: epath.Path | None) -> list[epath.Path]:
+  """The parquet and JSONL files of `manual`, sorted; [] when none (they are downloaded)."""
+  if not manual or not manual.is_dir():
+    return []
+  return sorted(p for p in manual.iterdir() if p.name.endswith((".parquet", ".jsonl")))
+
+
+# The fields every line of a manual JSONL file must hold, by dataset.
+MANUAL_FIELDS = {"gsm8k": ("question", "answer"), "openr1_math": ("problem", "answer")}
+
+
+def manual_files(name: str, manual_dir: str | None) -> list[epath.Path]:
+  """The files of `manual_dir` that dataset `name` is prepared from ([]: it downloads its own)."""
+  base = name.partition("/")[0]
+  if not manual_dir or base not in MANUAL_FIELDS:
+    return []
+  manual = paths.resolve(manual_dir)
+  if base == "gsm8k":
+    return list(_gsm8k_manual_files(manual).values())
+  return _openr1_manual_files(manual)
+
+
+def check_manual(name: str, manual_dir: str | None) -> None:
+  """Reads every JSONL file that dataset `name` would be prepared from in `manual_dir`, before any
+  is prepared, and raises a DataError naming the file and line of the first fault: an empty file,
+  a byte that is not UTF-8, a line that is not a JSON object, a missing field (`MANUAL_FIELDS`),
+  a GSM8K solution without its `#### N` answer line. Parquet files are read by pyarrow as they
+  are prepared."""
+  base = name.partition("/")[0]
+  for path in manual_files(name, manual_dir):
+    if path.name.endswith(".jsonl"):
+      _check_jsonl(path, MANUAL_FIELDS[base], gsm8k=base == "gsm8k")
+
+
+def _check_jsonl(path: epath.Path, fields: tuple[str, ...], *, gsm8k: bool) -> None:
+  rows = 0
+  with path.open("rb") as f:
+    for n, raw in enumerate(f, start=1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as err:
+        raise DataError(f"{path}: line {n}: byte {raw[err.start:err.start + 1]!r} at column "
+                        f"{err.start + 1} is not UTF-8; save the file as UTF-8.") from None
+      if not line.strip():
+        continue
+      try:
+        obj = json.loads(line)
+      except json.JSONDecodeError as err:
+        raise DataError(f"{path}: line {n}: not JSON ({err.msg} at column {err.colno}).") from None
+      if not isinstance(obj, dict):
+        raise DataError(f"{path}: line {n}: a JSON {type(obj).__name__}, not an object with the "
+                        f"fields {', '.join(fields)}.")
+      for field in fields:
+        if field not in obj:
+          raise DataError(f"{path}: line {n}: no {field!r} field (it has "
+                          f"{', '.join(map(repr, obj)) or 'none'}; each line needs "
+                          f"{', '.join(map(repr, fields))}).")
+      if gsm8k:
+        try:
+          gsm8k_final_answer(str(obj["answer"]))
+        except ValueError as err:
+          raise DataError(f"{path}: line {n}: field 'answer': {err}") from None
+      rows += 1
+  if not rows:
+    raise DataError(f"{path}: no examples (the file is empty); each line needs a JSON object "
+                    f"with {', '.join(map(repr, fields))}.")
 
 
 def _openr1_rows(path: epath.Path):
@@ -202,9 +287,7 @@ class KljaxOpenr1Math(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(builder=self, features=_features("openr1_math"))
 
   def _split_generators(self, dl_manager):
-    manual = _manual(dl_manager)
-    files = sorted(p for p in manual.iterdir() if p.name.endswith((".parquet", ".jsonl"))
-                   ) if manual and manual.is_dir() else []
+    files = _openr1_manual_files(_manual(dl_manager))
     if not files:
       files = [epath.Path(p) for p in dl_manager.download(OPENR1_URLS)]
     return {s: self._generate_examples(files, s) for s in ("train", "test")}
@@ -255,7 +338,14 @@ def load(name: str, split: str, *, data_dir: str, manual_dir: str | None = None)
   """A prepared split of "arithmetic/levelN", "countdown/nK", "gsm8k" or "openr1_math" (prepared on
   first use; the last two from `manual_dir` when it holds their files, else downloaded).
 
-  Raises ValueError naming the valid datasets, configs and splits for a bad request.
+  A dataset prepared from `manual_dir` carries the size and mtime of its files
+  (`source_fingerprint`, in `kljax_source.json`) and is prepared again when they change. Processes
+  and runs preparing one data directory at once take turns (a file lock in it): the first
+  prepares, the others wait and reuse its dataset.
+
+  Raises ValueError naming the valid datasets, configs and splits for a bad request, and, before
+  preparing, a DataError naming the file and line of a fault in `manual_dir`'s files
+  (`check_manual`) or a data directory that cannot be written.
   """
   base, _, config = name.partition("/")
   if base not in DATASETS:
@@ -271,39 +361,101 @@ def load(name: str, split: str, *, data_dir: str, manual_dir: str | None = None)
   kwargs: dict[str, Any] = {"data_dir": os.fspath(local), "file_format": "array_record"}
   if configs:
     kwargs["config"] = config
-  prepare = lambda b: b.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=os.fspath(paths.resolve(manual_dir)) if manual_dir else None))
   builder = cls(**kwargs)
-  if local != store:
-    builder = _through_mirror(builder, lambda: cls(**kwargs), prepare, local, store)
-  else:
-    prepare(builder)
+  version_dir = epath.Path(builder.data_dir)  # local/<name>/<config>/<version>
+  remote = (store / os.fspath(version_dir)[len(os.fspath(local)):].lstrip("/")
+            if local != store else None)
+  source = source_fingerprint(name, manual_dir)
+  if not _current(version_dir, source) or (remote is not None and not _current(remote, source)):
+    with _preparing(local, name):
+      _prepare(builder, version_dir, remote, source, name, manual_dir)
+    builder = cls(**kwargs)  # reads the prepared dataset_info.json
   if split not in builder.info.splits:
     raise ValueError(f"{name} has splits {', '.join(builder.info.splits)}, not {split!r}.")
   return Source(builder.as_data_source(split=split))
 
 
-def _through_mirror(builder, new_builder, prepare, local: epath.Path, store: epath.Path):
-  """The builder of a dataset read from the local mirror `local` of the store `store`: copied
-  down if the store has it, else prepared here and copied up (`dataset_info.json` last)."""
-  version_dir = epath.Path(builder.data_dir)  # local/<name>/<config>/<version>
-  remote = store / os.fspath(version_dir)[len(os.fspath(local)):].lstrip("/")
-  info = "dataset_info.json"
-  if not (version_dir / info).exists() and (remote / info).exists():
-    # Each process copies to its own directory and renames it into place (atomic, locally):
-    # processes of one host that share the mirror never read a partial copy.
-    partial = version_dir.with_name(f"{version_dir.name}.incoming.{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    paths.copy_tree(remote, partial)
+_INFO = "dataset_info.json"
+SOURCE_FILE = "kljax_source.json"  # beside dataset_info.json: the fingerprint of the manual files
+
+
+def source_fingerprint(name: str, manual_dir: str | None) -> list | None:
+  """[[file name, size, mtime], …] of the manual files dataset `name` is prepared from (mtime in
+  ns for local files, s for remote ones), or None when it is generated or downloaded."""
+  out = []
+  for path in manual_files(name, manual_dir):
+    if paths.is_local(path):
+      st = os.stat(path)
+      out.append([path.name, st.st_size, st.st_mtime_ns])
+    else:
+      st = path.stat()
+      out.append([path.name, st.length, st.mtime])
+  return out or None
+
+
+def _current(version_dir: epath.Path, source: list | None) -> bool:
+  """`version_dir` holds a prepared dataset, prepared from `source` when it has manual files."""
+  if not (version_dir / _INFO).exists():
+    return False
+  if source is None:
+    return True
+  try:
+    return json.loads((version_dir / SOURCE_FILE).read_text()) == source
+  except (OSError, ValueError):
+    return False
+
+
+def _prepare(builder, version_dir, remote, source, name, manual_dir) -> None:
+  """Under the data directory's lock: the local `version_dir` prepared from `source` (copied down
+  from `remote` when the store has it, else prepared here, a stale copy removed first), then copied
+  up to `remote` if the store lacks it (`dataset_info.json` last, so a reader that sees that file
+  sees the whole dataset)."""
+  if not _current(version_dir, source):
+    if version_dir.exists():
+      print(f"kljax: data: {version_dir} was prepared from other files than {manual_dir} holds "
+            f"now; preparing {name} again.", file=sys.stderr, flush=True)
+      shutil.rmtree(version_dir)
+    if remote is not None and _current(remote, source):
+      paths.copy_tree(remote, version_dir, last=(_INFO,))
+    else:
+      check_manual(name, manual_dir)
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          manual_dir=os.fspath(paths.resolve(manual_dir)) if manual_dir else None))
+      if source is not None:
+        (version_dir / SOURCE_FILE).write_text(json.dumps(source))
+  if remote is not None and not _current(remote, source):
+    if (remote / _INFO).exists():  # a stale copy: unreadable until the new one is complete
+      (remote / _INFO).unlink()
+    paths.copy_tree(version_dir, remote, last=(_INFO,))
+
+
+LOCK_FILE = ".kljax_prepare.lock"
+
+
+@contextlib.contextmanager
+def _preparing(local: epath.Path, name: str):
+  """Holds the lock of the local data directory `local` (a file lock: every process and run that
+  prepares there waits for the one preparing, then reuses its dataset). A directory that cannot
+  be created or written is a DataError naming it."""
+  import fcntl
+
+  try:
+    local.mkdir(parents=True, exist_ok=True)
+    fd = os.open(local / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+  except OSError as err:
+    raise DataError(f"{local}: {name} is not prepared there and cannot be ({err.strerror}): give "
+                    f"a writable data directory, or one where it is prepared.",
+                    field="data.data_dir") from None
+  try:
     try:
-      partial.rename(version_dir)
-    except OSError:  # another process of this host was first
-      shutil.rmtree(partial, ignore_errors=True)
-    builder = new_builder()  # reads the copied dataset_info.json
-  prepare(builder)  # a no-op when prepared
-  if not (remote / info).exists():
-    paths.copy_tree(version_dir, remote, last=(info,))
-  return builder
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      print(f"kljax: data: waiting for another process preparing data in {local}.",
+            file=sys.stderr, flush=True)
+      fcntl.flock(fd, fcntl.LOCK_EX)
+    yield
+  finally:
+    os.close(fd)  # releases the lock
 
 
 def batch_indices(size: int, batch_size: int, step: int, *, seed: int) -> np.ndarray:

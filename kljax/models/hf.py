@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import struct
 from typing import Any, Iterator
 
@@ -207,17 +208,32 @@ def _to_hf(x: np.ndarray, how: str) -> np.ndarray:
   raise AssertionError(how)
 
 
-def _safetensors_names(file: epath.Path) -> list[str]:
-  """The tensor names of a safetensors file, from its header alone (8 bytes of little-endian
-  length, then that many bytes of JSON): a remote file is not downloaded."""
+def _safetensors_header(file: epath.Path) -> dict[str, dict]:
+  """Tensor name -> {"shape", "dtype", "data_offsets"} of a safetensors file, from its header
+  alone (8 bytes of little-endian length, then that many bytes of JSON): a remote file is not
+  downloaded. A file shorter than its header says (a truncated copy) is a CheckpointError."""
+  size = file.stat().length
   with file.open("rb") as f:
-    (n,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(n))
-  return [k for k in header if k != "__metadata__"]
+    head = f.read(8)
+    n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+    if n is None or 8 + n > size:
+      raise CheckpointError(f"{file}: truncated ({size} bytes, less than its own header): copy "
+                            f"the checkpoint again.")
+    try:
+      header = json.loads(f.read(n))
+      tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+      end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+      raise CheckpointError(f"{file}: its header is not a safetensors header (a damaged or "
+                            f"foreign file).") from None
+  if 8 + n + end > size:
+    raise CheckpointError(f"{file}: truncated: {size} bytes, where its header lists tensors up "
+                          f"to byte {8 + n + end}: copy the checkpoint again.")
+  return tensors
 
 
-def _tensor_files(path: epath.Path) -> dict[str, epath.Path]:
-  """HF tensor name -> safetensors file holding it."""
+def _tensor_files(path: epath.Path) -> dict[str, tuple[epath.Path, tuple[int, ...]]]:
+  """HF tensor name -> (safetensors file holding it, its shape), every file's header read."""
   index = path / _INDEX
   if index.exists():
     weight_map = json.loads(index.read_text()).get("weight_map")
@@ -227,17 +243,20 @@ def _tensor_files(path: epath.Path) -> dict[str, epath.Path]:
     absent = sorted(os.fspath(f) for f in files if not f.exists())
     if absent:
       raise CheckpointError(f"{index} lists shard(s) that do not exist: {', '.join(absent)}.")
-    return {k: path / v for k, v in weight_map.items()}
-  single = path / _SINGLE
-  if single.exists():
-    return {k: single for k in _safetensors_names(single)}
-  raise CheckpointError(
-      f"{path}: neither {_SINGLE} nor {_INDEX} found (only safetensors checkpoints are read)."
-  )
+  else:
+    files = {path / _SINGLE}
+    if not (path / _SINGLE).exists():
+      raise CheckpointError(
+          f"{path}: neither {_SINGLE} nor {_INDEX} found (only safetensors checkpoints are read).")
+  out = {}
+  for file in sorted(files):
+    out.update({k: (file, tuple(v["shape"])) for k, v in _safetensors_header(file).items()})
+  return out
 
 
 def _open(path: str | os.PathLike, *, dtype: str, param_dtype: str | None):
-  """(config, layout, tensor files) of a checkpoint directory whose every tensor is present."""
+  """(config, layout, tensor files) of a checkpoint directory whose every tensor is present, with
+  the shape config.json implies, and whose layer count is config.json's."""
   path = paths.resolve(path)
   config_path = path / "config.json"
   if not config_path.exists():
@@ -245,18 +264,32 @@ def _open(path: str | os.PathLike, *, dtype: str, param_dtype: str | None):
   config = config_from_hf(json.loads(config_path.read_text()), dtype=dtype,
                           param_dtype=param_dtype)
   layout = _layout(config)
-  files = _tensor_files(path)
-  missing = [name for name in layout if name not in files]
+  tensors = _tensor_files(path)
+  where = os.fspath(path / _SINGLE) if not (path / _INDEX).exists() else os.fspath(path)
+  layers = {int(m.group(1)) for m in map(_LAYER.match, tensors) if m}
+  if layers and max(layers) + 1 != config.num_layers:
+    raise CheckpointError(f"{where} holds {max(layers) + 1} layers, but {config_path} says "
+                          f"num_hidden_layers={config.num_layers}.")
+  missing = [name for name in layout if name not in tensors]
   if missing:
     more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
     raise CheckpointError(f"{path}: missing tensor(s) {', '.join(missing[:5])}{more}.")
-  return config, layout, files
+  for name, (_, _, hf_shape, _) in layout.items():
+    file, shape = tensors[name]
+    if shape != hf_shape:
+      raise CheckpointError(f"tensor {name} in {file} has shape {list(shape)}, but the config "
+                            f"implies {list(hf_shape)} ({config_path}).")
+  return config, layout, {name: file for name, (file, _) in tensors.items()}
+
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 def check_hf(path: str, *, dtype: str = "float32", param_dtype: str | None = None) -> ModelConfig:
   """The `ModelConfig` of a checkpoint directory that `from_hf` can read, without reading its
-  weights: `config.json` is supported and every tensor it implies is in the safetensors files
-  (their shapes are checked on load). Raises CheckpointError like `from_hf`."""
+  weights: `config.json` is supported, and the safetensors files are whole and hold every tensor
+  it implies, with its shape, and as many layers (their headers are read). Raises CheckpointError
+  like `from_hf`."""
   return _open(path, dtype=dtype, param_dtype=param_dtype)[0]
 
 

@@ -121,3 +121,9 @@ def grpo_tiny() -> ml_collections.ConfigDict:
   c.metrics.wandb_project = "kljax"  # the W&B project of the run
   c.metrics.wandb_mode = "offline"  # offline: files in WORKDIR/wandb (`wandb sync` them); online
   return c
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """`grpo_tiny()`: this file is the `--config` default of `kljax-grpo` where the current directory
+  holds no configs/grpo_tiny.py (an installed package, run from anywhere)."""
+  return grpo_tiny()

@@ -277,12 +277,28 @@ def _check_reward_fits_dataset(config: ml_collections.ConfigDict) -> None:
 
 
 def check_prompt_lengths(config: ml_collections.ConfigDict) -> None:
-  """Raises a ConfigError, before any training, when a prompt of the train split (formatted by
-  `data.prompt_template`, with `<bos>` if `data.add_bos`) takes more than `data.max_prompt_len`
-  tokens, naming the longest."""
+  """Reads the train split (preparing it on first use) and raises a ConfigError, before any
+  training or warm start, naming the flag, file or line at fault: a fault in `data.manual_dir`'s
+  files (an empty file, bytes that are not UTF-8, a missing field), a `data.data_dir` where the
+  dataset is not prepared and cannot be, a split with fewer examples
+  than one step's prompts (`batch_size / rollout.group_size`), or a prompt (formatted by
+  `data.prompt_template`, with `<bos>` if `data.add_bos`) longer than `data.max_prompt_len`
+  tokens."""
   d = config.data
-  longest, i, prompt = _longest_prompt(d.name, d.data_dir, d.get("manual_dir") or None,
-                                       d.prompt_template, d.add_bos, config.model.tokenizer)
+  try:
+    size, longest, i, prompt = _scan_train(d.name, d.data_dir, d.get("manual_dir") or None,
+                                           d.prompt_template, d.add_bos, config.model.tokenizer)
+  except data_lib.DataError as err:
+    raise ConfigError(f"--config.{err.field}: {err}") from None
+  source = d.name + (f" (from {d.manual_dir})" if d.get("manual_dir") else "")
+  if not size:
+    raise ConfigError(f"--config.data.name: the train split of {source} has no examples.")
+  prompts = config.batch_size // config.rollout.group_size
+  if size < prompts:
+    raise ConfigError(
+        f"--config.batch_size: a step takes {prompts} prompts (batch_size {config.batch_size} / "
+        f"rollout.group_size {config.rollout.group_size}), more than the {size} examples of "
+        f"{source}'s train split.")
   if longest > d.max_prompt_len:
     raise ConfigError(
         f"--config.data.max_prompt_len: the longest prompt of {d.name} (train example {i}, "
@@ -292,12 +308,16 @@ def check_prompt_lengths(config: ml_collections.ConfigDict) -> None:
 
 
 @functools.lru_cache(maxsize=16)  # the scan reads the whole split: once a process is enough
-def _longest_prompt(name, data_dir, manual_dir, template, add_bos, tokenizer) -> tuple[int, int, str]:
+def _scan_train(name, data_dir, manual_dir, template, add_bos, tokenizer
+                ) -> tuple[int, int, int, str]:
+  """(examples, tokens of the longest prompt, its index, its text) of the train split."""
   source = data_lib.load(name, "train", data_dir=data_dir, manual_dir=manual_dir)
   examples = source.take(range(len(source)))
+  if not examples:
+    return 0, 0, 0, ""
   tok = text.HFTokenizer(tokenizer) if tokenizer else text.CharTokenizer()
   longest, i = sft.longest_prompt(tok, examples, prompt_template=template, add_bos=add_bos)
-  return longest, i, template.format(**examples[i])
+  return len(examples), longest, i, template.format(**examples[i])
 
 
 def _check_reward_fns(config) -> None:

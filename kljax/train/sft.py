@@ -82,21 +82,29 @@ def _check_lengths(tokenizer, examples, dataset: str, *, prompt_len: int, comple
 def train_sft(*, preset: str, dataset: str, data_dir: str, steps: int, batch_size: int = 64,
               learning_rate: float = 3e-3, prompt_len: int = 8, completion_len: int = 8,
               prompt_template: str = "{question}", add_bos: bool = True, seed: int = 0,
-              progress: bool = True):
-  """Returns (model, per-step losses).
+              progress: bool = True, manual_dir: str | None = None,
+              tokenizer: str | None = None):
+  """Returns (model, per-step losses). `manual_dir`: where the dataset's source files are, for
+  datasets prepared from them (`kljax.data.load`); `tokenizer`: a tokenizer.json or its directory
+  (a GRPO config's `model.tokenizer`; default the built-in character tokenizer), whose vocabulary
+  sizes the model.
 
   Prompts take up to `prompt_len` tokens and answers (with EOS) up to `completion_len`: in a GRPO
   config, `data.max_prompt_len` and `rollout.max_new_tokens`. Before any training step it raises
   ValueError when a prompt of the dataset is longer than `prompt_len` (its example would keep no
-  answer token to supervise), and warns when answers are cut.
+  answer token to supervise) or the dataset holds fewer than `batch_size` examples, and warns when
+  answers are cut.
   """
   from kljax.progress import bar as tqdm  # log lines when not on a terminal
 
   for name, value in (("prompt_len", prompt_len), ("completion_len", completion_len)):
     if value < 1:
       raise ValueError(f"{name} must be >= 1, got {value}.")
-  tokenizer = text.CharTokenizer()
-  source = data_lib.load(dataset, "train", data_dir=data_dir)
+  tokenizer = text.HFTokenizer(tokenizer) if tokenizer else text.CharTokenizer()
+  source = data_lib.load(dataset, "train", data_dir=data_dir, manual_dir=manual_dir)
+  if len(source) < batch_size:
+    raise ValueError(f"batch_size {batch_size} exceeds the {len(source)} examples of {dataset}'s "
+                     f"train split.")
   examples = source.take(range(len(source)))
   fmt = dict(prompt_template=prompt_template, add_bos=add_bos)
   _check_lengths(tokenizer, examples, dataset, prompt_len=prompt_len,
@@ -135,14 +143,23 @@ def initial_model(config, directory: str):
   on `config.data.name` trained once and cached as an HF checkpoint in `directory`, on prompts and
   answers of the run's lengths (`data.max_prompt_len`, `rollout.max_new_tokens`).
 
-  Both may be local or URLs (gs://…). Raises `grpo.ConfigError` before training when a prompt
-  needs more than `data.max_prompt_len` tokens."""
+  The warm start uses the run's tokenizer (`model.tokenizer`, else the built-in character one).
+  Both paths may be local or URLs (gs://…). Raises `grpo.ConfigError` before training when a
+  prompt needs more than `data.max_prompt_len` tokens or the dataset holds fewer examples than
+  `sft.batch_size`, and when a cached warm start's vocabulary is not the tokenizer's (it was made
+  with another tokenizer)."""
   from kljax import paths
   from kljax.train import grpo
 
   path = paths.resolve(config.model.init or directory)
   if not config.model.init and not (path / "config.json").exists():
     grpo.check_prompt_lengths(config)  # names the flag to raise
+    size = len(data_lib.load(config.data.name, "train", data_dir=config.data.data_dir,
+                             manual_dir=config.data.get("manual_dir") or None))
+    if size < config.sft.batch_size:
+      raise grpo.ConfigError(
+          f"--config.sft.batch_size: the warm start takes {config.sft.batch_size} examples a "
+          f"step, more than the {size} of {config.data.name}'s train split.")
     model, losses = train_sft(preset=config.model.preset, dataset=config.data.name,
                               data_dir=config.data.data_dir, steps=config.sft.steps,
                               batch_size=config.sft.batch_size,
@@ -150,9 +167,19 @@ def initial_model(config, directory: str):
                               prompt_len=config.data.max_prompt_len,
                               completion_len=config.rollout.max_new_tokens,
                               prompt_template=config.data.prompt_template,
-                              add_bos=config.data.add_bos, seed=config.seed)
+                              add_bos=config.data.add_bos, seed=config.seed,
+                              manual_dir=config.data.get("manual_dir") or None,
+                              tokenizer=config.model.tokenizer or None)
     models.export_hf(model, path)
     print(f"SFT warm start: loss {losses[0]:.3f} -> {losses[-1]:.3f} ({path})")
+  elif not config.model.init:
+    vocab = grpo.make_tokenizer(config).vocab_size
+    cached = models.check_hf(path).vocab_size
+    if cached != vocab:
+      raise grpo.ConfigError(
+          f"--config.model.tokenizer: the warm start cached in {path} has a vocabulary of "
+          f"{cached} tokens and the run's tokenizer ({config.model.tokenizer or 'built-in'}) "
+          f"{vocab}: it was made with another tokenizer; remove {path} to make it again.")
   model = models.from_hf(path, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
   model.config = model.config.replace(remat=config.model.remat)
   return model
