@@ -214,3 +214,22 @@ def test_value_clamped_tokens_metric_counts_what_the_clamp_touches():
   assert out["kl_value_clamped_tokens"] == expected
   assert "kl_value_clamped_tokens" not in grpo_lib._reference_metrics(stats, mask, tmean,
                                                                        kl_term("k3_as_loss"))
+
+
+@pytest.mark.parametrize("num_steps", [1, 2])
+def test_the_optimizer_schedule_for_one_or_two_updates(num_steps):
+  """One update runs at the peak rate (a warm-up from 0 would make it a no-op; optax's cosine
+  decay refuses zero decay steps); with two, the first is the warm-up's 0. Adam's first step is
+  lr·g/|g| (bias-corrected moments), plus AdamW's decoupled decay lr·wd·p."""
+  from kljax.train import config as config_lib
+  from kljax.train.grpo import make_optimizer
+
+  c = config_lib.grpo_tiny()
+  c.num_steps = num_steps
+  c.optim.learning_rate, c.optim.weight_decay, c.optim.grad_clip = 0.1, 0.01, 1e9
+  opt = make_optimizer(c)
+  p, g = jnp.array([1.0, -2.0]), jnp.array([0.5, 0.25])
+  update, _ = opt.update(g, opt.init(p), p)
+  lr = 0.1 if num_steps == 1 else 0.0
+  np.testing.assert_allclose(update, -lr * (np.sign(g) + 0.01 * np.asarray(p)), rtol=1e-5,
+                             atol=1e-7)

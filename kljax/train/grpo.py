@@ -657,9 +657,12 @@ def param_rules(config: ml_collections.ConfigDict, vocab_size: int) -> sharding.
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Global-norm clipping, then AdamW with linear warm-up and cosine decay over every update."""
   total = config.num_steps * config.loss.epochs * config.loss.minibatches
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, config.optim.learning_rate, min(config.optim.warmup_steps, total - 1) or 1, total,
-      end_value=config.optim.learning_rate * config.optim.final_lr_fraction)
+  if total == 1:  # one update, at the peak rate (a warm-up from 0 would make it a no-op)
+    schedule = optax.constant_schedule(config.optim.learning_rate)
+  else:
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, config.optim.learning_rate, min(config.optim.warmup_steps, total - 1) or 1, total,
+        end_value=config.optim.learning_rate * config.optim.final_lr_fraction)
   return optax.chain(
       optax.clip_by_global_norm(config.optim.grad_clip),
       optax.adamw(schedule, b1=config.optim.b1, b2=config.optim.b2,
