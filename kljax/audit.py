@@ -65,6 +65,8 @@ import dataclasses
 import functools
 import inspect
 import json
+import os
+import sys
 from typing import Any, Callable, Literal, NamedTuple, Sequence
 
 import jax
@@ -996,7 +998,6 @@ def readme_block(readme: str) -> str:
 
 def update_docs(root: str = ".") -> list[str]:
   """Rewrites the generated documents under `root`; returns the paths written."""
-  import os
 
   written = []
   for path, content in generated_docs().items():
@@ -1020,8 +1021,6 @@ def update_docs(root: str = ".") -> list[str]:
 
 def _load(spec: str) -> Callable:
   import importlib
-  import os
-  import sys
 
   module_name, sep, attr = spec.partition(":")
   if not sep or not module_name or not attr:
@@ -1047,10 +1046,11 @@ def _load(spec: str) -> Callable:
 
 def main(argv: Sequence[str] | None = None) -> int:
   import argparse
-  import sys
 
   p = argparse.ArgumentParser(
-      prog="python -m kljax.audit",
+      # the console script `kljax-audit` or `python -m kljax.audit`, as invoked
+      prog=("kljax-audit" if os.path.basename(sys.argv[0]) == "kljax-audit"
+            else "python -m kljax.audit"),
       description="Which divergence does a KL implementation's gradient descend? Exact audit.")
   p.add_argument("function", nargs="?", help="MODULE:FUNCTION, an elementwise fn(logp, ref_logp) "
                  "(or, with --signature sequence, fn(logp_t, ref_logp_t, old_logp_t, mask_t))")
@@ -1143,8 +1143,6 @@ def _evaluating(label: str, *, timeout: float, quiet: bool):
   a watchdog that, past it, prints one line naming `label` and ends the process with
   TIMEOUT_STATUS. A thread, not a signal: it stops a function blocked in native code too (a
   signal handler runs only once that returns)."""
-  import os
-  import sys
   import threading
   import time
 
