@@ -998,7 +998,6 @@ def readme_block(readme: str) -> str:
 
 def update_docs(root: str = ".") -> list[str]:
   """Rewrites the generated documents under `root`; returns the paths written."""
-
   written = []
   for path, content in generated_docs().items():
     if path.startswith("README.md#"):
