@@ -28,11 +28,13 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 
 import jax
 from absl import app, flags, logging
 
 from kljax import cli, paths, rewards
+from kljax.models import hf
 from kljax.train import config as config_lib
 from kljax.train import grpo, metrics, multihost, preempt, runlock
 from kljax.train.checkpoint import CheckpointError, Checkpointer
@@ -49,7 +51,33 @@ _COORDINATOR = flags.DEFINE_string(
     "coordinator", None, "host:port of process 0; omit on TPU pods and SLURM (auto-detected).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator.")
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    "init_timeout", 300, "With --distributed: seconds to wait for every process to connect.")
 flags.mark_flag_as_required("workdir")
+
+
+@contextlib.contextmanager
+def _connect_watchdog(timeout_s: int):
+  """Says that the processes are waiting for each other, and ends the process with one line if
+  they have not all connected a second before `timeout_s`: JAX itself then aborts with a C++
+  stack dump (after 5 silent minutes by default)."""
+  print(f"kljax: --distributed: waiting up to {timeout_s} s for every process to connect "
+        f"(--init_timeout).", file=sys.stderr, flush=True)
+  done = threading.Event()
+
+  def watch():
+    if not done.wait(max(timeout_s - 1, 1)):
+      print(f"kljax: --distributed: not every process connected within {timeout_s} s "
+            f"(--init_timeout): start all --num_processes processes, each with its own "
+            f"--process_id and the same --coordinator (process 0's reachable HOST:PORT).",
+            file=sys.stderr, flush=True)
+      os._exit(1)
+
+  threading.Thread(target=watch, daemon=True).start()
+  try:
+    yield
+  finally:
+    done.set()
 
 
 def main(argv):
@@ -64,7 +92,8 @@ def main(argv):
       explicit = dict(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                       process_id=_PROCESS_ID.value)
     try:
-      jax.distributed.initialize(**explicit)
+      with _connect_watchdog(_INIT_TIMEOUT.value):
+        jax.distributed.initialize(**explicit, initialization_timeout=_INIT_TIMEOUT.value)
     except ValueError as err:  # no coordinator given, and none to detect (not a TPU pod or SLURM)
       raise app.UsageError(
           f"--distributed: {err} This host is not a TPU pod or SLURM job, where it is detected: "
@@ -100,7 +129,10 @@ def main(argv):
           if not changes:
             grpo.record_config(config, workdir, {})
       with multihost.leader_first("to make the warm start"):
-        init_model = initial_model(config, workdir / "sft")
+        try:
+          init_model = initial_model(config, workdir / "sft")
+        except hf.CheckpointError as err:  # e.g. non-finite weights, found as they are read
+          raise grpo.ConfigError(f"--config.model.init: {err}") from None
       history = grpo.train(config, workdir, init_model=init_model)
   except (runlock.RunLockedError, CheckpointError, grpo.NonFiniteError, grpo.ConfigError,
           multihost.LeaderFailedError, rewards.RewardError) as err:

@@ -468,3 +468,45 @@ def test_a_metrics_file_deleted_during_a_run_is_recreated_and_the_loss_named(tmp
   assert capsys.readouterr().err == (
       f"kljax: {tmp_path}/metrics.jsonl was deleted during the run: the rows of the steps before "
       f"1 are lost (rerun in a new --workdir to have them); writing from step 1 on.\n")
+
+
+def test_a_model_init_with_non_finite_weights_is_named_before_any_step(data_dir, sft_dir,
+                                                                       tmp_path):
+  """NaN weights in model.init: one line naming the flag, the tensor and the file (before, the
+  first step's non-finite loss advised lowering the learning rate)."""
+  from safetensors.numpy import load_file, save_file
+
+  bad = tmp_path / "bad_init"
+  shutil.copytree(sft_dir, bad)
+  tensors = load_file(str(bad / "model.safetensors"))
+  name = "model.layers.1.mlp.up_proj.weight"
+  tensors[name] = tensors[name].copy()
+  tensors[name][3, :5] = float("nan")
+  save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+  out = subprocess.run(_cli(tmp_path / "run", bad, f"--config.data.data_dir={data_dir}"),
+                       cwd=REPO, env=dict(os.environ, XLA_FLAGS=child_xla_flags()),
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1, out.stderr[-2000:]
+  assert (f"--config.model.init: tensor {name} in model.safetensors holds 5 non-finite values"
+          in out.stderr)
+  assert "Traceback" not in out.stderr and "learning_rate" not in out.stderr
+  assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
+
+
+def test_distributed_with_a_process_that_never_starts_ends_in_one_line(tmp_path):
+  """Process 0 of 2 alone: one line when --init_timeout runs out (JAX would abort with a C++ stack
+  dump after 5 silent minutes)."""
+  import socket
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  start = time.time()
+  out = subprocess.run([sys.executable, "-m", "experiments.grpo", "--config",
+                        "configs/grpo_tiny.py", f"--workdir={tmp_path / 'run'}", "--distributed",
+                        f"--coordinator=127.0.0.1:{port}", "--num_processes=2", "--process_id=0",
+                        "--init_timeout=4"], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 1 and time.time() - start < 60
+  assert "waiting up to 4 s for every process to connect" in out.stderr
+  assert "not every process connected within 4 s (--init_timeout)" in out.stderr
+  assert "Traceback" not in out.stderr and "Check failure" not in out.stderr

@@ -323,6 +323,10 @@ def from_hf(path: str, *, dtype: str = "float32", param_dtype: str | None = None
               f"tensor {name} in {file.name} has shape {list(x.shape)}, but the config "
               f"implies {list(hf_shape)}."
           )
+        if not np.isfinite(x).all():  # else the first step fails, and the advice misleads
+          raise CheckpointError(
+              f"tensor {name} in {file.name} holds {int((~np.isfinite(x)).sum())} non-finite "
+              f"values (NaN or inf): the checkpoint is damaged or was saved after a divergence.")
         dest = arrays[target] if layer is None else arrays[target][layer]
         if target in ("embed", "lm_head"):  # the real vocabulary; padded rows stay zero
           dest = dest[:config.vocab_size] if target == "embed" else dest[:, :config.vocab_size]
