@@ -58,15 +58,18 @@ flags.mark_flag_as_required("workdir")
 
 @contextlib.contextmanager
 def _connect_watchdog(timeout_s: int):
-  """Says that the processes are waiting for each other, and ends the process with one line if
-  they have not all connected a second before `timeout_s`: JAX itself then aborts with a C++
-  stack dump (after 5 silent minutes by default)."""
-  print(f"kljax: --distributed: waiting up to {timeout_s} s for every process to connect "
-        f"(--init_timeout).", file=sys.stderr, flush=True)
+  """While the processes wait for each other: a line after a few seconds, and one line ending the
+  process if they have not all connected a second before `timeout_s` (JAX itself then aborts
+  with a C++ stack dump, after 5 silent minutes by default)."""
   done = threading.Event()
+  say_after = min(5.0, max(timeout_s - 1.0, 0.5) / 2)
 
   def watch():
-    if not done.wait(max(timeout_s - 1, 1)):
+    if done.wait(say_after):
+      return
+    print(f"kljax: --distributed: waiting up to {timeout_s} s for every process to connect "
+          f"(--init_timeout).", file=sys.stderr, flush=True)
+    if not done.wait(max(timeout_s - 1 - say_after, 0.5)):
       print(f"kljax: --distributed: not every process connected within {timeout_s} s "
             f"(--init_timeout): start all --num_processes processes, each with its own "
             f"--process_id and the same --coordinator (process 0's reachable HOST:PORT).",
