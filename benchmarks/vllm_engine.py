@@ -1,17 +1,18 @@
 """The vLLM rollout engine against the jax engine and HF `generate`; GRPO runs on each engine.
 
-  python benchmarks/vllm_engine.py --preset small --json benchmarks/results/vllm_engine_small.json
-  python benchmarks/vllm_engine.py --preset qwen2.5-0.5b \
+  python benchmarks/vllm_engine.py --preset small --sync --iters 5 \
+      --json benchmarks/results/vllm_engine_small.json
+  python benchmarks/vllm_engine.py --preset qwen2.5-0.5b --sync \
       --json benchmarks/results/vllm_engine_qwen2.5-0.5b.json
   python benchmarks/vllm_engine.py --grpo --json benchmarks/results/vllm_grpo.json
   python benchmarks/vllm_engine.py --quick            # CI: tiny sizes, prints only
 
 Throughput (default): one model with random weights (the preset's shape, float32), the same
 left-padded prompts (--prompts × --group samples, --new_tokens each, temperature 1), sampled by
-each side --iters times after a warm-up; medians of wall seconds and of CPU seconds (user+sys).
-The vLLM side also times a weight push (HF-layout conversion, in-place reload and the sync check)
-and reports the sync gap, the mean |log p_vLLM − log p_trainer| on the probe batch (`--sync`
-also at bfloat16).
+each side once to warm up, then --iters rounds in which the sides alternate (jax, vLLM's weight
+push, vLLM, HF generate); medians of wall seconds and of CPU seconds (user+sys). The push is
+HF-layout conversion, in-place reload and the sync check; the sync gap is the mean
+|log p_vLLM − log p_trainer| on the probe batch (`--sync`: also at bfloat16).
 
 GRPO (--grpo): `python -m experiments.grpo` on arithmetic with the `small` preset, once per row of
 RUNS: the jax and vllm engines in float32, then vLLM sampling in bfloat16 (μ ≠ π_old) with the
@@ -62,18 +63,6 @@ def _cpu_s() -> float:
   return r.ru_utime + r.ru_stime
 
 
-def _timed(fn, iters: int) -> tuple[float, float, object]:
-  """Medians of wall and CPU seconds over `iters` calls after one warm-up; the last result."""
-  out = fn()
-  walls, cpus = [], []
-  for _ in range(iters):
-    w, c = time.perf_counter(), _cpu_s()
-    out = fn()
-    walls.append(time.perf_counter() - w)
-    cpus.append(_cpu_s() - c)
-  return statistics.median(walls), statistics.median(cpus), out
-
-
 def throughput(args) -> dict:
   import jax
   import numpy as np
@@ -99,78 +88,92 @@ def throughput(args) -> dict:
            "group": args.group, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
   out = {"command": "python benchmarks/vllm_engine.py " + " ".join(sys.argv[1:]), "shape": shape,
          "iters": args.iters}
+  max_len = args.prompt_len + args.new_tokens
+  kv = lambda dtype: kv_cache_bytes_for(config, sequences=args.prompts * args.group,  # noqa: E731
+                                        max_model_len=max_len, dtype=dtype)
 
-  def tokens(sample) -> int:
-    return int(np.asarray(sample.completion_mask_bn).sum())
-
-  # jax engine
   jax_engine = JaxEngine(model_fn)
 
   def jax_side():
     jax_engine.push(params)
     s = jax_engine.generate(prompt, mask, key, samples_per_prompt=args.group, options=options)
     jax.block_until_ready(s.tokens_bt)
-    return s
+    return int(np.asarray(s.completion_mask_bn).sum())
 
-  wall, cpu, s = _timed(jax_side, args.iters)
-  out["jax"] = {"wall_s": wall, "cpu_s": cpu, "tokens_per_s": tokens(s) / wall}
-  print(f"jax engine: {out['jax']['tokens_per_s']:.1f} tokens/s ({wall:.2f} s, CPU {cpu:.1f} s)")
-
-  # vLLM engine
   start = time.perf_counter()
-  max_len = args.prompt_len + args.new_tokens
-  kv = lambda dtype: kv_cache_bytes_for(config, sequences=args.prompts * args.group,  # noqa: E731
-                                        max_model_len=max_len, dtype=dtype)
   engine = VLLMEngine(config, graphdef, model_fn, dtype="float32", max_model_len=max_len,
                       kv_cache_bytes=kv("float32"))
   startup = time.perf_counter() - start
-  push_wall, push_cpu, pushed = _timed(lambda: engine.push(params), max(1, args.iters))
-  wall, cpu, s = _timed(lambda: engine.generate(prompt, mask, key, samples_per_prompt=args.group,
-                                                options=options), args.iters)
-  out["vllm"] = {"wall_s": wall, "cpu_s": cpu, "tokens_per_s": tokens(s) / wall,
-                 "startup_s": startup, "push_s": push_wall, "push_cpu_s": push_cpu,
-                 "sync_gap_float32": pushed["sampler_sync_gap"]}
+
+  def vllm_side():
+    s = engine.generate(prompt, mask, key, samples_per_prompt=args.group, options=options)
+    return int(s.completion_mask_bn.sum())
+
+  pushed = {}
+
+  def push_side():
+    pushed.update(engine.push(params))
+    return 0
+
+  sides = {"jax": jax_side, "vllm_push": push_side, "vllm": vllm_side}
+  if not args.skip_hf:  # HF generate on the same weights (on the CPU)
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as d:
+      hf.export_hf(nnx.merge(graphdef, params), d)
+      hf_model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    hf_model.eval()
+    ids = torch.from_numpy(prompt.astype(np.int64))
+
+    def hf_side():
+      with torch.no_grad():
+        s = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                              max_new_tokens=args.new_tokens, num_return_sequences=args.group,
+                              eos_token_id=config.vocab_size - 1, pad_token_id=0, top_k=0)
+      return int((s[:, args.prompt_len:] != 0).sum())
+
+    sides["hf_generate"] = hf_side
+    out["transformers"] = transformers.__version__
+
+  # one warm-up each, then the sides alternate within each round; medians over the rounds
+  for fn in sides.values():
+    fn()
+  times = {name: ([], [], []) for name in sides}
+  for _ in range(args.iters):
+    for name, fn in sides.items():
+      w, c = time.perf_counter(), _cpu_s()
+      n = fn()
+      times[name][0].append(time.perf_counter() - w)
+      times[name][1].append(_cpu_s() - c)
+      times[name][2].append(n)
+  for name, (walls, cpus, counts) in times.items():
+    wall = statistics.median(walls)
+    out[name] = {"wall_s": wall, "cpu_s": statistics.median(cpus)}
+    if name != "vllm_push":
+      out[name]["tokens_per_s"] = statistics.median(counts) / wall
+  out["vllm"] |= {"startup_s": startup, "push_s": out["vllm_push"]["wall_s"],
+                  "push_cpu_s": out["vllm_push"]["cpu_s"],
+                  "sync_gap_float32": pushed["sampler_sync_gap"]}
   engine.close()
-  print(f"vllm engine: {out['vllm']['tokens_per_s']:.1f} tokens/s ({wall:.2f} s, CPU {cpu:.1f} s);"
-        f" start-up {startup:.1f} s, push {push_wall:.2f} s, sync gap {pushed['sampler_sync_gap']:.2g}")
+  for name in ("jax", "vllm", "hf_generate"):
+    if name in out:
+      print(f"{name}: {out[name]['tokens_per_s']:.1f} tokens/s ({out[name]['wall_s']:.2f} s, "
+            f"CPU {out[name]['cpu_s']:.1f} s)")
+  print(f"vllm: start-up {startup:.1f} s, push + sync check {out['vllm']['push_s']:.2f} s (CPU "
+        f"{out['vllm']['push_cpu_s']:.1f} s), sync gap {pushed['sampler_sync_gap']:.2g}")
   if args.sync:
-    bf16 = lambda p: _bf16(graphdef, p)  # noqa: E731
-    engine = VLLMEngine(config, graphdef, bf16, dtype="bfloat16", max_model_len=max_len,
-                        kv_cache_bytes=kv("bfloat16"))
+    engine = VLLMEngine(config, graphdef, lambda p: _bf16(graphdef, p), dtype="bfloat16",
+                        max_model_len=max_len, kv_cache_bytes=kv("bfloat16"))
     out["vllm"]["sync_gap_bfloat16"] = engine.push(params)["sampler_sync_gap"]
     engine.close()
     print(f"vllm bfloat16 sync gap {out['vllm']['sync_gap_bfloat16']:.3g}")
-
-  if args.skip_hf:
-    out["ratios"] = {"vllm_over_jax": out["vllm"]["tokens_per_s"] / out["jax"]["tokens_per_s"]}
-    print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in out["ratios"].items()))
-    return out
-
-  # HF generate on the same weights (on the CPU)
-  import torch
-  import transformers
-
-  torch.manual_seed(0)
-  with tempfile.TemporaryDirectory() as d:
-    hf.export_hf(nnx.merge(graphdef, params), d)
-    model = transformers.AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.float32)
-  model.eval()
-  ids = torch.from_numpy(prompt.astype(np.int64))
-
-  def hf_side():
-    with torch.no_grad():
-      return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                            max_new_tokens=args.new_tokens, num_return_sequences=args.group,
-                            eos_token_id=config.vocab_size - 1, pad_token_id=0, top_k=0)
-
-  wall, cpu, s = _timed(hf_side, args.iters)
-  n = int((s[:, args.prompt_len:] != 0).sum())
-  out["hf_generate"] = {"wall_s": wall, "cpu_s": cpu, "tokens_per_s": n / wall,
-                        "transformers": transformers.__version__}
-  print(f"HF generate: {out['hf_generate']['tokens_per_s']:.1f} tokens/s ({wall:.2f} s)")
-  out["ratios"] = {"vllm_over_jax": out["vllm"]["tokens_per_s"] / out["jax"]["tokens_per_s"],
-                   "vllm_over_hf": out["vllm"]["tokens_per_s"] / out["hf_generate"]["tokens_per_s"],
-                   "jax_over_hf": out["jax"]["tokens_per_s"] / out["hf_generate"]["tokens_per_s"]}
+  out["ratios"] = {"vllm_over_jax": out["vllm"]["tokens_per_s"] / out["jax"]["tokens_per_s"]}
+  if "hf_generate" in out:
+    out["ratios"] |= {
+        "vllm_over_hf": out["vllm"]["tokens_per_s"] / out["hf_generate"]["tokens_per_s"],
+        "jax_over_hf": out["jax"]["tokens_per_s"] / out["hf_generate"]["tokens_per_s"]}
   print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in out["ratios"].items()))
   return out
 

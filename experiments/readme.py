@@ -335,19 +335,21 @@ ENGINE_RUNS = "benchmarks/results/vllm_grpo.json"
 def engines() -> str:
   """The rollout engines' table (benchmarks/vllm_engine.py's committed runs): tokens/s of the
   vllm and jax engines and HF generate, the weight push, and the GRPO runs on each engine."""
-  out = ["| shape | vllm engine tokens/s | jax engine tokens/s | HF `generate` tokens/s | "
-         "vLLM start-up s | weight push + sync check s | sync gap float32 / bfloat16 |",
-         "|---|---|---|---|---|---|---|"]
+  out = ["| shape | tokens/s: vllm · jax engine · HF `generate` | a batch's wall / CPU s: vllm · "
+         "jax · HF | vLLM start-up s | weight push + sync check: wall / CPU s | sync gap float32 "
+         "/ bfloat16 |", "|---|---|---|---|---|---|"]
   notes = []
   for path in ENGINES:
     with open(os.path.join(ROOT, path)) as f:
       r = json.load(f)
     sh, v = r["shape"], r["vllm"]
+    sides = (v, r["jax"], r["hf_generate"])
     out.append(f"| [{sh['preset']}]({path}) ({sh['layers']} layers, {sh['prompts']}×{sh['group']} "
-               f"samples × {sh['new_tokens']} tokens) | {v['tokens_per_s']:,.1f} | "
-               f"{r['jax']['tokens_per_s']:,.1f} | {r['hf_generate']['tokens_per_s']:,.1f} | "
-               f"{v['startup_s']:.1f} | {v['push_s']:.2f} | {v['sync_gap_float32']:.1e} / "
-               f"{v.get('sync_gap_bfloat16', float('nan')):.1e} |")
+               f"samples × {sh['new_tokens']} tokens) | "
+               + " · ".join(f"{x['tokens_per_s']:,.1f}" for x in sides) + " | "
+               + " · ".join(f"{x['wall_s']:.2f} / {x['cpu_s']:.2f}" for x in sides)
+               + f" | {v['startup_s']:.1f} | {v['push_s']:.2f} / {v['push_cpu_s']:.2f} | "
+               f"{v['sync_gap_float32']:.1e} / {v.get('sync_gap_bfloat16', float('nan')):.1e} |")
     notes.append(f"- {sh['preset']}: vllm decodes at {r['ratios']['vllm_over_jax']:.2f}× the jax "
                  f"engine's tokens/s and {r['ratios']['vllm_over_hf']:.2f}× HF `generate`'s; its "
                  f"weight push + sync check takes {v['push_s']:.2f} s against {v['wall_s']:.2f} s "
