@@ -120,7 +120,7 @@ class VLLMEngine:
                dtype: str, max_model_len: int, kv_cache_bytes: int, seed: int = 0,
                sync_tolerance: float | None = None):
     vllm = _import_vllm()
-    self.config, self._graphdef, self._model_fn = config, graphdef, model_fn
+    self.config, self._graphdef = config, graphdef
     self.dtype = dtype
     self.tolerance = SYNC_TOLERANCE[dtype] if not sync_tolerance else float(sync_tolerance)
     self._dir = tempfile.TemporaryDirectory(prefix="kljax-vllm-")
