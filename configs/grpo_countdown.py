@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.name = "countdown/n3"
   c.data.max_prompt_len = 27  # the longest n3 prompt, "use 10 10 10 to make 1000:", with <bos>
   c.rollout.max_new_tokens = 14  # the longest reference answer (12 characters) and EOS, and 1 spare
-  c.reward.fns = "countdown"
+  c.reward.fns = ("countdown",)
   c.sft.steps = 1000  # reward ≈ 0.2 after the warm start (200 steps: ≈ 0.01, too few to learn from)
   c.num_steps = 400
   c.batch_size = 128  # 16 prompts × 8 completions

@@ -62,8 +62,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.rollout.max_new_tokens = 1024
   c.rollout.temperature = 1.0
 
-  c.reward.fns = "numeric_match,boxed_format"
-  c.reward.weights = "1.0,0.1"
+  c.reward.fns = ("numeric_match", "boxed_format")
+  c.reward.weights = (1.0, 0.1)
 
   c.loss.minibatches = 4  # 4 updates per rollout batch: off-policy after the first
   c.loss.chunk_size = 1024

@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_steps = 80  # the quick reproduction; the full one runs 300
   c.checkpoint_every = 20
   c.sft.steps = 30  # a weak warm start (the target's log π_ref is lower still after 200 steps)
-  c.reward.fns = "experiments.rare_target:target_match"
+  c.reward.fns = ("experiments.rare_target:target_match",)
   c.optim.learning_rate = 2e-3
   c.kl.term = "k2_as_loss"
   c.kl.beta = 0.5

@@ -106,19 +106,16 @@ def main(argv):
   workdir = paths.resolve(_WORKDIR.value)
   leader = jax.process_index() == 0
   try:
-    grpo.validate(config, workdir)
+    options = grpo.validate(config, workdir)  # once a launch: the stages read these options
     with multihost.leader_first("to prepare the dataset"):
-      grpo.check_prompt_lengths(config)  # reads the dataset (preparing it on first use)
+      grpo.check_prompt_lengths(options)  # reads the dataset (preparing it on first use)
+    changes = grpo.check_resume(options.config, workdir)  # before any work: one run, one config
   except (grpo.ConfigError, multihost.LeaderFailedError) as err:
     raise app.UsageError(str(err)) from None
-  try:
-    changes = grpo.check_resume(config, workdir)  # before any work: one run, one config
-  except grpo.ConfigError as err:
-    raise app.UsageError(str(err)) from None
-  done = finished_step(config, workdir)
+  done = finished_step(options, workdir)
   if done is not None:
     if leader:
-      print(f"run complete: {done} of {config.num_steps} steps done (checkpoint step {done} in "
+      print(f"run complete: {done} of {options.num_steps} steps done (checkpoint step {done} in "
             f"{workdir / 'checkpoints'}); nothing to do: raise --config.num_steps to continue it.")
       _print_summary(workdir)
     return
@@ -130,13 +127,13 @@ def main(argv):
           # what experiments.plot labels the run by (KL term, β) and a resume is checked against;
           # a resume that changed fields on purpose is recorded by `grpo.train`, which sees them
           if not changes:
-            grpo.record_config(config, workdir, {})
+            grpo.record_config(options.config, workdir, {})
       with multihost.leader_first("to make the warm start"):
         try:
-          init_model = initial_model(config, workdir / "sft")
+          init_model = initial_model(options.config, workdir / "sft", checked=True)
         except hf.CheckpointError as err:  # e.g. non-finite weights, found as they are read
           raise grpo.ConfigError(f"--config.model.init: {err}") from None
-      history = grpo.train(config, workdir, init_model=init_model)
+      history = grpo.train(options, workdir, init_model=init_model)
   except (runlock.RunLockedError, CheckpointError, grpo.NonFiniteError, grpo.ConfigError,
           multihost.LeaderFailedError, rewards.RewardError) as err:
     print(f"{type(err).__name__}: {err}", file=sys.stderr)
@@ -153,17 +150,17 @@ def main(argv):
     _print_summary(workdir)
 
 
-def finished_step(config, workdir) -> int | None:
+def finished_step(options: grpo.Options, workdir) -> int | None:
   """The newest checkpoint's step when it is at least `num_steps` (the run has nothing left to
   do), else None. Reads the checkpoint directory's listing only."""
   if not (workdir / "checkpoints").exists():
     return None
-  ckpt = Checkpointer(workdir, every=config.checkpoint_every)
+  ckpt = Checkpointer(workdir, every=options.checkpoint_every)
   try:
     step = ckpt.latest_step()
   finally:
     ckpt.close()
-  return step if step is not None and step >= config.num_steps else None
+  return step if step is not None and step >= options.num_steps else None
 
 
 def _print_summary(workdir) -> None:

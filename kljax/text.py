@@ -12,6 +12,8 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from kljax import paths
+
 
 class Tokenizer(Protocol):
   vocab_size: int
@@ -58,8 +60,6 @@ class HFTokenizer:
   def __init__(self, path: str | os.PathLike, *, pad_token: str | None = None,
                bos_token: str | None = None, eos_token: str | None = None):
     from tokenizers import Tokenizer as _Tokenizer
-
-    from kljax import paths
 
     path = paths.resolve(path)
     file = path / "tokenizer.json" if path.is_dir() else path
@@ -112,3 +112,26 @@ def encode_batch(tokenizer: Tokenizer, texts: Sequence[str], *, add_bos: bool = 
       tokens[i, width - len(s):] = s
       mask[i, width - len(s):] = True
   return tokens, mask
+
+
+def load_tokenizer(path: str | os.PathLike | None) -> Tokenizer:
+  """The tokenizer of a run: a tokenizer.json (or its directory) at `path`, or the built-in
+  character tokenizer when `path` is empty."""
+  return HFTokenizer(path) if path else CharTokenizer()
+
+
+def encode_prompt(tokenizer, example: dict[str, str], *, prompt_template: str = "{question}",
+                  add_bos: bool = True) -> list[int]:
+  """The prompt tokens of an example, as a GRPO run feeds them: `<bos>` (if `add_bos`) and the
+  template filled with the example's fields."""
+  bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
+  return bos + tokenizer.encode(prompt_template.format(**example))
+
+
+def longest_prompt(tokenizer, examples, *, prompt_template: str = "{question}",
+                   add_bos: bool = True) -> tuple[int, int]:
+  """(tokens, index) of the example whose prompt (`encode_prompt`) is longest."""
+  lengths = [len(encode_prompt(tokenizer, ex, prompt_template=prompt_template, add_bos=add_bos))
+             for ex in examples]
+  i = int(np.argmax(lengths))
+  return lengths[i], i

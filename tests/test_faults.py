@@ -260,8 +260,8 @@ def test_bad_paths_are_config_errors_before_any_work(data_dir, sft_dir, tmp_path
   os.makedirs(tmp_path / "weightless")
   shutil.copy(os.path.join(sft_dir, "config.json"), tmp_path / "weightless")
   changes = {
-      "reward": {"reward.fns": "no_such_module:score"},
-      "weights": {"reward.weights": "1.0,2.0"},
+      "reward": {"reward.fns": ("no_such_module:score",)},
+      "weights": {"reward.weights": (1.0, 2.0)},
       "data_dir": {"data.data_dir": str(tmp_path / "file")},
       "tokenizer": {"model.tokenizer": str(tmp_path / "nowhere")},
       "init": {"model.init": str(tmp_path / "nowhere")},

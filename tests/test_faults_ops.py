@@ -361,7 +361,7 @@ def test_a_reward_that_never_returns_is_stopped_at_its_timeout(release_hung_rewa
 @pytest.mark.slow
 def test_a_run_whose_reward_never_returns_ends_within_the_timeout(data_dir, sft_dir, tmp_path,
                                                                   release_hung_rewards):
-  config = _config(data_dir, **{"reward.fns": "test_faults_ops:never_returns",
+  config = _config(data_dir, **{"reward.fns": ("test_faults_ops:never_returns",),
                                 "reward.timeout_s": 2.0})
   with pytest.raises(rewards.RewardError, match=r"never_returns did not return within "
                                                 r"reward.timeout_s=2 s"):
@@ -369,7 +369,7 @@ def test_a_run_whose_reward_never_returns_ends_within_the_timeout(data_dir, sft_
 
 
 def test_a_reward_with_the_wrong_signature_stops_before_any_work(data_dir, tmp_path):
-  config = _config(data_dir, **{"reward.fns": "test_faults_ops:wrong_signature"})
+  config = _config(data_dir, **{"reward.fns": ("test_faults_ops:wrong_signature",)})
   with pytest.raises(grpo.ConfigError, match=r"--config.reward.fns: reward function "
                                              r"'test_faults_ops:wrong_signature' cannot be called "
                                              r"as fn\(prompts, completions, answer=\[…\], level=\[…\]\) with "
@@ -384,13 +384,14 @@ def test_a_reward_with_the_wrong_signature_stops_before_any_work(data_dir, tmp_p
 @pytest.mark.slow
 def test_on_error_zero_says_when_many_fail_and_stops_when_all_do(data_dir, sft_dir, tmp_path,
                                                                  capsys):
-  half = _config(data_dir, **{"reward.fns": "test_faults_ops:half_fail", "reward.on_error": "zero"})
+  half = _config(data_dir, **{"reward.fns": ("test_faults_ops:half_fail",),
+                              "reward.on_error": "zero"})
   half.num_steps = 2  # (num_steps=1 trips optax: a cosine decay of 0 steps)
   grpo.train(half, str(tmp_path / "half"), init_model=_init(sft_dir), progress=False)
   assert ("kljax: step 0: 8 of 16 sample scores failed and were scored 0 "
           "(reward.on_error='zero')." in capsys.readouterr().err)
 
-  every = _config(data_dir, **{"reward.fns": "test_faults_ops:always_fails",
+  every = _config(data_dir, **{"reward.fns": ("test_faults_ops:always_fails",),
                                "reward.on_error": "zero"})
   with pytest.raises(rewards.RewardError, match=r"step 0: every reward failed \(16 of 16 sample "
                                                 r"scores"):

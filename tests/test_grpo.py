@@ -159,7 +159,7 @@ def test_non_finite_stops_with_the_last_good_checkpoint_intact(data_dir, tmp_pat
   monkeypatch.syspath_prepend(str(tmp_path))
   config = tiny_config(data_dir, num_steps=6, **{"optim.learning_rate": 1e30,
                                                   "optim.warmup_steps": 0,
-                                                  "reward.fns": "parity_reward:parity"})
+                                                  "reward.fns": ("parity_reward:parity",)})
   with pytest.raises(grpo.NonFiniteError, match=r"non-finite .*The last checkpoint that verifies "
                                                 r"is step (\d).*lower the learning rate") as err:
     grpo.train(config, str(tmp_path), progress=False)

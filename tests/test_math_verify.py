@@ -62,7 +62,7 @@ def test_math_verify_missing_names_the_extra(monkeypatch):
   from kljax.train import config as config_lib, grpo
 
   c = config_lib.grpo_tiny()
-  c.reward.fns = "math_verify"
+  c.reward.fns = ("math_verify",)
   with pytest.raises(grpo.ConfigError, match=r"--config.reward.fns: .*pip install 'kljax\[math\]'"):
     grpo.validate(c)
 
@@ -71,7 +71,7 @@ def test_math_verify_fits_the_number_datasets():
   from kljax.train import config as config_lib, grpo
 
   c = config_lib.grpo_tiny()
-  c.reward.fns = "math_verify"
+  c.reward.fns = ("math_verify",)
   grpo.validate(c)  # arithmetic's answers are numbers
   c.data.name, c.data.max_prompt_len = "countdown/n3", 27
   with pytest.raises(grpo.ConfigError, match="math_verify"):

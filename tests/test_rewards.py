@@ -270,8 +270,8 @@ def test_known_reward_hacks(name, reward, fields, completion, score):
 
 def _config(dataset, fns):
   c = grpo_tiny()
-  c.data.name, c.reward.fns, c.mesh.devices = dataset, fns, 1
-  c.reward.weights = ",".join("1.0" for _ in fns.split(","))  # one weight per function
+  c.data.name, c.reward.fns, c.mesh.devices = dataset, tuple(fns.split(",")), 1
+  c.reward.weights = (1.0,) * len(c.reward.fns)  # one weight per function
   return c
 
 

@@ -24,7 +24,7 @@ def test_the_stress_config_loads_the_rare_target_reward():
 
   config = grpo_stress.get_config()
   grpo.validate(config)
-  assert rewards.load_reward_fn(config.reward.fns) is rare_target.target_match
+  assert rewards.load_reward_fn(config.reward.fns[0]) is rare_target.target_match
 
 
 def test_target_log_prob_matches_token_by_token_teacher_forcing(sft_dir, data_dir):
@@ -52,7 +52,7 @@ def test_a_run_directory_is_reused_only_under_its_own_config(tmp_path):
   from kljax import study
 
   old = grpo_stress.get_config()
-  old.reward.fns = "numeric_match"
+  old.reward.fns = ("numeric_match",)
   study.check_run_config(tmp_path / "fresh", old)  # nothing recorded: passes
   study.record_run_config(tmp_path / "run", old)
   study.check_run_config(tmp_path / "run", old)  # the same config: passes

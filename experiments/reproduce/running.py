@@ -24,6 +24,7 @@ from experiments.reproduce.settings import (BANDIT_TERMS, BEFORE_NORM, OFF_POLIC
                                             REWARD_AT_ROLLOUT,
                                             REGIME_TERMS, SEQUENCE, SEQUENCE_TERMS, VERL_K3)
 from kljax import paths, study
+from kljax.train.options import as_names
 
 def regime_term(name: str):
   """A KLTerm by name, including the verl-style value-clamped k3 (`VERL_K3`)."""
@@ -164,7 +165,7 @@ def stress_target(config, warm_start) -> dict[str, Any] | None:
   reward is not `experiments.rare_target:target_match`."""
   from experiments import rare_target, stress_refprob
 
-  if config.reward.fns != "experiments.rare_target:target_match":
+  if as_names(config.reward.fns) != ("experiments.rare_target:target_match",):
     return None
   logp = stress_refprob.correct_logprobs(
       str(warm_start), config.data.name, config.data.max_prompt_len, config.rollout.max_new_tokens,
@@ -319,7 +320,7 @@ def run(settings, workdir, *, progress: bool = True) -> dict:
             "stability": stability(runs["stress"], window),
             "target": stress_target(stress_config, workdir / "sft_stress"),
             "description": f"`configs/{settings.stress_config}.py`: {stress_config.data.name} "
-                           f"prompts, reward `{stress_config.reward.fns}`, a "
+                           f"prompts, reward `{','.join(as_names(stress_config.reward.fns))}`, a "
                            f"{stress_config.sft.steps}-step warm start, learning rate "
                            f"{stress_config.optim.learning_rate:g}, β = {stress_config.kl.beta:g}, "
                            f"{stress_config.num_steps} steps, {settings.stress_seeds} seeds"}

@@ -41,7 +41,13 @@ def grpo_tiny() -> ml_collections.ConfigDict:
   c.sft.steps = 200  # supervised warm-start steps (no model.init; cached in WORKDIR/sft)
   c.sft.batch_size = 64  # sequences a warm-start step
   c.sft.learning_rate = 3e-3  # peak learning rate of the warm start
+  _rollout_and_loss(c)
+  _kl_and_optimizer(c)
+  return c
 
+
+def _rollout_and_loss(c: ml_collections.ConfigDict) -> None:
+  """The rollout, reward, advantage and loss sections."""
   c.rollout = ml_collections.ConfigDict()
   c.rollout.group_size = 8  # completions sampled per prompt (G); advantages compare within a group
   c.rollout.max_new_tokens = 4  # completion length limit, with <eos>
@@ -62,8 +68,8 @@ def grpo_tiny() -> ml_collections.ConfigDict:
   c.rollout.sync_tolerance = 0.0  # vLLM sync check allowance, mean |Δ log p| (0: the dtype's own)
 
   c.reward = ml_collections.ConfigDict()
-  c.reward.fns = "numeric_match"  # comma-separated: built-in names or "module:function"
-  c.reward.weights = "1.0"  # comma-separated, one weight a reward function
+  c.reward.fns = ("numeric_match",)  # built-in names or "module:function" (command line: a,b)
+  c.reward.weights = (1.0,)  # one weight a reward function (command line: 1.0,0.1)
   c.reward.on_error = "raise"  # or "zero": score a failing sample 0 and count it
   c.reward.timeout_s = 30.0  # seconds a reward function may take on a step's batch (0: no limit)
 
@@ -79,12 +85,15 @@ def grpo_tiny() -> ml_collections.ConfigDict:
   c.loss.minibatches = 1  # optimizer updates an epoch, each on batch_size / minibatches
   c.loss.chunk_size = 256  # tokens a log-prob chunk (peak memory ≈ chunk × vocab × 4 B × a few)
 
+
+def _kl_and_optimizer(c: ml_collections.ConfigDict) -> None:
+  """The KL, optimizer, mesh and metrics sections."""
   c.kl = ml_collections.ConfigDict()
   c.kl.term = "k2_as_loss"  # any kljax.kl_term_names(), or "none"
   c.kl.beta = 0.05  # KL coefficient β (the start value for a controller)
   # in-reward terms only: "after_norm" subtracts β·c_t per token after the group normalization
   # (exact Thm 5.1; OpenRLHF's order), "before_norm" subtracts β·Σ_t k_t from the reward before it
-  # (verl's order: β/σ_g, whole-sequence credit). The maths: kljax/train/grpo.py, REWARD_STAGES.
+  # (verl's order: β/σ_g, whole-sequence credit). The maths: train/objective.py, REWARD_STAGES.
   c.kl.reward_stage = "after_norm"  # in-reward terms: after_norm (exact Thm 5.1), before_norm
   # in-reward terms off-policy (epochs or minibatches > 1): "rollout" computes the penalty once
   # from π_old and holds it over every epoch (verl's way; k1 then follows ∇RKL − ∇KL(π‖π_old)),
@@ -120,7 +129,6 @@ def grpo_tiny() -> ml_collections.ConfigDict:
   c.metrics.wandb = False  # also log to Weights & Biases (pip install 'kljax[wandb]')
   c.metrics.wandb_project = "kljax"  # the W&B project of the run
   c.metrics.wandb_mode = "offline"  # offline: files in WORKDIR/wandb (`wandb sync` them); online
-  return c
 
 
 def get_config() -> ml_collections.ConfigDict:

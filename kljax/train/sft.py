@@ -16,24 +16,11 @@ import optax
 from flax import nnx
 
 from kljax import data as data_lib
-from kljax import models, text
-
-
-def encode_prompt(tokenizer, example: dict[str, str], *, prompt_template: str = "{question}",
-                  add_bos: bool = True) -> list[int]:
-  """The prompt tokens of an example, as a GRPO run feeds them: `<bos>` (if `add_bos`) and the
-  template filled with the example's fields."""
-  bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
-  return bos + tokenizer.encode(prompt_template.format(**example))
-
-
-def longest_prompt(tokenizer, examples, *, prompt_template: str = "{question}",
-                   add_bos: bool = True) -> tuple[int, int]:
-  """(tokens, index) of the example whose prompt (`encode_prompt`) is longest."""
-  lengths = [len(encode_prompt(tokenizer, ex, prompt_template=prompt_template, add_bos=add_bos))
-             for ex in examples]
-  i = int(np.argmax(lengths))
-  return lengths[i], i
+from kljax import models, paths, text
+from kljax.progress import bar as tqdm  # log lines when not on a terminal
+from kljax.text import encode_prompt, longest_prompt  # noqa: F401 - sft's names too
+from kljax.train.options import ConfigError
+from kljax.train.validate import check_prompt_lengths
 
 
 def encode_pairs(tokenizer, examples, *, prompt_len: int, completion_len: int,
@@ -95,7 +82,6 @@ def train_sft(*, preset: str, dataset: str, data_dir: str, steps: int, batch_siz
   answer token to supervise) or the dataset holds fewer than `batch_size` examples, and warns when
   answers are cut.
   """
-  from kljax.progress import bar as tqdm  # log lines when not on a terminal
 
   for name, value in (("prompt_len", prompt_len), ("completion_len", completion_len)):
     if value < 1:
@@ -138,7 +124,7 @@ def train_sft(*, preset: str, dataset: str, data_dir: str, steps: int, batch_siz
   return nnx.merge(graphdef, params), losses
 
 
-def initial_model(config, directory: str):
+def initial_model(config, directory: str, *, checked: bool = False):
   """The reference policy of a GRPO config: `config.model.init` if set, else a supervised warm start
   on `config.data.name` trained once and cached as an HF checkpoint in `directory`, on prompts and
   answers of the run's lengths (`data.max_prompt_len`, `rollout.max_new_tokens`).
@@ -147,17 +133,16 @@ def initial_model(config, directory: str):
   Both paths may be local or URLs (gs://…). Raises `grpo.ConfigError` before training when a
   prompt needs more than `data.max_prompt_len` tokens or the dataset holds fewer examples than
   `sft.batch_size`, and when a cached warm start's vocabulary is not the tokenizer's (it was made
-  with another tokenizer)."""
-  from kljax import paths
-  from kljax.train import grpo
-
+  with another tokenizer). `checked`: the caller has run `check_prompt_lengths` on this config
+  (`kljax-grpo` does, once a launch)."""
   path = paths.resolve(config.model.init or directory)
   if not config.model.init and not (path / "config.json").exists():
-    grpo.check_prompt_lengths(config)  # names the flag to raise
+    if not checked:
+      check_prompt_lengths(config)  # names the flag to raise
     size = len(data_lib.load(config.data.name, "train", data_dir=config.data.data_dir,
                              manual_dir=config.data.get("manual_dir") or None))
     if size < config.sft.batch_size:
-      raise grpo.ConfigError(
+      raise ConfigError(
           f"--config.sft.batch_size: the warm start takes {config.sft.batch_size} examples a "
           f"step, more than the {size} of {config.data.name}'s train split.")
     model, losses = train_sft(preset=config.model.preset, dataset=config.data.name,
@@ -173,10 +158,10 @@ def initial_model(config, directory: str):
     models.export_hf(model, path)
     print(f"SFT warm start: loss {losses[0]:.3f} -> {losses[-1]:.3f} ({path})")
   elif not config.model.init:
-    vocab = grpo.make_tokenizer(config).vocab_size
+    vocab = text.load_tokenizer(config.model.tokenizer).vocab_size
     cached = models.check_hf(path).vocab_size
     if cached != vocab:
-      raise grpo.ConfigError(
+      raise ConfigError(
           f"--config.model.tokenizer: the warm start cached in {path} has a vocabulary of "
           f"{cached} tokens and the run's tokenizer ({config.model.tokenizer or 'built-in'}) "
           f"{vocab}: it was made with another tokenizer; remove {path} to make it again.")
