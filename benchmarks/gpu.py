@@ -32,6 +32,7 @@ from kljax import models, sharding
 from kljax.sampling import sample
 from kljax.train import grpo
 from kljax.train.config import grpo_tiny
+from kljax.train.options import Options
 from sampler import _median_time  # benchmarks/sampler.py: this script's directory is on sys.path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,9 +78,8 @@ def bench_preset(preset: str, *, prompts: int, group: int, prompt_len: int, new_
   c.batch_size, c.data.max_prompt_len, c.rollout.max_new_tokens = batch, prompt_len, new_tokens
   c.metrics.exact_kl = False
   graphdef, params = nnx.split(model)
-  optimizer = grpo.make_optimizer(c)
-  setup = grpo.Setup(c, None, None, graphdef, mesh, optimizer, grpo.make_beta(c),
-                     grpo.make_term(c), [], [])
+  setup = grpo.bare_setup(Options.of(c), graphdef, mesh)
+  optimizer = setup.optimizer
   # The update donates the policy and its optimizer state: the policy gets arrays of its own, the
   # model's (still sampled from above) serve as the reference.
   state = {"params": sharding.copy_tree(params), "opt": optimizer.init(params)}

@@ -80,6 +80,7 @@ def plan(args: argparse.Namespace) -> dict:
   from kljax.sampling import _sample
   from kljax.train import grpo
   from kljax.train.config import grpo_tiny
+  from kljax.train.options import Options
 
   mesh = sharding.make_mesh(data=args.data, fsdp=args.fsdp, tensor=args.tensor)
   cfg = models.preset(args.preset, dtype=args.dtype, param_dtype=args.param_dtype,
@@ -99,7 +100,8 @@ def plan(args: argparse.Namespace) -> dict:
   is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
   params = jax.tree.map(lambda s, v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
                         shardings, state, is_leaf=is_var)
-  optimizer, beta = grpo.make_optimizer(c), grpo.make_beta(c)
+  setup = grpo.bare_setup(Options.of(c), graphdef, mesh)  # the trainer's optimizer and loss
+  optimizer = setup.optimizer
   is_sds = lambda x: isinstance(x, (jax.ShapeDtypeStruct, jax.sharding.NamedSharding))  # noqa: E731
   # Adam's moments are placed like the parameters (as `optimizer.init` of placed parameters does).
   opt_state = optax.tree_map_params(
@@ -108,7 +110,6 @@ def plan(args: argparse.Namespace) -> dict:
       transform_non_params=lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
       is_leaf=is_sds)
   beta_value = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
-  setup = grpo.Setup(c, None, None, graphdef, mesh, optimizer, beta, grpo.make_term(c), [], [])
   bs = sharding.batch_sharding(mesh)
   p_, n_ = args.prompt_len, args.new_tokens
   sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=bs)  # noqa: E731

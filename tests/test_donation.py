@@ -106,7 +106,7 @@ def test_later_steps_compile_nothing_new(run):
 
   model, setup, fns, _, _, _ = run
   programs = fns["update"]._cache_size(), _sample._cache_size()
-  _, state = grpo.build(setup.config, init_model=model)  # a fresh state, through the same programs
+  _, state = grpo.build(setup.options, init_model=model)  # a fresh state, through the same programs
   with jax.set_mesh(setup.mesh):
     for _ in range(3):
       state, _ = grpo.train_step(setup, state, fns)

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from kljax.train import grpo
+from kljax.train import grpo, loss, objective
 from kljax.train.metrics import read_jsonl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -103,7 +103,8 @@ def test_the_loss_adds_beta_times_the_terms_value(name, on_policy):
       d = np.where(mask, delta, 0.0)
       weight = np.exp(np.cumsum(d, -1) - d)
   want = (weight * kl * mask).sum() / mask.sum()
-  loss_fn = grpo.make_loss_fn(kl_term(name), graphdef=graphdef, prompt_len=p, clip_eps_low=0.2,
+  kl_objective = objective.of(kl_term(name), on_policy=on_policy)
+  loss_fn = loss.make_loss_fn(kl_objective, graphdef=graphdef, prompt_len=p, clip_eps_low=0.2,
                               clip_eps_high=0.2, dual_clip=None, aggregation="token-mean",
                               chunk_size=4, exact_kl=False, on_policy=on_policy, with_ref=True)
   loss1, aux = loss_fn(params, ref_params, 1.0, batch)

@@ -27,7 +27,7 @@ from flax import nnx
 from kljax import exact, kl_term, losses, models
 from kljax.kl import KLTerm
 from kljax.train import config as config_lib
-from kljax.train import grpo
+from kljax.train import grpo, loss, objective
 
 BETA = 0.5
 EPS = 0.99  # a clip range wide enough that no token is clipped here (checked below)
@@ -52,8 +52,8 @@ def _trainer_kl_part(name, reward_at):
     mask = jnp.ones(logp.shape, bool)
     ratio = jnp.exp(jax.lax.stop_gradient(logp) - old)
     assert bool(jnp.all((ratio > 1 - EPS) & (ratio < 1 + EPS)))  # no clipping
-    adv = grpo.penalized_advantages(term, jnp.zeros(logp.shape), BETA, logp, old, ref_logp, mask,
-                                    reward_at=reward_at)
+    adv = objective.penalized_advantages(term, jnp.zeros(logp.shape), BETA, logp, old, ref_logp, mask,
+                                         reward_at=reward_at)
     pg = losses.ppo_clip_loss(logp, old, adv, mask, clip_eps_low=EPS, clip_eps_high=EPS,
                               dual_clip=None)
     return pg.loss_bt / BETA
@@ -124,13 +124,13 @@ def _config(**kl):
 
 def test_reward_at_config_errors_name_the_field():
   assert _config().kl.reward_at == "rollout"  # the default: today's behaviour
-  grpo._check_names(_config(reward_at="current"))
+  grpo.validate(_config(reward_at="current"))
   with pytest.raises(grpo.ConfigError, match=r"--config.kl.reward_at: must be one of rollout, "
                                              r"current, got 'now'"):
-    grpo._check_names(_config(reward_at="now"))
+    grpo.validate(_config(reward_at="now"))
   with pytest.raises(grpo.ConfigError, match="--config.kl.reward_at: 'current' .* reward_stage="
                                              "'before_norm'"):
-    grpo._check_names(_config(reward_at="current", reward_stage="before_norm"))
+    grpo.validate(_config(reward_at="current", reward_stage="before_norm"))
 
 
 # ---- make_loss_fn wires the mode in ----
@@ -148,7 +148,7 @@ def test_make_loss_fn_recomputes_the_penalty_at_the_current_parameters():
   tokens = jnp.asarray(rng.integers(1, vocab, (b, prompt_len + new)), jnp.int32)
   attn = jnp.ones(tokens.shape, bool)
   mask = jnp.ones((b, new), bool)
-  stats = grpo.completion_stats(graphdef, params, params, tokens, attn, prompt_len=prompt_len,
+  stats = loss.completion_stats(graphdef, params, params, tokens, attn, prompt_len=prompt_len,
                                 chunk_size=64, with_ref=True, exact_kl=False)
   logp = stats["logp"]
   ref_logp = logp + jnp.asarray(rng.normal(0, 0.5, logp.shape), jnp.float32)  # π_ref ≠ π
@@ -160,14 +160,15 @@ def test_make_loss_fn_recomputes_the_penalty_at_the_current_parameters():
             on_policy=False, with_ref=True)
 
   def grad(reward_at, advantages):
-    fn = grpo.make_loss_fn(term, reward_at=reward_at, **kw)
+    kl = objective.of(term, on_policy=False, reward_at=reward_at)
+    fn = loss.make_loss_fn(kl, **kw)
     batch = {"tokens": tokens, "attn_mask": attn, "mask": mask, "advantages": advantages,
              "old_logp": old, "ref_logp": ref_logp}
     g = jax.grad(lambda p: fn(p, params, BETA, batch)[0])(params)
     return np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)])
 
   at_current = grad("current", adv)
-  host_current = grad("rollout", grpo.kl_in_advantages(term, adv, BETA, logp, ref_logp, mask))
-  host_rollout = grad("rollout", grpo.kl_in_advantages(term, adv, BETA, old, ref_logp, mask))
+  host_current = grad("rollout", objective.kl_in_advantages(term, adv, BETA, logp, ref_logp, mask))
+  host_rollout = grad("rollout", objective.kl_in_advantages(term, adv, BETA, old, ref_logp, mask))
   np.testing.assert_allclose(at_current, host_current, rtol=1e-4, atol=1e-7)
   assert np.linalg.norm(at_current - host_rollout) > 1e-3 * np.linalg.norm(at_current)

@@ -135,15 +135,16 @@ def test_the_vocabulary_split_follows_the_update_size():
 def test_the_trainer_reads_its_embedding_split_from_the_config():
   from kljax.train import grpo
   from kljax.train.config import grpo_tiny
+  from kljax.train.options import Options
 
   c = grpo_tiny()  # 64 completions × (8 + 4) tokens = 768 tokens an update
   c.mesh.devices = 1
-  assert grpo.param_rules(c, vocab_size=768 * 8) == sharding.DEFAULT_RULES
-  assert grpo.param_rules(c, vocab_size=768 * 8 - 1) == sharding.EMBED_FIRST_RULES
+  assert grpo.param_rules(Options.of(c), vocab_size=768 * 8) == sharding.DEFAULT_RULES
+  assert grpo.param_rules(Options.of(c), vocab_size=768 * 8 - 1) == sharding.EMBED_FIRST_RULES
   c.loss.minibatches = 2  # an update is one minibatch: 384 tokens
-  assert grpo.param_rules(c, vocab_size=384 * 8) == sharding.DEFAULT_RULES
+  assert grpo.param_rules(Options.of(c), vocab_size=384 * 8) == sharding.DEFAULT_RULES
   c.mesh.embedding_split = "embed"
-  assert grpo.param_rules(c, vocab_size=384 * 8) == sharding.EMBED_FIRST_RULES
+  assert grpo.param_rules(Options.of(c), vocab_size=384 * 8) == sharding.EMBED_FIRST_RULES
   c.mesh.embedding_split = "rows"
   with pytest.raises(grpo.ConfigError, match="mesh.embedding_split"):
     grpo.validate(c)
