@@ -24,6 +24,7 @@ from kljax import exact
 from kljax.advantages import leave_one_out
 from kljax.estimators import kl_from_log_probs
 from kljax.kl import KLTerm, kl_term
+from kljax.progress import bar as tqdm  # log lines when not on a terminal
 
 MODES = ("exact", "sampled")
 METRICS = ("tv_star", "tv_fkl", "tv_zero", "reverse_kl", "forward_kl", "reward")
@@ -207,8 +208,6 @@ def run_all(
     **run_kwargs,
 ) -> list[Run]:
   """`run` for every (mode, term), with a progress bar."""
-  from kljax.progress import bar as tqdm  # log lines when not on a terminal
-
   jobs = [(mode, name) for mode in modes for name in terms]
   for mode, name in jobs:  # fail on a bad name or mode before any compilation
     kl_term(name)

@@ -25,6 +25,8 @@ import sys
 import tokenize
 from typing import Callable
 
+from kljax.train import config as config_module
+
 HELP_ARGS = ("--help", "-h", "-?", "--helpshort", "--helpfull")
 USAGE_ERROR = 2  # the status of a command line that cannot run (argparse's convention)
 
@@ -35,8 +37,6 @@ def field_docs(path: str | None = None) -> dict[str, str]:
   for `c`) of the GRPO defaults' source (kljax/train/config.py) or of `path`, the trailing comment
   being the field's one-line meaning."""
   if path is None:
-    from kljax.train import config as config_module
-
     path = config_module.__file__
   docs = {}
   with open(path, encoding="utf-8") as f:

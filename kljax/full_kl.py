@@ -206,9 +206,9 @@ def topk_position_kl(
   position's whole distribution is not at hand (e.g. a reference served as its k most likely
   log-probabilities plus sampled ones); this path is its reference implementation.
   """
-  h, w, _, rh, rw = logprobs._inputs(hidden_btd, unembed_dv, jnp.zeros(jnp.shape(hidden_btd)[:2],
-                                                                       jnp.int32),
-                                     ref_hidden_btd, ref_unembed_dv)
+  no_targets = jnp.zeros(jnp.shape(hidden_btd)[:2], jnp.int32)
+  h, w, _, rh, rw = logprobs.checked_inputs(hidden_btd, unembed_dv, no_targets, ref_hidden_btd,
+                                            ref_unembed_dv)
   if rh is None:
     raise ValueError("topk_position_kl needs ref_hidden_btd and ref_unembed_dv.")
   if int(chunk_size) < 1:

@@ -59,6 +59,7 @@ from jax.typing import ArrayLike
 
 from kljax import _checks
 from kljax import estimators as est
+from kljax import full_kl
 from kljax.advantages import reward_to_go
 from kljax.estimators import importance_ratio
 
@@ -370,8 +371,6 @@ k ≥ 1 (top8, top512, ...); the forward direction is exact and as loss only."""
 
 
 def _full_kl_term(name: str, m: re.Match, clamp: float):
-  from kljax import full_kl  # noqa: PLC0415 - full_kl needs the chunked log-prob path; kept lazy
-
   top_k = None if m.group(1) == "exact" else int(m.group(2))
   direction = "reverse" if m.group(3) == "rkl" else "forward"
   credit = "sequence" if m.group(4) == "rb" else "position"
@@ -399,8 +398,9 @@ def kl_term(
     clip_eps_low: float = 0.2,
     clip_eps_high: float = 0.2,
     clamp: float = est.DEFAULT_LOG_RATIO_CLAMP,
-) -> KLTerm:
-  """Resolves a config string such as "k2_as_loss+detached_ratio" into a `KLTerm`.
+) -> KLTerm | full_kl.FullKLTerm:
+  """Resolves a config string such as "k2_as_loss+detached_ratio" into a `KLTerm`, or a name of
+  `FULL_KL_NAMES` into a `kljax.full_kl.FullKLTerm`.
 
   Args:
     name: "<k>_as_loss", "<k>_in_reward", "<k>_in_reward_rtg" or "<ka>_value_<kb>_grad" with

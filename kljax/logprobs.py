@@ -50,7 +50,9 @@ def _stats(h_nd, w_dv, y_n, ref_h_nd, ref_w_dv):
   return logp, entropy, reverse, forward
 
 
-def _inputs(hidden_btd, unembed_dv, targets_bt, ref_hidden_btd, ref_unembed_dv):
+def checked_inputs(hidden_btd, unembed_dv, targets_bt, ref_hidden_btd, ref_unembed_dv):
+  """The inputs of `token_stats` as arrays, their shapes checked against each other (a
+  ValueError names what disagrees), the reference's under stop_gradient (None when not given)."""
   h = _checks.as_float(hidden_btd, "hidden_btd")
   w = _checks.as_float(unembed_dv, "unembed_dv")
   y = jnp.asarray(targets_bt)
@@ -82,7 +84,8 @@ def _inputs(hidden_btd, unembed_dv, targets_bt, ref_hidden_btd, ref_unembed_dv):
 def naive_token_stats(hidden_btd, unembed_dv, targets_bt, *, ref_hidden_btd=None,
                       ref_unembed_dv=None) -> TokenStats:
   """The same statistics with the full [B, T, V] logits materialized (a reference; memory-hungry)."""
-  h, w, y, rh, rw = _inputs(hidden_btd, unembed_dv, targets_bt, ref_hidden_btd, ref_unembed_dv)
+  h, w, y, rh, rw = checked_inputs(hidden_btd, unembed_dv, targets_bt, ref_hidden_btd,
+                                   ref_unembed_dv)
   b, t, d = h.shape
   flat = lambda x: None if x is None else x.reshape(b * t, -1)
   out = _stats(flat(h), w, y.reshape(-1), flat(rh), rw)
@@ -194,7 +197,8 @@ def token_stats(
   """
   if int(chunk_size) < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
-  h, w, y, rh, rw = _inputs(hidden_btd, unembed_dv, targets_bt, ref_hidden_btd, ref_unembed_dv)
+  h, w, y, rh, rw = checked_inputs(hidden_btd, unembed_dv, targets_bt, ref_hidden_btd,
+                                   ref_unembed_dv)
   b, t, d = h.shape
   n = b * t
   c = min(int(chunk_size), n)

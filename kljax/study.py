@@ -17,9 +17,15 @@ import math
 import time
 from typing import Any, Callable
 
+import jax
 import numpy as np
 
 from kljax import paths
+from kljax.progress import bar as tqdm  # log lines when not on a terminal
+from kljax.train import grpo
+from kljax.train.checkpoint import Checkpointer
+from kljax.train.metrics import read_jsonl
+from kljax.train.sft import initial_model
 
 METRICS = ("reward", "exact_rkl", "exact_fkl", "entropy", "reward_std", "length_std")
 _COLUMN = {"reward": "reward_mean"}  # summary name -> metrics.jsonl name
@@ -84,17 +90,11 @@ def run_variants(config_fn: Callable[[str, int], Any], workdir, variants, *, see
   beside it (`WALL_TIME_FILE`); `costs` (if given) receives {path: seconds} of every run and of the
   warm start, read back for finished ones, so a report can state what its runs cost. `trained`
   (if given) receives the directories of the runs trained by this call."""
-  from kljax.progress import bar as tqdm  # log lines when not on a terminal
-
-  from kljax.train import grpo
-  from kljax.train.metrics import read_jsonl
-  from kljax.train.sft import initial_model
-
   if seeds < 1:
     raise ValueError(f"seeds must be >= 1, got {seeds}.")
   variants = list(variants)
   jobs = [(v, s) for v in variants for s in range(seeds)]
-  for variant, seed in jobs:
+  for variant, seed in jobs:  # every config, before any work (`train` checks each run's paths)
     grpo.validate(config_fn(variant, seed))
   workdir = paths.resolve(workdir)
   first = config_fn(variants[0], 0)
@@ -248,10 +248,6 @@ def trajectory_gap(a: list[list[dict]], b: list[list[dict]]) -> list[dict[str, A
 
 def final_param_distance(dir_a, dir_b) -> float:
   """‖θ_a − θ_b‖ / ‖θ_a‖ between the policies of two runs' latest checkpoints."""
-  import jax
-
-  from kljax.train.checkpoint import Checkpointer
-
   params = []
   for d in (dir_a, dir_b):
     ckpt = Checkpointer(d, every=1)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kljax import exact
+from kljax import exact, full_kl
 from kljax.advantages import leave_one_out
 from kljax.kl import KLTerm
 
@@ -132,8 +132,6 @@ def batch_loss_of(term):
   """`(θ, ref, idx [N]) -> mean over the sampled sequences of Σ_t surrogate`, on-policy, for a
   per-token `KLTerm` or a `kljax.full_kl.FullKLTerm` (top-k terms excepted: they draw their own
   tail). θ and ref are tabular policies of one (V, T); idx indexes `exact.sequences(V, T)`."""
-  from kljax import full_kl  # noqa: PLC0415 - kept local: the per-token studies do not need it
-
   if isinstance(term, full_kl.FullKLTerm):
     if term.top_k is not None:
       raise ValueError(f"{term.name}: top-k terms sample their tail; give an exact term.")
