@@ -54,8 +54,8 @@ class _FilesOutsideDocs(SphinxTransform):
   links to that file, as on GitHub, instead of being taken for a missing page of the site.
 
   MyST turns `[x](../a/b.md)` into a page reference whose target is the file's path without its
-  suffix (absolute when it lies outside docs/); such a reference to an existing file becomes a
-  download link, which Sphinx copies into the site.
+  suffix (absolute, or relative to docs/, by Sphinx version); such a reference to an existing file
+  outside docs/ becomes a download link, which Sphinx copies into the site.
   """
 
   default_priority = 5
@@ -66,10 +66,10 @@ class _FilesOutsideDocs(SphinxTransform):
       if node.get("reftype") != "myst" or node.get("refdomain") != "doc":
         continue
       target = node["reftarget"]
-      if target in self.env.found_docs or not os.path.isabs(target):
+      if target in self.env.found_docs:
         continue
       for suffix in self.config.source_suffix:
-        path = Path(target + suffix)
+        path = Path(self.env.srcdir, target + suffix)
         if path.is_file() and DOCS not in path.resolve().parents:
           download = addnodes.download_reference(
               refdoc=self.env.docname, reftype="myst", refexplicit=True,
