@@ -14,8 +14,9 @@ A CPU compile *estimates* accelerator memory, it does not measure it: XLA:CPU's 
 and fusion differ from XLA:TPU's and XLA:GPU's, so treat temporaries as a guide (usually an upper
 bound) and leave headroom.
 
-`--table FILE` runs every preset × device count of the README's scale table (one subprocess per
-device count, since the count is fixed when JAX starts) and writes it as markdown.
+`--table FILE` runs every preset × device count of the scale table in docs/scale.md (one subprocess
+per device count, since the count is fixed when JAX starts) and writes it as markdown;
+`python -m experiments.readme` then copies experiments/results/plan/table.md into docs/scale.md.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
                  help="compile without jax.set_mesh, so without kljax's activation sharding "
                       "constraint (shows what it saves)")
   p.add_argument("--json", metavar="FILE", help="write the plan as JSON")
-  p.add_argument("--table", metavar="FILE", help="write the README scale table (all presets)")
+  p.add_argument("--table", metavar="FILE", help="write the scale table of docs/scale.md (all presets)")
   p.add_argument("--only", nargs="+", metavar="PRESET@DEVICES", default=(),
                  help="with --table: recompute only these rows of the existing FILE")
   return p

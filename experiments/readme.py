@@ -1,12 +1,15 @@
-"""The README's numbers from the committed results: every marked block is generated.
+"""The numbers of the README and docs/ from the committed results: every marked block is generated.
 
-  python -m experiments.readme            # rewrite README.md's reproduce:* blocks
-  python -m experiments.readme --check    # exit 1 (naming the blocks) when README.md differs
+  python -m experiments.readme            # rewrite every block in its file (TARGETS)
+  python -m experiments.readme --check    # exit 1 (naming file and block) when a file differs
 
 A block is the text between `<!-- BEGIN name -->` and `<!-- END name -->` (each on its own line).
-The reproduce:* blocks are written from experiments/results/quick/results.json (and full/ for
-the note on the full report); tests/test_readme.py fails when the README differs from them, so a
-number quoted from a run cannot go stale.
+TARGETS names the file that holds each block: README.md or a page of docs/. The reproduce:* blocks
+are written from experiments/results/quick/results.json (and full/ for the note on the full
+report), speed:peers and engines:vllm from benchmarks/results/, plan:table from
+experiments/results/plan/table.md (which `python -m experiments.plan --table` writes). Links in a
+block are written relative to the file that holds it. tests/test_readme.py fails when a file
+differs from them, so a number quoted from a run cannot go stale.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import posixpath
+import re
 import statistics
 import sys
 
@@ -27,6 +32,21 @@ from kljax.study import permutation_test, seed_std, welch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = "experiments/results/quick"
 FULL = "experiments/results/full"
+PLAN_TABLE = "experiments/results/plan/table.md"
+
+# The file (relative to the repository root) that holds each generated block.
+TARGETS = {
+    "reproduce:cost": "README.md",
+    "reproduce:studies": "docs/kl.md",
+    "reproduce:grpo": "docs/reproduction.md",
+    "reproduce:claims": "docs/reproduction.md",
+    "reproduce:bandit": "docs/reproduction.md",
+    "reproduce:reward_stage": "docs/reproduction.md",
+    "reproduce:full": "docs/reproduction.md",
+    "engines:vllm": "docs/engines.md",
+    "plan:table": "docs/scale.md",
+    "speed:peers": "docs/speed.md",
+}
 
 
 # ---------------------------------------------------------------- blocks
@@ -43,8 +63,8 @@ def _end(name: str) -> str:
 def block(text: str, name: str) -> str:
   """The content of block `name` in `text`; ValueError when its markers are missing."""
   if text.count(_begin(name)) != 1 or text.count(_end(name)) != 1:
-    raise ValueError(f"README.md needs exactly one '<!-- BEGIN {name} -->' and one "
-                     f"'<!-- END {name} -->' line.")
+    raise ValueError(f"{TARGETS.get(name, 'the file')} needs exactly one '<!-- BEGIN {name} -->' "
+                     f"and one '<!-- END {name} -->' line.")
   return text.split(_begin(name), 1)[1].split(_end(name), 1)[0]
 
 
@@ -57,6 +77,26 @@ def replace_block(text: str, name: str, content: str) -> str:
 def stale_blocks(text: str, contents: dict[str, str]) -> list[str]:
   """The names of the blocks whose content in `text` differs from `contents`."""
   return [name for name, content in contents.items() if block(text, name) != content]
+
+
+_LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def relink(content: str, target: str) -> str:
+  """`content`, whose Markdown links are relative to the repository root, with each relative link
+  rewritten relative to the directory of `target` (a path from the root, e.g. docs/kl.md)."""
+  base = posixpath.dirname(target)
+  if not base:
+    return content
+
+  def sub(m: re.Match) -> str:
+    link = m.group(1)
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", link) or link.startswith("#"):
+      return m.group(0)
+    path, sep, anchor = link.partition("#")
+    return f"]({posixpath.relpath(path, base)}{sep}{anchor})"
+
+  return _LINK.sub(sub, content)
 
 
 # ---------------------------------------------------------------- content
@@ -380,32 +420,61 @@ def engines() -> str:
   return "\n".join(out + [""])
 
 
+def plan_table() -> str:
+  """The scale table, as `python -m experiments.plan --table` wrote it."""
+  with open(os.path.join(ROOT, PLAN_TABLE)) as f:
+    return f.read()
+
+
 def contents() -> dict[str, str]:
-  """{block name: content} of every generated block."""
+  """{block name: content} of every generated block, its links relative to its file (TARGETS)."""
   quick = _load(QUICK)
-  return {"speed:peers": peers(), "engines:vllm": engines(), "reproduce:cost": cost(quick), "reproduce:bandit": bandit(quick),
-          "reproduce:grpo": grpo(quick), "reproduce:claims": claims(quick),
-          "reproduce:reward_stage": reward_stage(quick), "reproduce:full": full_note(),
-          "reproduce:studies": studies(quick)}
+  generated = {"speed:peers": peers(), "engines:vllm": engines(), "plan:table": plan_table(),
+               "reproduce:cost": cost(quick), "reproduce:bandit": bandit(quick),
+               "reproduce:grpo": grpo(quick), "reproduce:claims": claims(quick),
+               "reproduce:reward_stage": reward_stage(quick), "reproduce:full": full_note(),
+               "reproduce:studies": studies(quick)}
+  assert set(generated) == set(TARGETS), sorted(set(generated) ^ set(TARGETS))
+  return {name: relink(content, TARGETS[name]) for name, content in generated.items()}
+
+
+def by_file(generated: dict[str, str]) -> dict[str, dict[str, str]]:
+  """{file: {block name: content}} of `generated` ({block name: content})."""
+  out: dict[str, dict[str, str]] = {}
+  for name, content in generated.items():
+    out.setdefault(TARGETS[name], {})[name] = content
+  return out
+
+
+def read(path: str) -> str:
+  """The text of `path` (relative to the repository root)."""
+  with open(os.path.join(ROOT, path)) as f:
+    return f.read()
+
+
+def stale_files(generated: dict[str, str] | None = None) -> list[str]:
+  """'FILE: BLOCK' for each block whose committed text differs from what it generates."""
+  generated = contents() if generated is None else generated
+  return [f"{path}: {name}" for path, blocks in by_file(generated).items()
+          for name in stale_blocks(read(path), blocks)]
 
 
 def main(argv: list[str]) -> int:
-  path = os.path.join(ROOT, "README.md")
-  with open(path) as f:
-    text = f.read()
   generated = contents()
   if "--check" in argv[1:]:
-    stale = stale_blocks(text, generated)
+    stale = stale_files(generated)
     if stale:
-      print(f"README.md is stale in {', '.join(stale)}: run python -m experiments.readme",
+      print(f"stale generated blocks ({'; '.join(stale)}): run python -m experiments.readme",
             file=sys.stderr)
       return 1
     return 0
-  for name, content in generated.items():
-    text = replace_block(text, name, content)
-  with open(path, "w") as f:
-    f.write(text)
-  print(f"wrote {len(generated)} blocks of {path}")
+  for path, blocks in by_file(generated).items():
+    text = read(path)
+    for name, content in blocks.items():
+      text = replace_block(text, name, content)
+    with open(os.path.join(ROOT, path), "w") as f:
+      f.write(text)
+    print(f"wrote {len(blocks)} block(s) of {path}")
   return 0
 
 

@@ -59,12 +59,13 @@ def test_activations_keep_their_batch_sharding_under_a_mesh():
   assert sharding.constrain_batch(x) is x
 
 
-def test_readme_scale_table_is_the_committed_plan_table():
+def test_docs_scale_table_is_the_committed_plan_table():
   import os
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  with open(os.path.join(root, "README.md")) as f:
-    readme = f.read()
-  block = readme.split("<!-- BEGIN plan:table -->\n")[1].split("<!-- END plan:table -->\n")[0]
+  with open(os.path.join(root, "docs", "scale.md")) as f:
+    page = f.read()
+  block = page.split("<!-- BEGIN plan:table -->\n")[1].split("<!-- END plan:table -->\n")[0]
   with open(os.path.join(root, "experiments", "results", "plan", "table.md")) as f:
-    assert block == f.read(), "README's scale table differs from experiments/results/plan/table.md"
+    assert block == f.read(), ("docs/scale.md's table differs from experiments/results/plan/"
+                               "table.md: run python -m experiments.readme")
