@@ -46,7 +46,9 @@ TARGETS = {
     "engines:vllm": "docs/engines.md",
     "plan:table": "docs/scale.md",
     "speed:peers": "docs/speed.md",
+    "suite:cost": "README.md",
 }
+SUITE_COST = "experiments/results/suite_cost.json"
 
 
 # ---------------------------------------------------------------- blocks
@@ -420,6 +422,19 @@ def engines() -> str:
   return "\n".join(out + [""])
 
 
+def suite_cost() -> str:
+  """What the quickstart's test command costs, as `python -m experiments.suite_cost` measured it."""
+  with open(os.path.join(ROOT, SUITE_COST)) as f:
+    s = json.load(f)
+  peak = (f" and a peak of {s['peak_rss_gb']:.1f} GB resident memory"
+          if s.get("peak_rss_gb") is not None else "")
+  return (f"The test suite takes about {s['pytest_seconds'] / 60:.0f} minutes on {s['cpus']} CPU "
+          f"cores ({s['tests_passed']} tests, pytest's own {s['pytest_seconds']:.0f} s on "
+          f"{s['date']}, measured by `python -m experiments.suite_cost` into "
+          f"[`suite_cost.json`]({SUITE_COST})){peak}; it compiles with LLVM at -O0 as "
+          f"tests/conftest.py sets, so it is compile-bound.\n")
+
+
 def plan_table() -> str:
   """The scale table, as `python -m experiments.plan --table` wrote it."""
   with open(os.path.join(ROOT, PLAN_TABLE)) as f:
@@ -430,6 +445,7 @@ def contents() -> dict[str, str]:
   """{block name: content} of every generated block, its links relative to its file (TARGETS)."""
   quick = _load(QUICK)
   generated = {"speed:peers": peers(), "engines:vllm": engines(), "plan:table": plan_table(),
+               "suite:cost": suite_cost(),
                "reproduce:cost": cost(quick), "reproduce:bandit": bandit(quick),
                "reproduce:grpo": grpo(quick), "reproduce:claims": claims(quick),
                "reproduce:reward_stage": reward_stage(quick), "reproduce:full": full_note(),

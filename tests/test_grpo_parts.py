@@ -197,7 +197,7 @@ def test_leave_one_out_baseline_matches_a_loop(rng):
 def test_value_clamped_tokens_metric_counts_what_the_clamp_touches():
   # verl's low_var_kl clamps k3 = δ − 1 − log δ (δ = π_ref/π) to [−10, 10]: count by hand in NumPy.
   from kljax.kl import kl_term
-  from kljax.train import grpo as grpo_lib
+  from kljax.train import objective, step_metrics
 
   rng = np.random.default_rng(0)
   lp = rng.normal(-2.0, 1.0, (4, 6)).astype(np.float32)
@@ -210,10 +210,11 @@ def test_value_clamped_tokens_metric_counts_what_the_clamp_touches():
   m = mask.astype(np.float32)
   tmean = lambda x: float((np.asarray(x) * m).sum() / m.sum())
   stats = {"logp": lp, "ref_logp": ref}
-  out = grpo_lib._reference_metrics(stats, mask, tmean, kl_term("k3_as_loss+value_clamp"))
+  kl = lambda name: objective.of(kl_term(name), on_policy=True)  # noqa: E731
+  out = step_metrics._reference_metrics(stats, mask, tmean, kl("k3_as_loss+value_clamp"))
   assert out["kl_value_clamped_tokens"] == expected
-  assert "kl_value_clamped_tokens" not in grpo_lib._reference_metrics(stats, mask, tmean,
-                                                                       kl_term("k3_as_loss"))
+  assert "kl_value_clamped_tokens" not in step_metrics._reference_metrics(stats, mask, tmean,
+                                                                          kl("k3_as_loss"))
 
 
 @pytest.mark.parametrize("num_steps", [1, 2])
@@ -223,11 +224,12 @@ def test_the_optimizer_schedule_for_one_or_two_updates(num_steps):
   lr·g/|g| (bias-corrected moments), plus AdamW's decoupled decay lr·wd·p."""
   from kljax.train import config as config_lib
   from kljax.train.grpo import make_optimizer
+  from kljax.train.options import Options
 
   c = config_lib.grpo_tiny()
   c.num_steps = num_steps
   c.optim.learning_rate, c.optim.weight_decay, c.optim.grad_clip = 0.1, 0.01, 1e9
-  opt = make_optimizer(c)
+  opt = make_optimizer(Options.of(c))
   p, g = jnp.array([1.0, -2.0]), jnp.array([0.5, 0.25])
   update, _ = opt.update(g, opt.init(p), p)
   lr = 0.1 if num_steps == 1 else 0.0

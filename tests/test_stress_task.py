@@ -56,6 +56,6 @@ def test_a_run_directory_is_reused_only_under_its_own_config(tmp_path):
   study.check_run_config(tmp_path / "fresh", old)  # nothing recorded: passes
   study.record_run_config(tmp_path / "run", old)
   study.check_run_config(tmp_path / "run", old)  # the same config: passes
-  with pytest.raises(ValueError, match=r"reward\.fns: 'numeric_match' then, "
-                                       r"'experiments\.rare_target:target_match' now"):
+  with pytest.raises(ValueError, match=r"reward\.fns: \['numeric_match'\] then, "
+                                       r"\['experiments\.rare_target:target_match'\] now"):
     study.check_run_config(tmp_path / "run", grpo_stress.get_config())

@@ -78,8 +78,13 @@ class TrainState(NamedTuple):
 
 
 def as_options(config: ml_collections.ConfigDict | Options) -> Options:
-  """`validate(config)` for a config; options as they are."""
-  return config if isinstance(config, Options) else validate(config)
+  """For a config, `validate` and `check_prompt_lengths` (preparing the dataset); options as they
+  are (their caller has checked them, as `train` and `kljax-grpo` do)."""
+  if isinstance(config, Options):
+    return config
+  options = validate(config)
+  check_prompt_lengths(options)
+  return options
 
 
 def build(options: Options | ml_collections.ConfigDict, init_model: nnx.Module | None = None

@@ -35,12 +35,18 @@ def _merge(into, given) -> None:
   for key, value in given.items():
     if hasattr(value, "items") and hasattr(into.get(key), "items"):
       _merge(into[key], value)
-      continue
-    try:
-      into[key] = value
-    except TypeError:  # another type than the default's (a comma string for a tuple): as given
-      del into[key]
-      into[key] = value
+    else:
+      _set(into, key, value)
+
+
+def _set(node, key, value) -> None:
+  """`node[key] = value`, also where the value's type is not the default's (a comma string where
+  the default is a tuple: `as_names` reads both)."""
+  try:
+    node[key] = value
+  except TypeError:
+    del node[key]
+    node[key] = value
 
 
 def as_names(value) -> tuple[str, ...]:
@@ -197,6 +203,8 @@ class Options:
     """The options of `config` (fields it lacks at their defaults); assumes it is valid. `term`:
     the parsed kl.term when the caller has it (`validate`), else parsed here."""
     c = with_defaults(config)
+    _set(c.reward, "fns", as_names(c.reward.fns))  # what config.json records: the lists as lists
+    _set(c.reward, "weights", as_numbers(c.reward.weights))
     if term is None and c.kl.term != "none":
       term = kl_term(c.kl.term, clip_eps_low=c.loss.clip_eps_low,
                      clip_eps_high=c.loss.clip_eps_high)
