@@ -37,7 +37,6 @@ from jax.typing import ArrayLike
 
 from kljax import _checks
 from kljax.estimators import kl_from_log_probs
-from kljax.kl import KLTerm
 
 Policy = tuple[jax.Array, ...]
 
@@ -142,11 +141,6 @@ def token_logprobs(policy: Policy, seqs: jax.Array | None = None) -> jax.Array:
   return jnp.take_along_axis(cond, seqs[..., None], axis=-1)[..., 0]
 
 
-def sequence_probs(policy: Policy) -> jax.Array:
-  """P(y) for every enumerated sequence: `[N]`, sums to 1."""
-  return jnp.exp(jnp.sum(token_logprobs(policy), axis=-1))
-
-
 def space_probs(logp: jax.Array, where: Space) -> jax.Array:
   """P(y) of the sequences of a `Space` from their token log-probs `[N, T]`: `[N]`, 0 for the rows
   a variable-length space does not keep, summing to 1 over the rest."""
@@ -216,14 +210,6 @@ def expected_gradient(
     return jnp.sum(weights * per_seq)
 
   return jax.grad(objective)(tuple(_checks.as_float32(t, "policy") for t in policy))
-
-
-def expected_value(term: KLTerm, policy: Policy, ref: Policy, *, level="token") -> jax.Array:
-  """E_{y~π_θ}[Σ_t term.value] (token level) or E[term.value(sequence log-probs)] (sequence)."""
-  lp, ref_lp = token_logprobs(policy), token_logprobs(ref)
-  if level == "sequence":
-    lp, ref_lp = jnp.sum(lp, -1, keepdims=True), jnp.sum(ref_lp, -1, keepdims=True)
-  return jnp.sum(jnp.exp(jnp.sum(token_logprobs(policy), -1)) * jnp.sum(term.value(lp, ref_lp), -1))
 
 
 def conditional_logits(policy: Policy) -> jax.Array:

@@ -92,7 +92,7 @@ def flat(tree) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=64)
-def setting_data(s: Setting, seed: int):
+def _setting_data(s: Setting, seed: int):
   """(π, π_ref, π_old, space, {target name: flat gradient}) of a setting, computed once: every
   term measured in a setting is compared with the same targets."""
   policy, ref, old = policies(s, seed)
@@ -169,7 +169,7 @@ def evaluate(term, s: Setting, *, seeds: Sequence[int] = (0,), tol: float = 1e-4
   level = "token" if s.length == 1 else (s.level if level is None else level)
   per_seed = []
   for seed in seeds:
-    policy, ref, old, space, targets = setting_data(s, seed)
+    policy, ref, old, space, targets = _setting_data(s, seed)
     # Eager on purpose: each term's graph differs, and op-by-op dispatch (whose per-primitive
     # compiles are cached across terms) is faster here than compiling every term whole.
     g = exact.expected_gradient(term, policy, ref, old=old, space=space, aggregation=aggregation,
