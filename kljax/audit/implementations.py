@@ -200,7 +200,6 @@ def implementation(obj: Any, *, placement: Placement = "loss", credit: Credit = 
   return elementwise(obj, placement=placement, credit=credit, penalty_at=penalty_at, name=name)
 
 
-
 def check(impl: Implementation) -> None:
   """Calls the implementation once on ordinary inputs; raises `AuditError` saying what is wrong."""
   lp = jnp.log(jnp.asarray([[0.2, 0.5, 0.1], [0.3, 0.05, 0.6]], jnp.float32))
@@ -225,7 +224,6 @@ def check(impl: Implementation) -> None:
   if not bool(jnp.all(jnp.isfinite(out))):
     raise AuditError(f"{impl.name}: non-finite output {np.asarray(out).tolist()} on ordinary "
                      f"log-probabilities (|log δ| < 2).")
-
 
 
 def signature_of(fn: Callable) -> str:

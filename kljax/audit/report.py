@@ -104,8 +104,6 @@ class AuditReport:
     return "\n".join(out) + "\n"
 
 
-
-
 def audit(obj: Any, *, placement: Placement = "loss", credit: Credit = "token",
           signature: Literal["elementwise", "sequence"] = "elementwise",
           aggregation: Aggregation = "sum", level: Literal["token", "sequence"] = "token",
@@ -246,11 +244,9 @@ def assert_follows(obj: Any, expected: str, *, setting: str | Sequence[str] | No
   return report
 
 
-
 def to_json(report: AuditReport) -> str:
   """The report as the JSON the command line's --json writes."""
   return json.dumps(report.to_json(), indent=1, ensure_ascii=False)
-
 
 
 def table_cell(text: str) -> str:
