@@ -349,6 +349,17 @@ def test_rounding_level_numbers_are_masked_and_others_are_not():
       "| <1e-05 | 3.0e-01 | <1e-05 | <1e-05 | 1.0e-05 |"
 
 
+def test_the_generator_replaces_only_the_readme_block(tmp_path):
+  readme = "intro\n<!-- BEGIN audit:terms -->\nold\n<!-- END audit:terms -->\nafter\n"
+  (tmp_path / "README.md").write_text(readme)
+  docs = {"README.md#terms": "new\n", "docs/kl_terms.md": "table\n"}
+  assert audit_docs.stale(str(tmp_path), docs) == ["README.md", "docs/kl_terms.md"]
+  audit_docs.update_docs(str(tmp_path), docs)
+  assert (tmp_path / "README.md").read_text() == readme.replace("old", "new")
+  assert (tmp_path / "docs" / "kl_terms.md").read_text() == "table\n"
+  assert audit_docs.stale(str(tmp_path), docs) == []
+
+
 @pytest.mark.slow
 def test_generated_tables_are_committed():
   docs = audit_docs.generated_docs()
