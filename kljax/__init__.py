@@ -7,7 +7,7 @@ The public surface (README "Using it"; kljax.audit for "which divergence does th
   β            constant_beta, scheduled_beta, adaptive_beta, beta_controller
   exact check  kljax.exact (enumeration), kljax.gradient_table (which divergence each term follows)
   full vocab   kljax.full_kl (exact per-position KL terms, Rao-Blackwellized sequence ∇RKL, top-k)
-  audit        kljax.audit (python -m kljax.audit), kljax.audit_gallery
+  audit        kljax.audit (python -m kljax.audit; other frameworks: kljax.audit.gallery)
 """
 
 from kljax import exact

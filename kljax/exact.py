@@ -14,6 +14,13 @@ fixed π_old (off-policy). At level="sequence" the surrogate is applied once per
 summed log-probabilities. It is compared with the *analytic* gradients of the divergences, which are
 computed here from their own definitions (the KL chain rule over prefixes), not through any surrogate.
 
+A `Space` enumerates either every length-T sequence or, with an EOS token (token 0), the
+variable-length sequences that stop at it: a mask marks the tokens up to and including the first
+EOS, and one canonical copy of each shorter sequence is kept. That is where the aggregation over a
+sequence's tokens ("sum", "token_mean", "seq_mean_token_mean") can change what a term follows;
+`divergence_gradients` gives the targets over such a space. `kljax.audit` and
+`kljax.gradient_table` both run on this one engine.
+
 References:
   Liu et al., "Rethinking KL Regularization in RLHF", arXiv:2510.01555 (2025), §4–§6.
 """
@@ -21,7 +28,7 @@ References:
 from __future__ import annotations
 
 import itertools
-from typing import Literal, Sequence
+from typing import Literal, NamedTuple, Sequence
 
 import numpy as np
 import jax
@@ -30,7 +37,6 @@ from jax.typing import ArrayLike
 
 from kljax import _checks
 from kljax.estimators import kl_from_log_probs
-from kljax.kl import KLTerm
 
 Policy = tuple[jax.Array, ...]
 
@@ -90,43 +96,85 @@ def sequences(vocab: int, length: int) -> jax.Array:
   )
 
 
-def token_logprobs(policy: Policy) -> jax.Array:
-  """log π(y_t | y_<t) for every enumerated sequence: float32 `[N, T]`."""
-  vocab, length = shape_of(policy)
+class Space(NamedTuple):
+  """The enumerated sequences and which of their tokens count."""
+
+  seqs: jax.Array  # [N, T] int32
+  mask: jax.Array  # [N, T] float32: 1 up to and including the first EOS (all 1 without EOS)
+  keep: jax.Array  # [N] float32: 1 for the canonical copy of each variable-length sequence
+
+
+EOS = 0  # the token that ends a sequence in a variable-length space
+AGGREGATIONS = ("sum", "token_mean", "seq_mean_token_mean")
+
+
+def sequence_space(vocab: int, length: int, *, eos: bool = False) -> Space:
+  """All vocab^length sequences; with `eos`, read as variable-length sequences ending at EOS.
+
+  With EOS the enumeration still holds [N, T] rows, so that every sequence has one shape: the
+  tokens after the first EOS are masked out, and of the rows that agree up to it only the one
+  padded with EOS is kept, so that Σ_y P(y) = 1 over the kept rows.
+  """
   seqs = sequences(vocab, length)
+  if not eos:
+    return Space(seqs, jnp.ones(seqs.shape, jnp.float32), jnp.ones(seqs.shape[0], jnp.float32))
+  ended = jnp.cumsum(seqs == EOS, axis=1) - (seqs == EOS)  # EOS strictly before t
+  mask = (ended == 0).astype(jnp.float32)
+  keep = jnp.all((mask > 0) | (seqs == EOS), axis=1).astype(jnp.float32)
+  return Space(seqs, mask, keep)
+
+
+def conditional_logprobs(policy: Policy, seqs: jax.Array) -> jax.Array:
+  """log π(·|y_<t) at every prefix of `seqs` `[N, T]`: float32 `[N, T, V]`."""
   cols = []
   for t, table in enumerate(policy):
-    logp_table = jax.nn.log_softmax(_checks.as_float32(table, "policy"), axis=-1)
-    cols.append(logp_table[tuple(seqs[:, : t + 1].T)])
-  return jnp.stack(cols, axis=-1)
+    cond = jax.nn.log_softmax(_checks.as_float32(table, "policy"), axis=-1)[tuple(seqs[:, :t].T)]
+    cols.append(jnp.broadcast_to(cond, (seqs.shape[0], table.shape[-1])))
+  return jnp.stack(cols, axis=1)
 
 
-def sequence_probs(policy: Policy) -> jax.Array:
-  """P(y) for every enumerated sequence: `[N]`, sums to 1."""
-  return jnp.exp(jnp.sum(token_logprobs(policy), axis=-1))
+def token_logprobs(policy: Policy, seqs: jax.Array | None = None) -> jax.Array:
+  """log π(y_t | y_<t) for every sequence of `seqs` (default: all of them): float32 `[N, T]`."""
+  if seqs is None:
+    seqs = sequences(*shape_of(policy))
+  cond = conditional_logprobs(policy, seqs)
+  return jnp.take_along_axis(cond, seqs[..., None], axis=-1)[..., 0]
+
+
+def space_probs(logp: jax.Array, where: Space) -> jax.Array:
+  """P(y) of the sequences of a `Space` from their token log-probs `[N, T]`: `[N]`, 0 for the rows
+  a variable-length space does not keep, summing to 1 over the rest."""
+  return where.keep * jnp.exp(jnp.sum(where.mask * logp, axis=-1))
 
 
 # ---- Exact expectations of a KL term ----
 
 
 def expected_gradient(
-    term: KLTerm,
+    term,
     policy: Policy,
     ref: Policy,
     *,
     old: Policy | None = None,
     level: Literal["token", "sequence"] = "token",
+    space: Space | None = None,
+    aggregation: str = "sum",
 ) -> Policy:
   """Exact expected gradient (w.r.t. every logit table) of a KL term's surrogate.
 
   Args:
-    term: the KL term, e.g. `kljax.kl_term("k2_as_loss")`.
+    term: anything with `surrogate(logp, ref_logp, old_logp, mask=mask) -> [N, T]`: a `KLTerm`
+      (e.g. `kljax.kl_term("k2_as_loss")`) or a `kljax.audit.Implementation`.
     policy: π_θ, the policy being differentiated.
     ref: π_ref.
     old: π_old that sampled the data (off-policy), or None (on-policy: samples from π_θ).
     level: "token": the surrogate on per-token log-probs `[N, T]`, summed over t (for in-reward
       terms with reward-to-go credit the coefficients run along t). "sequence": the surrogate on
-      the sequence log-probs `[N, 1]`.
+      the sequence log-probs `[N, 1]` (the masked sum over t).
+    space: the sequences to enumerate (default `sequence_space(V, T)`: all, of one length).
+    aggregation: how a sequence's per-token losses combine: "sum"; "token_mean" (Σ_t / E|y|, the
+      batch's token count: a constant, so a rescaling only); "seq_mean_token_mean" (Σ_t / |y| per
+      sequence: a 1/|y| weight on each sequence, which can change the target).
   Returns:
     a tuple of gradient tables shaped like `policy`.
   """
@@ -136,27 +184,32 @@ def expected_gradient(
     _same_shape(old, "old", vocab, length)
   if level not in ("token", "sequence"):
     raise ValueError(f"level must be 'token' or 'sequence', got {level!r}.")
-  ref_lp = token_logprobs(ref)
-  old_lp = None if old is None else token_logprobs(old)
+  if aggregation not in AGGREGATIONS:
+    raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {aggregation!r}.")
+  where = space if space is not None else sequence_space(vocab, length)
+  seqs, mask = where.seqs, where.mask
+  ref_lp = token_logprobs(ref, seqs)
+  old_lp = None if old is None else token_logprobs(old, seqs)
+  n_tokens = jnp.sum(mask, -1)
 
-  def collapse(lp):
-    return lp if (lp is None or level == "token") else jnp.sum(lp, axis=-1, keepdims=True)
+  def per_token(lp):
+    if level == "token":
+      return term.surrogate(lp, ref_lp, old_lp, mask=mask)
+    collapse = lambda x: None if x is None else jnp.sum(mask * x, -1, keepdims=True)  # noqa: E731
+    return term.surrogate(collapse(lp), collapse(ref_lp), collapse(old_lp),
+                          mask=jnp.ones((seqs.shape[0], 1), jnp.float32))
 
   def objective(theta):
-    lp = token_logprobs(theta)
-    weights = jax.lax.stop_gradient(jnp.exp(jnp.sum(lp if old_lp is None else old_lp, axis=-1)))
-    per_seq = jnp.sum(term.surrogate(collapse(lp), collapse(ref_lp), collapse(old_lp)), axis=-1)
+    lp = token_logprobs(theta, seqs)
+    weights = jax.lax.stop_gradient(space_probs(lp if old_lp is None else old_lp, where))
+    per_seq = jnp.sum(per_token(lp).astype(jnp.float32), -1)
+    if aggregation == "seq_mean_token_mean":
+      per_seq = per_seq / n_tokens
+    elif aggregation == "token_mean":
+      per_seq = per_seq / jax.lax.stop_gradient(jnp.sum(weights * n_tokens))
     return jnp.sum(weights * per_seq)
 
   return jax.grad(objective)(tuple(_checks.as_float32(t, "policy") for t in policy))
-
-
-def expected_value(term: KLTerm, policy: Policy, ref: Policy, *, level="token") -> jax.Array:
-  """E_{y~π_θ}[Σ_t term.value] (token level) or E[term.value(sequence log-probs)] (sequence)."""
-  lp, ref_lp = token_logprobs(policy), token_logprobs(ref)
-  if level == "sequence":
-    lp, ref_lp = jnp.sum(lp, -1, keepdims=True), jnp.sum(ref_lp, -1, keepdims=True)
-  return jnp.sum(jnp.exp(jnp.sum(token_logprobs(policy), -1)) * jnp.sum(term.value(lp, ref_lp), -1))
 
 
 def conditional_logits(policy: Policy) -> jax.Array:
@@ -274,6 +327,56 @@ def _frozen_prefix_grad(policy, ref, prefixes, kl_tables):
     return sum(jnp.sum(w * kl) for w, kl in zip(weights, kl_tables(theta, ref)))
 
   return jax.grad(objective)(tuple(_checks.as_float32(t, "policy") for t in policy))
+
+
+# Off-policy, a frozen-prefix target names the law its prefixes are drawn from: π_θ (what an
+# on-policy per-token term follows, and a whole-sequence-ratio reweighting recovers) or π_old (what
+# per-token importance ratios give: a token's ratio fixes the law of that token, not of its prefix).
+PREFIX_THETA, PREFIX_OLD = ", prefixes from π_θ", ", prefixes from π_old"
+
+
+def divergence_gradients(policy: Policy, ref: Policy, *, old: Policy | None = None,
+                         space: Space | None = None) -> dict[str, Policy]:
+  """The targets a KL term's expected gradient is compared with, by enumeration over `space`.
+
+  Each is the gradient of a divergence computed from its definition (a sum over the enumerated
+  sequences, no surrogate), so that it holds on a variable-length space too, where the
+  prefix-table chain rule of `rkl_grad` and friends does not apply:
+    "∇RKL", "∇FKL": the sequence reverse and forward KL;
+    for T > 1, "frozen-prefix ∇RKL" and "frozen-prefix ∇FKL": Σ_t of each position's KL with its
+    prefix law held fixed; off-policy once per prefix law, named with PREFIX_THETA (π_θ) or
+    PREFIX_OLD (π_old) appended.
+  """
+  vocab, length = shape_of(policy)
+  where = space if space is not None else sequence_space(vocab, length)
+  seqs, mask = where.seqs, where.mask
+  ref_cond = conditional_logprobs(ref, seqs)
+  ref_lp = jnp.take_along_axis(ref_cond, seqs[..., None], axis=-1)[..., 0]
+
+  def rkl(theta):
+    lp = token_logprobs(theta, seqs)
+    return jnp.sum(space_probs(lp, where) * jnp.sum(mask * (lp - ref_lp), -1))
+
+  def fkl(theta):
+    lp = token_logprobs(theta, seqs)
+    return jnp.sum(space_probs(ref_lp, where) * jnp.sum(mask * (ref_lp - lp), -1))
+
+  def frozen(direction, prefixes):
+    def objective(theta):
+      cond = conditional_logprobs(theta, seqs)
+      prefix_law = token_logprobs(theta if prefixes is None else prefixes, seqs)
+      w = jax.lax.stop_gradient(space_probs(prefix_law, where))
+      p, q = (cond, ref_cond) if direction == "reverse" else (ref_cond, cond)
+      return jnp.sum(w * jnp.sum(mask * kl_from_log_probs(p, q), -1))  # [N, T] per position
+    return objective
+
+  out = {"∇RKL": jax.grad(rkl)(policy), "∇FKL": jax.grad(fkl)(policy)}
+  if length > 1:
+    laws = (("", None),) if old is None else ((PREFIX_THETA, None), (PREFIX_OLD, old))
+    for direction, short in (("reverse", "RKL"), ("forward", "FKL")):
+      for suffix, prefixes in laws:
+        out[f"frozen-prefix ∇{short}{suffix}"] = jax.grad(frozen(direction, prefixes))(policy)
+  return out
 
 
 def categorical_rkl_grad(logits: ArrayLike, ref_probs: ArrayLike) -> jax.Array:

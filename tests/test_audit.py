@@ -2,6 +2,7 @@
 kljax.exact's chain-rule divergences, aggregation with variable lengths, torch functions, numerics
 probes, errors, the command line and the generated tables."""
 
+import ast
 import os
 import re
 import subprocess
@@ -13,7 +14,8 @@ import pytest
 import torch
 
 import kljax
-from kljax import audit, exact
+from experiments import audit_docs
+from kljax import audit, exact, gradient_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE_TOKEN = (audit.SETTINGS[0],)
@@ -100,8 +102,8 @@ def test_in_reward_penalty_at_the_current_parameters_is_importance_weighted_thro
 def test_enumeration_targets_equal_the_chain_rule_divergences():
   # The audit's enumeration (with masks) against kljax.exact's analytic chain-rule gradients.
   s = audit.SETTINGS[3]
-  policy, ref, old = audit._policies(s, 0)
-  got = audit._targets(policy, ref, old, audit._space(s))
+  policy, ref, old = gradient_table.policies(s, 0)
+  got = exact.divergence_gradients(policy, ref, old=old, space=gradient_table.space_of(s))
   want = {"∇RKL": exact.rkl_grad(policy, ref), "∇FKL": exact.fkl_grad(policy, ref),
           "frozen-prefix ∇RKL, prefixes from π_θ": exact.frozen_prefix_rkl_grad(policy, ref),
           "frozen-prefix ∇FKL, prefixes from π_θ": exact.frozen_prefix_fkl_grad(policy, ref),
@@ -111,14 +113,41 @@ def test_enumeration_targets_equal_the_chain_rule_divergences():
                                                                                  prefixes=old)}
   assert set(got) == set(want)
   for k in want:
-    np.testing.assert_allclose(audit._flat(got[k]), audit._flat(want[k]), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(gradient_table.flat(got[k]), gradient_table.flat(want[k]),
+                               rtol=1e-5, atol=1e-7)
+
+
+# In-reward terms with the penalty at the current θ: the audit runs the term's own surrogate, as
+# the oracle table does (at rollout it models the trainer's held penalty instead).
+_ONE_ENGINE = (("k1_as_loss", None), ("k2_as_loss", None), ("k3_as_loss", None),
+               ("k2_as_loss+detached_ratio", None), ("k3_as_loss+ratio", None),
+               ("k1_in_reward_rtg", "current"))
+
+
+@pytest.mark.parametrize("name, penalty_at", _ONE_ENGINE)
+def test_the_audit_and_the_oracle_table_are_one_engine(name, penalty_at):
+  """README.md's terms table (the audit) and the reproduction's oracle table (gradient_table.table)
+  label a gradient alike: on the audit's settings, to the last digit; on the oracle's own settings
+  (other seeds and policy scale), the same verdicts in the settings both have."""
+  report = audit.audit(name, penalty_at=penalty_at, seeds=1)
+  for s, r in zip(audit.SETTINGS, report.settings):
+    (row,) = gradient_table.table([name], settings=(s,))
+    want = r.follows if r.follows in ("0", "biased") else r.verdict.removeprefix("follows ")
+    assert row.follows == want, (s.name, row.follows, r.verdict)
+    assert row.to_rkl == r.distance["∇RKL"] and row.to_fkl == r.distance["∇FKL"], s.name
+  oracle = {row.setting: row.follows for row in gradient_table.table([name])}
+  shared = {"one token, on-policy": 0, "one token, off-policy": 1,
+            "sequence, per-token terms, on-policy": 2, "sequence, per-token terms, off-policy": 3}
+  for setting, i in shared.items():
+    assert oracle[setting].split(" (×")[0] == report.settings[i].follows, (
+        setting, oracle[setting], report.settings[i].verdict)
 
 
 def test_eos_space_is_a_distribution_of_variable_length_sequences():
   s = audit.SETTINGS[4]
-  space = audit._space(s)
-  policy, _, _ = audit._policies(s, 0)
-  probs = audit._seq_prob(audit._token_lp(policy, space.seqs), space)
+  space = gradient_table.space_of(s)
+  policy, _, _ = gradient_table.policies(s, 0)
+  probs = exact.space_probs(exact.token_logprobs(policy, space.seqs), space)
   np.testing.assert_allclose(float(jnp.sum(probs)), 1.0, rtol=1e-5)
   # Canonical sequences: 1 + 2 + 4 + 8 (EOS at position 0..3) + 16 without EOS, V=3, T=4.
   assert int(jnp.sum(space.keep)) == 1 + 2 + 4 + 8 + 16
@@ -266,6 +295,31 @@ def test_cli_in_process(tmp_path, monkeypatch, capsys):
   assert "fn(logp, ref_logp)" in capsys.readouterr().err
 
 
+def test_update_docs_left_the_command_line(capsys):
+  # The library writes no documents: python -m experiments.audit_docs does.
+  with pytest.raises(SystemExit) as e:
+    audit.main(["--update-docs"])
+  assert e.value.code == 2 and "--update-docs" in capsys.readouterr().err
+
+
+def test_the_package_imports_at_module_level_only():
+  """No import inside a function (the mark of an import circle broken by hand), except torch: an
+  optional dependency that only audits of PyTorch code need."""
+  package = os.path.join(ROOT, "kljax", "audit")
+  for name in sorted(os.listdir(package)):
+    if not name.endswith(".py"):
+      continue
+    with open(os.path.join(package, name)) as f:
+      tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        for inner in ast.walk(node):
+          if isinstance(inner, (ast.Import, ast.ImportFrom)):
+            modules = [a.name for a in inner.names] if isinstance(inner, ast.Import) else [
+                inner.module]
+            assert modules == ["torch"], f"{name}:{inner.lineno} imports {modules} in {node.name}"
+
+
 @pytest.mark.slow
 def test_cli_pinned_command(tmp_path):
   png = tmp_path / "c.png"
@@ -295,14 +349,25 @@ def test_rounding_level_numbers_are_masked_and_others_are_not():
       "| <1e-05 | 3.0e-01 | <1e-05 | <1e-05 | 1.0e-05 |"
 
 
+def test_the_generator_replaces_only_the_readme_block(tmp_path):
+  readme = "intro\n<!-- BEGIN audit:terms -->\nold\n<!-- END audit:terms -->\nafter\n"
+  (tmp_path / "README.md").write_text(readme)
+  docs = {"README.md#terms": "new\n", "docs/kl_terms.md": "table\n"}
+  assert audit_docs.stale(str(tmp_path), docs) == ["README.md", "docs/kl_terms.md"]
+  audit_docs.update_docs(str(tmp_path), docs)
+  assert (tmp_path / "README.md").read_text() == readme.replace("old", "new")
+  assert (tmp_path / "docs" / "kl_terms.md").read_text() == "table\n"
+  assert audit_docs.stale(str(tmp_path), docs) == []
+
+
 @pytest.mark.slow
 def test_generated_tables_are_committed():
-  docs = audit.generated_docs()
+  docs = audit_docs.generated_docs()
   with open(os.path.join(ROOT, "README.md")) as f:
-    assert _up_to_rounding(audit.readme_block(f.read())) == _up_to_rounding(
+    assert _up_to_rounding(audit_docs.readme_block(f.read())) == _up_to_rounding(
         docs.pop("README.md#terms")), (
-        "README.md's terms table is stale: run python -m kljax.audit --update-docs")
+        "README.md's terms table is stale: run python -m experiments.audit_docs")
   for path, content in docs.items():
     with open(os.path.join(ROOT, path)) as f:
       assert _up_to_rounding(f.read()) == _up_to_rounding(content), (
-          f"{path} is stale: run python -m kljax.audit --update-docs")
+          f"{path} is stale: run python -m experiments.audit_docs")

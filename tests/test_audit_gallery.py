@@ -1,6 +1,6 @@
 """The gallery of other frameworks' KL terms: each audits to its hand-derived on-policy verdict.
 
-The expectations in `kljax.audit_gallery.GALLERY` come from a hand derivation of the on-policy
+The expectations in `kljax.audit.gallery.GALLERY` come from a hand derivation of the on-policy
 one-token gradient coefficient (see that module's docstring); the audit measures the same thing by
 exact enumeration, so the two are independent.
 """
@@ -10,7 +10,7 @@ import re
 import pytest
 
 from kljax import audit
-from kljax.audit_gallery import GALLERY, Entry
+from kljax.audit.gallery import GALLERY, Entry
 
 _VERDICTS = {"reverse": "∇RKL", "forward": "∇FKL", "zero": "0", "biased": "biased"}
 _ONE_TOKEN_ON_POLICY = (audit.SETTINGS[0],)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import kljax
-from kljax import audit, exact
+from kljax import audit, exact, gradient_table
 
 sg = jax.lax.stop_gradient
 TOKEN_ON, TOKEN_OFF, SEQ_ON, SEQ_OFF, EOS_ON = audit.SETTINGS
@@ -63,8 +63,9 @@ def test_elementwise_in_reward_matches_the_kljax_term_in_both_modes():
 
 
 def _one_token_grad(impl, seed):
-  policy, ref, old = audit._policies(TOKEN_OFF, seed)
-  g = audit.expected_gradient(impl, policy, ref, old=old, space=audit._space(TOKEN_OFF))
+  policy, ref, old = gradient_table.policies(TOKEN_OFF, seed)
+  g = audit.expected_gradient(impl, policy, ref, old=old,
+                              space=gradient_table.space_of(TOKEN_OFF))
   return [np.asarray(t, np.float64) for t in (policy[0], ref[0], old[0])], np.asarray(g[0])
 
 
@@ -96,12 +97,13 @@ def test_one_token_rollout_penalty_is_rkl_minus_kl_to_old(seed):
 def test_sequence_rollout_penalty_token_credit_by_kljax_exact():
   # Token credit, off-policy, rollout: Σ_t E_{y<t~π_old}[∇KL(π_t‖π_ref,t) − ∇KL(π_t‖π_old,t)] with
   # the prefix law frozen: frozen-prefix ∇RKL(π‖π_ref) − frozen-prefix ∇RKL(π‖π_old), prefixes π_old.
-  policy, ref, old = audit._policies(SEQ_OFF, 0)
+  policy, ref, old = gradient_table.policies(SEQ_OFF, 0)
   g = audit.expected_gradient(audit.from_term("k1_in_reward"), policy, ref, old=old,
-                              space=audit._space(SEQ_OFF))
+                              space=gradient_table.space_of(SEQ_OFF))
   want = [a - b for a, b in zip(exact.frozen_prefix_rkl_grad(policy, ref, prefixes=old),
                                 exact.frozen_prefix_rkl_grad(policy, old, prefixes=old))]
-  np.testing.assert_allclose(audit._flat(g), audit._flat(want), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(gradient_table.flat(g), gradient_table.flat(want), rtol=1e-4,
+                             atol=1e-6)
 
 
 # ---- whole-sequence importance weights on a per-token k3 ----
@@ -135,10 +137,11 @@ def test_detached_sequence_ratio_k3_follows_the_on_policy_frozen_prefix_fkl():
       TOKEN_ON.name: "∇FKL", TOKEN_OFF.name: "∇FKL", SEQ_ON.name: "frozen-prefix ∇FKL",
       SEQ_OFF.name: "frozen-prefix ∇FKL" + THETA, EOS_ON.name: "frozen-prefix ∇FKL"}, report.markdown()
   # and by kljax.exact: the frozen-prefix ∇FKL with the policy's own prefixes, to float32 precision
-  policy, ref, old = audit._policies(SEQ_OFF, 0)
+  policy, ref, old = gradient_table.policies(SEQ_OFF, 0)
   g = audit.expected_gradient(audit.sequence(detached_sequence_ratio_k3), policy, ref, old=old,
-                              space=audit._space(SEQ_OFF))
-  np.testing.assert_allclose(audit._flat(g), audit._flat(exact.frozen_prefix_fkl_grad(policy, ref)),
+                              space=gradient_table.space_of(SEQ_OFF))
+  np.testing.assert_allclose(gradient_table.flat(g),
+                             gradient_table.flat(exact.frozen_prefix_fkl_grad(policy, ref)),
                              rtol=1e-4, atol=1e-6)
 
 

@@ -52,13 +52,13 @@ def test_oracle_rows_name_what_each_term_follows():
   assert rows[("one token, on-policy", "k1_as_loss")].follows == "0"
   assert rows[("one token, on-policy", "k2_as_loss")].follows == "∇RKL"
   assert rows[("one token, on-policy", "k3_as_loss")].follows == "∇FKL"
-  assert rows[("one token, off-policy", "k2_as_loss")].follows == "neither (biased)"
+  assert rows[("one token, off-policy", "k2_as_loss")].follows == "biased"
   assert rows[("one token, off-policy", "k2_as_loss+detached_ratio")].follows == "∇RKL"
   assert rows[("sequence, per-token terms, on-policy", "k2_as_loss")].follows == \
       "frozen-prefix ∇RKL"
   assert rows[("sequence, per-token terms, on-policy", "k1_in_reward_rtg")].follows == "∇RKL"
   assert rows[("sequence, per-token terms, off-policy", "k2_as_loss+detached_ratio")].follows == \
-      "frozen-prefix ∇RKL"
+      "frozen-prefix ∇RKL, prefixes from π_old"
   assert ("sequence, sequence-level terms, on-policy", "k1_in_reward_rtg") not in rows
   with pytest.raises(ValueError, match="unknown KL term"):
     gradient_table.table(["k4_as_loss"])
