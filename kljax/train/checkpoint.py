@@ -287,8 +287,7 @@ class Checkpointer:
     self.every = every
     self._manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=True,
-            save_interval_steps=every))
+            max_to_keep=keep, create=True, enable_async_checkpointing=True))
     _quiet_failed_saves()
     self._pending: int | None = None  # step of a save still writing in the background
     self._abstract = None  # the state's structure, to verify checkpoints in messages
@@ -300,7 +299,9 @@ class Checkpointer:
   def maybe_save(self, step: int, state: Any, *, force: bool = False) -> bool:
     """Starts an asynchronous save of `state` as checkpoint `step` every `every` steps (or when
     forced). Raises CheckpointSaveError for this save or a failed earlier one."""
-    if not force and not self._manager.should_save(step):  # every `every` steps (orbax's policy)
+    # Not orbax's save_interval_steps/should_save: should_save lists the checkpoints folder before
+    # the save's own error handling, so a folder replaced mid-run escaped as a traceback.
+    if not force and step % self.every:
       return False
     self.wait()
     self._abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)

@@ -435,7 +435,7 @@ def train(config: ml_collections.ConfigDict | Options, workdir: str, *, init_mod
                **({"desc": "grpo", "unit": "step"} | (bar_options or {})),
                disable=not (progress and jax.process_index() == 0))
     stop = stack.enter_context(preempt.on_signals(o.stop_grace_s))
-    first_norm = None  # the parameter norm after this process's first step
+    first_norm, norm_said = None, False  # the parameter norm after this process's first step
     for step in bar:
       state, metrics = train_step(setup, state, fns, before_update=ckpt.wait)
       bad = [k for k, v in metrics.items() if not math.isfinite(v) and k not in absent]
@@ -443,7 +443,8 @@ def train(config: ml_collections.ConfigDict | Options, workdir: str, *, init_mod
         raise NonFiniteError(_non_finite_message(step, bad, ckpt, run.restored_step))
       _check_reward_failures(step, metrics, o.batch_size * len(setup.reward_fns))
       first_norm = first_norm or metrics["param_norm"]
-      _check_norm_growth(step, first_norm, metrics["param_norm"], o.optim.learning_rate)
+      norm_said = norm_said or _norm_grew(step, first_norm, metrics["param_norm"],
+                                          o.optim.learning_rate)
       metrics |= notes
       notes = {}
       if writer is not None:
@@ -461,12 +462,14 @@ def train(config: ml_collections.ConfigDict | Options, workdir: str, *, init_mod
   return history
 
 
-def _check_norm_growth(step: int, first: float, norm: float, learning_rate: float) -> None:
-  """One warning a run when the parameter norm has grown NORM_GROWTH_SAID-fold since its first
-  step: a learning rate too large for the model, before the loss goes non-finite."""
-  if norm > NORM_GROWTH_SAID * first:
-    warn_once(f"the parameter norm grew from {first:.4g} to {norm:.4g} by step {step}: "
-              f"optim.learning_rate={learning_rate:g} is likely too large for this model.")
+def _norm_grew(step: int, first: float, norm: float, learning_rate: float) -> bool:
+  """Warns (the caller: once a run) when the parameter norm has grown NORM_GROWTH_SAID-fold since
+  its first step: a learning rate too large for the model, before the loss goes non-finite."""
+  if norm <= NORM_GROWTH_SAID * first:
+    return False
+  warn_once(f"the parameter norm grew from {first:.4g} to {norm:.4g} by step {step}: "
+            f"optim.learning_rate={learning_rate:g} is likely too large for this model.")
+  return True
 
 
 NORM_GROWTH_SAID = 10.0  # a warning once the parameter norm is this many times its first value
