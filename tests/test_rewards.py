@@ -5,6 +5,7 @@ strings under a time bound per call.
 Expected values are derived by hand, or (for expressions) from the expression tree a test builds.
 """
 
+import gc
 import time
 from fractions import Fraction
 
@@ -16,21 +17,37 @@ from kljax import rewards
 from kljax.train import grpo
 from kljax.train.config import grpo_tiny
 
-TIME_LIMIT_S = 0.1  # per call, for any string
+# CPU seconds per call, for any string. The bound is for hangs, not speed: a super-linear parser
+# takes seconds on the long strings below (`####` + 20,000 spaces took 4 s in a backtracking regex),
+# a linear one a few hundredths. CPU time, with the collector paused during the call, so that
+# neither a loaded shared machine nor a full collection of the suite's heap reads as a hang (CI once
+# measured a 0.04 s call at 1.48 s wall, twice, late in the suite).
+TIME_LIMIT_S = 0.5
 # Fields for every built-in reward at once (each ignores the ones it does not read).
 FIELDS = {"answer": ["35"], "numbers": ["3 4 5"], "target": ["35"]}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _imported():
+  """Each reward called once before any is timed: math-verify imports sympy on its first parse."""
+  for fn in rewards.BUILTIN.values():
+    fn(["q"], ["#### 35"], **FIELDS)
+
+
 def _timed(fn, text, *args, **kwargs):
-  """fn(*args, **kwargs), asserting it returns within TIME_LIMIT_S. A slow call is timed once more,
-  so that a scheduling hiccup on a shared machine is not mistaken for a hang."""
+  """fn(*args, **kwargs), asserting it returns within TIME_LIMIT_S of CPU time. A slow call is
+  timed once more, so that a hiccup is not mistaken for a hang."""
   for _ in range(2):
-    start = time.perf_counter()
-    out = fn(*args, **kwargs)
-    elapsed = time.perf_counter() - start
+    gc.disable()
+    try:
+      start = time.process_time()
+      out = fn(*args, **kwargs)
+      elapsed = time.process_time() - start
+    finally:
+      gc.enable()
     if elapsed < TIME_LIMIT_S:
       return out
-  raise AssertionError(f"{fn.__name__} took {elapsed:.3f} s (twice) on a string of "
+  raise AssertionError(f"{fn.__name__} took {elapsed:.3f} CPU s (twice) on a string of "
                        f"{len(text or '')} characters: {(text or '')[:60]!r}…")
 
 
