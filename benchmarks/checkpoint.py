@@ -1,13 +1,15 @@
 """What verified checkpoints cost: kljax's Checkpointer against orbax alone, on a GRPO state.
 
-  python benchmarks/checkpoint.py                  # presets tiny and 20m, 15 repetitions
+  python benchmarks/checkpoint.py                  # presets tiny and 20m, 3 runs of 15 repetitions
+  python benchmarks/checkpoint.py --json benchmarks/results/checkpoint.json   # docs/operations.md
   python benchmarks/checkpoint.py --quick
 
 The state is what a GRPO run saves: policy and reference parameters, AdamW moments, β and the
 step (≈ 4 × the parameter bytes). Both sides use an asynchronous orbax `CheckpointManager` with
 the same options; kljax adds the digest item (CRC-32 of every array, computed in orbax's
 background commit) and, on restore, recomputes and compares it. Reported: median seconds of each
-side, and the median of the per-repetition ratios kljax/orbax.
+side, and the median of the per-repetition ratios kljax/orbax, for each run (the range over runs
+is what one machine's noise allows); and the digest's own time (`tree_digest` of the state).
 
   stall    the time `save` blocks the training loop (the rest is written in the background)
   save     until the checkpoint is on disk (`wait_until_finished`)
@@ -17,8 +19,11 @@ side, and the median of the per-repetition ratios kljax/orbax.
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -29,7 +34,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from kljax import models
-from kljax.train.checkpoint import Checkpointer
+from kljax.train.checkpoint import Checkpointer, tree_digest
 
 
 def grpo_state(preset: str) -> dict:
@@ -98,28 +103,48 @@ def bench(state, directory: str, reps: int) -> dict[str, dict[str, list[float]]]
   return times
 
 
+def summary(times: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+  """{stall|save|restore: {orbax, kljax: median seconds, ratio: median of paired ratios}}."""
+  base, ours = times["orbax"], times["kljax"]
+  return {k: {"orbax": statistics.median(base[k]), "kljax": statistics.median(ours[k]),
+              "ratio": statistics.median(b / a for a, b in zip(base[k], ours[k]))}  # paired
+          for k in ("stall", "save", "restore")}
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--presets", default="tiny,20m")
   p.add_argument("--reps", type=int, default=15)
+  p.add_argument("--runs", type=int, default=3, help="independent runs of --reps repetitions")
   p.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
+  p.add_argument("--json", default=None, help="write the figures here (docs/operations.md's table)")
   p.add_argument("--quick", action="store_true")
   args = p.parse_args()
   if args.quick:
-    args.presets, args.reps = "tiny", 2
+    args.presets, args.reps, args.runs = "tiny", 2, 1
 
-  print(f"{'preset':8} {'MB':>7}  {'':8} {'orbax s':>8} {'kljax s':>8} {'kljax/orbax':>11}")
+  out = {"command": " ".join(["python", "benchmarks/checkpoint.py"] + sys.argv[1:]),
+         "date": datetime.date.today().isoformat(), "cpus": os.cpu_count(), "reps": args.reps,
+         "presets": {}}
+  print(f"{'preset':8} {'MB':>7} run {'':8} {'orbax s':>8} {'kljax s':>8} {'kljax/orbax':>11}")
   for preset in args.presets.split(","):
     state = grpo_state(preset)
     mb = sum(x.nbytes for x in jax.tree.leaves(state)) / 1e6
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-      times = bench(state, tmp, args.reps)
-    base, ours = times["orbax"], times["kljax"]
-    for i, k in enumerate(("stall", "save", "restore")):
-      ratio = statistics.median(b / a for a, b in zip(base[k], ours[k]))  # paired, robust to load
-      print(f"{preset if not i else '':8} {f'{mb:.1f}' if not i else '':>7}  {k:8} "
-            f"{statistics.median(base[k]):8.3f} {statistics.median(ours[k]):8.3f} "
-            f"{ratio:10.2f}x")
+    runs = []
+    for run in range(args.runs):
+      with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        runs.append(summary(bench(state, tmp, args.reps)))
+      for i, (k, r) in enumerate(runs[-1].items()):
+        print(f"{preset if not (i or run) else '':8} {f'{mb:.1f}' if not (i or run) else '':>7} "
+              f"{run + 1 if not i else '':>3} {k:8} {r['orbax']:8.3f} {r['kljax']:8.3f} "
+              f"{r['ratio']:10.2f}x", flush=True)
+    digest = statistics.median(_time(lambda: tree_digest(state)) for _ in range(max(3, args.reps)))
+    print(f"{'':8} {'':>7}     digest   {digest:8.3f} s (tree_digest of the state)")
+    out["presets"][preset] = {"mb": mb, "runs": runs, "digest_s": digest}
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(out, f, indent=1)
+      f.write("\n")
 
 
 if __name__ == "__main__":

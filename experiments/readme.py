@@ -47,6 +47,7 @@ TARGETS = {
     "plan:table": "docs/scale.md",
     "speed:peers": "docs/speed.md",
     "suite:cost": "README.md",
+    "checkpoint:cost": "docs/operations.md",
 }
 SUITE_COST = "experiments/results/suite_cost.json"
 
@@ -435,6 +436,44 @@ def suite_cost() -> str:
           f"tests/conftest.py sets, so it is compile-bound.\n")
 
 
+CHECKPOINT_COST = "benchmarks/results/checkpoint.json"
+CHECKPOINT_TARGET = 1.10  # verification costs at most 10% more than orbax alone
+
+
+def checkpoint_cost() -> str:
+  """What verified checkpoints cost against orbax alone, from benchmarks/checkpoint.py's JSON:
+  medians per run, as the range over its runs."""
+  with open(os.path.join(ROOT, CHECKPOINT_COST)) as f:
+    r = json.load(f)
+  n = len(next(iter(r["presets"].values()))["runs"])
+  span = lambda xs, fmt: (f"{min(xs):{fmt}}–{max(xs):{fmt}}" if f"{min(xs):{fmt}}" !=  # noqa: E731
+                          f"{max(xs):{fmt}}" else f"{min(xs):{fmt}}")
+  out = [f"`{r['command']}` ([JSON]({CHECKPOINT_COST}), {r['date']}): {n} runs of {r['reps']} "
+         f"repetitions on {r['cpus']} CPU cores, local disk. Seconds are medians; the ratio is the "
+         "median of paired per-repetition ratios; each cell is the range over the runs:", "",
+         "| State | | orbax alone | kljax, verified | kljax / orbax |", "|---|---|---|---|---|"]
+  notes = []
+  for preset, x in r["presets"].items():
+    for i, (kind, label) in enumerate((("stall", "stall of the training loop"),
+                                       ("save", "save, until on disk"), ("restore", "restore"))):
+      cells = [span([run[kind][side] for run in x["runs"]], ".3f") + " s"
+               for side in ("orbax", "kljax")]
+      ratios = [run[kind]["ratio"] for run in x["runs"]]
+      state = f"`{preset}` ({x['mb']:,.1f} MB)" if i == 0 else ""
+      out.append(f"| {state} | {label} | {cells[0]} | {cells[1]} | {span(ratios, '.2f')}× |")
+    median = lambda kind: statistics.median(run[kind]["kljax"] for run in x["runs"])  # noqa: E731
+    verdicts = []
+    for kind in ("stall", "save", "restore"):
+      ratio = statistics.median(run[kind]["ratio"] for run in x["runs"])
+      verdicts.append(f"{kind} {ratio:.2f}× ({'within' if ratio <= CHECKPOINT_TARGET else 'over'})")
+    notes.append(f"- `{preset}`: the digest alone (`tree_digest`, CRC-32 on a few threads) takes "
+                 f"{x['digest_s']:.3f} s, {x['digest_s'] / median('save'):.0%} of a verified save "
+                 f"and {x['digest_s'] / median('restore'):.0%} of a verified restore; against the "
+                 f"target of {CHECKPOINT_TARGET - 1:.0%} more than orbax, the runs' median ratios "
+                 f"are: {', '.join(verdicts)}.")
+  return "\n".join(out + [""] + notes + [""])
+
+
 def plan_table() -> str:
   """The scale table, as `python -m experiments.plan --table` wrote it."""
   with open(os.path.join(ROOT, PLAN_TABLE)) as f:
@@ -445,7 +484,7 @@ def contents() -> dict[str, str]:
   """{block name: content} of every generated block, its links relative to its file (TARGETS)."""
   quick = _load(QUICK)
   generated = {"speed:peers": peers(), "engines:vllm": engines(), "plan:table": plan_table(),
-               "suite:cost": suite_cost(),
+               "suite:cost": suite_cost(), "checkpoint:cost": checkpoint_cost(),
                "reproduce:cost": cost(quick), "reproduce:bandit": bandit(quick),
                "reproduce:grpo": grpo(quick), "reproduce:claims": claims(quick),
                "reproduce:reward_stage": reward_stage(quick), "reproduce:full": full_note(),
