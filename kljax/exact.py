@@ -33,6 +33,7 @@ from typing import Literal, NamedTuple, Sequence
 import numpy as np
 import jax
 import jax.numpy as jnp
+import optax
 from jax.typing import ArrayLike
 
 from kljax import _checks
@@ -404,7 +405,8 @@ def tree_distance(a: Policy, b: Policy) -> float:
 
 
 def tree_norm(a: Policy) -> float:
-  return float(jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in a)))
+  """The L2 norm of all tables together (for comparing gradients)."""
+  return float(optax.tree.norm(a))
 
 
 # ---- Closed-form optima of  E_π[r] − β·D  for a categorical policy (NumPy, float64) ----
