@@ -55,12 +55,7 @@ def config_for(data_dir: str, changes: dict):
   c.batch_size, c.rollout.group_size, c.rollout.max_new_tokens = 16, 4, 3
   c.num_steps, c.checkpoint_every, c.metrics.tensorboard = 4, 2, False
   c.mesh.devices = 1
-  for key, value in changes.items():
-    node = c
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
+  c.update_from_flattened_dict(changes)  # {"kl.term": …}
   return c
 
 

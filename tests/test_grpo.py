@@ -32,12 +32,7 @@ def tiny_config(data_dir, **changes):
   c.batch_size, c.rollout.group_size, c.rollout.max_new_tokens = 16, 4, 3
   c.num_steps, c.checkpoint_every, c.metrics.tensorboard = 2, 1, False
   c.mesh.devices = 1
-  for key, value in changes.items():
-    node = c
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
+  c.update_from_flattened_dict(changes)  # {"kl.term": …}
   return c
 
 

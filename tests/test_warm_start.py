@@ -25,12 +25,7 @@ def countdown_config(data_dir, **changes):
   spec.loader.exec_module(module)
   c = module.get_config()
   c.data.data_dir, c.mesh.devices, c.metrics.tensorboard = data_dir, 1, False
-  for key, value in changes.items():
-    node = c
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
+  c.update_from_flattened_dict(changes)  # {"kl.term": …}
   return c
 
 

@@ -69,9 +69,7 @@ def grpo_config(changes: dict, *, steps: int, seed: int, data_dir: str, beta: fl
   c.kl.beta = beta
   c.mesh.devices = 1
   c.metrics.tensorboard = False
-  for key, value in changes.items():
-    section, field = key.split(".")
-    c[section][field] = value
+  c.update_from_flattened_dict(changes)  # {"kl.term": …}
   return c
 
 
