@@ -37,6 +37,9 @@ from kljax import models
 from kljax.train.checkpoint import Checkpointer, tree_digest
 
 
+KINDS = ("stall", "save", "restore")
+
+
 def grpo_state(preset: str) -> dict:
   _, params = nnx.split(models.create(models.preset(preset), seed=0))
   ref = jax.tree.map(lambda x: x * 1, params)  # distinct arrays, as after the first update
@@ -84,31 +87,38 @@ class _Kljax:
 
 
 def bench(state, directory: str, reps: int) -> dict[str, dict[str, list[float]]]:
-  """Times of each side, repetition by repetition; the sides alternate within each repetition, so
-  that a change in the machine's load falls on both."""
+  """Wall and CPU seconds (user + system, every thread of the process) of each side, repetition
+  by repetition; the sides alternate within each repetition, so that a change in the machine's
+  load falls on both."""
   sides = {"orbax": _Orbax(os.path.join(directory, "orbax")),
            "kljax": _Kljax(os.path.join(directory, "kljax"))}
-  times = {name: {"stall": [], "save": [], "restore": []} for name in sides}
+  times = {name: {k: [] for k in KINDS + tuple(f"{k}_cpu" for k in KINDS)} for name in sides}
+  clock = lambda: (time.perf_counter(), time.process_time())  # noqa: E731
   for step in range(1, reps + 2):  # the first repetition warms up
     for name, side in sides.items():
-      t0 = time.perf_counter()
+      t0 = clock()
       side.save(step, state)
-      t1 = time.perf_counter()
+      t1 = clock()
       side.wait()
-      t2 = time.perf_counter()
-      t3 = _time(lambda: jax.block_until_ready(side.restore(state)))
+      t2 = clock()
+      jax.block_until_ready(side.restore(state))
+      t3 = clock()
       if step > 1:
-        for k, v in (("stall", t1 - t0), ("save", t2 - t0), ("restore", t3)):
-          times[name][k].append(v)
+        for k, (a, b) in zip(KINDS, ((t0, t1), (t0, t2), (t2, t3))):
+          times[name][k].append(b[0] - a[0])
+          times[name][f"{k}_cpu"].append(b[1] - a[1])
   return times
 
 
 def summary(times: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
-  """{stall|save|restore: {orbax, kljax: median seconds, ratio: median of paired ratios}}."""
+  """{stall|save|restore: {orbax, kljax: median wall seconds, ratio: median of paired ratios,
+  orbax_cpu, kljax_cpu: median CPU seconds}}."""
   base, ours = times["orbax"], times["kljax"]
   return {k: {"orbax": statistics.median(base[k]), "kljax": statistics.median(ours[k]),
-              "ratio": statistics.median(b / a for a, b in zip(base[k], ours[k]))}  # paired
-          for k in ("stall", "save", "restore")}
+              "ratio": statistics.median(b / a for a, b in zip(base[k], ours[k])),  # paired
+              "orbax_cpu": statistics.median(base[f"{k}_cpu"]),
+              "kljax_cpu": statistics.median(ours[f"{k}_cpu"])}
+          for k in KINDS}
 
 
 def main() -> None:
@@ -126,7 +136,8 @@ def main() -> None:
   out = {"command": " ".join(["python", "benchmarks/checkpoint.py"] + sys.argv[1:]),
          "date": datetime.date.today().isoformat(), "cpus": os.cpu_count(), "reps": args.reps,
          "presets": {}}
-  print(f"{'preset':8} {'MB':>7} run {'':8} {'orbax s':>8} {'kljax s':>8} {'kljax/orbax':>11}")
+  print(f"{'preset':8} {'MB':>7} run {'':8} {'orbax s':>8} {'kljax s':>8} {'kljax/orbax':>11} "
+        f"{'CPU s: orbax':>12} {'kljax':>6}")
   for preset in args.presets.split(","):
     state = grpo_state(preset)
     mb = sum(x.nbytes for x in jax.tree.leaves(state)) / 1e6
@@ -137,7 +148,7 @@ def main() -> None:
       for i, (k, r) in enumerate(runs[-1].items()):
         print(f"{preset if not (i or run) else '':8} {f'{mb:.1f}' if not (i or run) else '':>7} "
               f"{run + 1 if not i else '':>3} {k:8} {r['orbax']:8.3f} {r['kljax']:8.3f} "
-              f"{r['ratio']:10.2f}x", flush=True)
+              f"{r['ratio']:10.2f}x {r['orbax_cpu']:12.3f} {r['kljax_cpu']:6.3f}", flush=True)
     digest = statistics.median(_time(lambda: tree_digest(state)) for _ in range(max(3, args.reps)))
     print(f"{'':8} {'':>7}     digest   {digest:8.3f} s (tree_digest of the state)")
     out["presets"][preset] = {"mb": mb, "runs": runs, "digest_s": digest}

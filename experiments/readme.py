@@ -446,12 +446,17 @@ def checkpoint_cost() -> str:
   with open(os.path.join(ROOT, CHECKPOINT_COST)) as f:
     r = json.load(f)
   n = len(next(iter(r["presets"].values()))["runs"])
-  span = lambda xs, fmt: (f"{min(xs):{fmt}}–{max(xs):{fmt}}" if f"{min(xs):{fmt}}" !=  # noqa: E731
-                          f"{max(xs):{fmt}}" else f"{min(xs):{fmt}}")
+
+  def span(xs, fmt):
+    lo, hi = f"{min(xs):{fmt}}", f"{max(xs):{fmt}}"
+    return lo if lo == hi else f"{lo}–{hi}"
+
   out = [f"`{r['command']}` ([JSON]({CHECKPOINT_COST}), {r['date']}): {n} runs of {r['reps']} "
          f"repetitions on {r['cpus']} CPU cores, local disk. Seconds are medians; the ratio is the "
-         "median of paired per-repetition ratios; each cell is the range over the runs:", "",
-         "| State | | orbax alone | kljax, verified | kljax / orbax |", "|---|---|---|---|---|"]
+         "median of paired per-repetition ratios; CPU seconds are user + system of every thread of "
+         "the process (orbax writes in background threads); each cell is the range over the runs:",
+         "", "| State | | orbax alone | kljax, verified | kljax / orbax | CPU s: orbax · kljax |",
+         "|---|---|---|---|---|---|"]
   notes = []
   for preset, x in r["presets"].items():
     for i, (kind, label) in enumerate((("stall", "stall of the training loop"),
@@ -460,12 +465,16 @@ def checkpoint_cost() -> str:
                for side in ("orbax", "kljax")]
       ratios = [run[kind]["ratio"] for run in x["runs"]]
       state = f"`{preset}` ({x['mb']:,.1f} MB)" if i == 0 else ""
-      out.append(f"| {state} | {label} | {cells[0]} | {cells[1]} | {span(ratios, '.2f')}× |")
+      cpu = " · ".join(span([run[kind][f"{side}_cpu"] for run in x["runs"]], ".3f")
+                       for side in ("orbax", "kljax"))
+      out.append(f"| {state} | {label} | {cells[0]} | {cells[1]} | {span(ratios, '.2f')}× "
+                 f"| {cpu} |")
     median = lambda kind: statistics.median(run[kind]["kljax"] for run in x["runs"])  # noqa: E731
     verdicts = []
     for kind in ("stall", "save", "restore"):
       ratio = statistics.median(run[kind]["ratio"] for run in x["runs"])
-      verdicts.append(f"{kind} {ratio:.2f}× ({'within' if ratio <= CHECKPOINT_TARGET else 'over'})")
+      within = "within" if ratio <= CHECKPOINT_TARGET else "over"
+      verdicts.append(f"{kind} {ratio:.2f}× ({within})")
     notes.append(f"- `{preset}`: the digest alone (`tree_digest`, CRC-32 on a few threads) takes "
                  f"{x['digest_s']:.3f} s, {x['digest_s'] / median('save'):.0%} of a verified save "
                  f"and {x['digest_s'] / median('restore'):.0%} of a verified restore; against the "
